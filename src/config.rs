@@ -1,0 +1,782 @@
+//! Configuration: a TOML file, `STACYVMD_*` environment variables and flags,
+//! in rising precedence, validated into one [`Config`].
+//!
+//! Reading is done by hand over a `toml::Table` instead of a serde derive so
+//! that `check-config` can report *every* problem at once (unknown keys, wrong
+//! types, bad values) rather than stopping at the first. The schema lives in
+//! one place, [`Config::from_table`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::time::{format_duration, parse_duration};
+use crate::workers::validate_worker_id;
+
+/// Flags given on the command line; they win over everything else.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config_path: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub data_dir: Option<String>,
+    pub log_level: Option<String>,
+    pub worker_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub worker: WorkerConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+    /// The file this configuration was read from, if any (re-read on SIGHUP).
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub allow_unauthenticated_remote: bool,
+    pub http_threads: usize,
+    pub max_connections: usize,
+    pub max_body_bytes: u64,
+    pub idle_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+    pub path: PathBuf,
+    pub checkpoint_interval: Duration,
+    pub wal_size_limit: u64,
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerConfig {
+    pub id: String,
+    pub hostname: String,
+    pub providers: Vec<String>,
+    pub capabilities: Vec<String>,
+    pub max_sandboxes: u32,
+    pub heartbeat_interval: Duration,
+    pub stale_after: Duration,
+    pub down_after: Duration,
+}
+
+#[derive(Clone, PartialEq)]
+pub struct AuthConfig {
+    pub api_keys: Vec<String>,
+    pub admin_api_keys: Vec<String>,
+}
+
+impl AuthConfig {
+    pub fn enabled(&self) -> bool {
+        !self.api_keys.is_empty() || !self.admin_api_keys.is_empty()
+    }
+}
+
+/// Keys are secrets: the debug form shows how many there are, never what.
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("api_keys", &self.api_keys.len())
+            .field("admin_api_keys", &self.admin_api_keys.len())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub level: log::LevelFilter,
+}
+
+/// One problem found in the configuration, named by its key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7423";
+pub const DEFAULT_DATA_DIR: &str = "./stacyvmd-data";
+pub const DATABASE_FILE: &str = "stacyvmd.db";
+
+impl Config {
+    /// Loads file (from the flag, else `STACYVMD_CONFIG`), environment and
+    /// flags, and validates the result.
+    pub fn load(
+        flags: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, Vec<ConfigProblem>> {
+        let source = flags.config_path.clone().or_else(|| {
+            env("STACYVMD_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        let mut table = match &source {
+            Some(path) => read_table(path)?,
+            None => toml::Table::new(),
+        };
+        apply_overrides(&mut table, flags, env);
+        let state_directory = env("STATE_DIRECTORY").filter(|v| !v.is_empty());
+        let mut config = Config::from_table(&table, state_directory.as_deref())?;
+        config.source = source;
+        Ok(config)
+    }
+
+    /// Validates a fully layered table. Every problem is collected.
+    pub fn from_table(
+        table: &toml::Table,
+        state_directory: Option<&str>,
+    ) -> Result<Config, Vec<ConfigProblem>> {
+        let mut r = Reader {
+            problems: Vec::new(),
+        };
+        r.only_sections(table, &["server", "store", "worker", "auth", "log"]);
+
+        let s = r.section(table, "server");
+        r.only_keys(
+            "server",
+            s,
+            &[
+                "listen",
+                "allow_unauthenticated_remote",
+                "http_threads",
+                "max_connections",
+                "max_body_bytes",
+                "idle_timeout",
+                "shutdown_timeout",
+            ],
+        );
+        let listen_text = r.string(s, "server", "listen", DEFAULT_LISTEN);
+        let listen = match listen_text.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                r.problem(
+                    "server.listen",
+                    format!("{listen_text:?} is not an IP:port address"),
+                );
+                DEFAULT_LISTEN
+                    .parse()
+                    .expect("default listen address parses")
+            }
+        };
+        let server = ServerConfig {
+            listen,
+            allow_unauthenticated_remote: r.boolean(
+                s,
+                "server",
+                "allow_unauthenticated_remote",
+                false,
+            ),
+            http_threads: r.integer(s, "server", "http_threads", 4, 1, 256) as usize,
+            max_connections: r.integer(s, "server", "max_connections", 1024, 1, 65_536) as usize,
+            max_body_bytes: r.integer(s, "server", "max_body_bytes", 1 << 20, 1, 1 << 30) as u64,
+            idle_timeout: r.duration(
+                s,
+                "server",
+                "idle_timeout",
+                "75s",
+                Duration::from_millis(100),
+            ),
+            shutdown_timeout: r.duration(s, "server", "shutdown_timeout", "20s", Duration::ZERO),
+        };
+
+        let st = r.section(table, "store");
+        r.only_keys(
+            "store",
+            st,
+            &[
+                "data_dir",
+                "path",
+                "checkpoint_interval",
+                "wal_size_limit",
+                "max_batch",
+            ],
+        );
+        let data_dir = PathBuf::from(r.string(
+            st,
+            "store",
+            "data_dir",
+            state_directory.unwrap_or(DEFAULT_DATA_DIR),
+        ));
+        let path_text = r.string(st, "store", "path", "");
+        let path = if path_text.is_empty() {
+            data_dir.join(DATABASE_FILE)
+        } else {
+            PathBuf::from(path_text)
+        };
+        let store = StoreConfig {
+            data_dir,
+            path,
+            checkpoint_interval: r.duration(
+                st,
+                "store",
+                "checkpoint_interval",
+                "1s",
+                Duration::from_millis(10),
+            ),
+            wal_size_limit: r.integer(st, "store", "wal_size_limit", 64 << 20, 0, 1 << 40) as u64,
+            max_batch: r.integer(st, "store", "max_batch", 256, 1, 10_000) as usize,
+        };
+
+        let w = r.section(table, "worker");
+        r.only_keys(
+            "worker",
+            w,
+            &[
+                "id",
+                "hostname",
+                "providers",
+                "capabilities",
+                "max_sandboxes",
+                "heartbeat_interval",
+                "stale_after",
+                "down_after",
+            ],
+        );
+        let id = r.string(w, "worker", "id", "local");
+        if let Err(e) = validate_worker_id(&id) {
+            r.problem("worker.id", e);
+        }
+        let mut hostname = r.string(w, "worker", "hostname", "");
+        if hostname.is_empty() {
+            hostname = system_hostname();
+        }
+        let worker = WorkerConfig {
+            id,
+            hostname,
+            providers: r.string_list(w, "worker", "providers", &["mock"]),
+            capabilities: r.string_list(w, "worker", "capabilities", &[]),
+            max_sandboxes: r.integer(w, "worker", "max_sandboxes", 64, 0, 1_000_000) as u32,
+            heartbeat_interval: r.duration(
+                w,
+                "worker",
+                "heartbeat_interval",
+                "5s",
+                Duration::from_millis(10),
+            ),
+            stale_after: r.duration(w, "worker", "stale_after", "15s", Duration::from_millis(10)),
+            down_after: r.duration(w, "worker", "down_after", "60s", Duration::from_millis(10)),
+        };
+        if worker.heartbeat_interval >= worker.stale_after {
+            r.problem(
+                "worker.heartbeat_interval",
+                format!(
+                    "must be shorter than worker.stale_after ({}), or the local worker goes stale between its own heartbeats",
+                    format_duration(worker.stale_after)
+                ),
+            );
+        }
+        if worker.down_after < worker.stale_after {
+            r.problem(
+                "worker.down_after",
+                "must not be shorter than worker.stale_after".into(),
+            );
+        }
+
+        let a = r.section(table, "auth");
+        r.only_keys("auth", a, &["api_keys", "admin_api_keys"]);
+        let auth = AuthConfig {
+            api_keys: r.string_list(a, "auth", "api_keys", &[]),
+            admin_api_keys: r.string_list(a, "auth", "admin_api_keys", &[]),
+        };
+        for (key, list) in [
+            ("auth.api_keys", &auth.api_keys),
+            ("auth.admin_api_keys", &auth.admin_api_keys),
+        ] {
+            if list
+                .iter()
+                .any(|k| k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                r.problem(
+                    key,
+                    "keys must be non-empty and contain no whitespace".into(),
+                );
+            }
+        }
+        if !auth.enabled()
+            && !server.listen.ip().is_loopback()
+            && !server.allow_unauthenticated_remote
+        {
+            r.problem(
+                "server.listen",
+                format!(
+                    "{} is not a loopback address and no API key is configured; set auth.api_keys / auth.admin_api_keys, or server.allow_unauthenticated_remote = true",
+                    server.listen
+                ),
+            );
+        }
+
+        let l = r.section(table, "log");
+        r.only_keys("log", l, &["level"]);
+        let level_text = r.string(l, "log", "level", "info");
+        let level = match level_text.parse::<log::LevelFilter>() {
+            Ok(level) => level,
+            Err(_) => {
+                r.problem(
+                    "log.level",
+                    format!("{level_text:?} is not one of off, error, warn, info, debug, trace"),
+                );
+                log::LevelFilter::Info
+            }
+        };
+
+        if r.problems.is_empty() {
+            Ok(Config {
+                server,
+                store,
+                worker,
+                auth,
+                log: LogConfig { level },
+                source: None,
+            })
+        } else {
+            Err(r.problems)
+        }
+    }
+
+    /// Applies the reloadable keys of `new` onto a copy of `self`. Returns the
+    /// merged config and the names of changed keys that need a restart.
+    pub fn reload(&self, new: &Config) -> (Config, Vec<&'static str>) {
+        let mut merged = self.clone();
+        merged.log = new.log.clone();
+        merged.auth = new.auth.clone();
+        merged.server.max_body_bytes = new.server.max_body_bytes;
+        merged.server.idle_timeout = new.server.idle_timeout;
+        merged.worker.capabilities = new.worker.capabilities.clone();
+        merged.worker.max_sandboxes = new.worker.max_sandboxes;
+        merged.worker.stale_after = new.worker.stale_after;
+        merged.worker.down_after = new.worker.down_after;
+        let mut ignored = Vec::new();
+        let checks: [(&'static str, bool); 13] = [
+            ("server.listen", self.server.listen != new.server.listen),
+            (
+                "server.allow_unauthenticated_remote",
+                self.server.allow_unauthenticated_remote != new.server.allow_unauthenticated_remote,
+            ),
+            (
+                "server.http_threads",
+                self.server.http_threads != new.server.http_threads,
+            ),
+            (
+                "server.max_connections",
+                self.server.max_connections != new.server.max_connections,
+            ),
+            (
+                "server.shutdown_timeout",
+                self.server.shutdown_timeout != new.server.shutdown_timeout,
+            ),
+            ("store.path", self.store.path != new.store.path),
+            (
+                "store.checkpoint_interval",
+                self.store.checkpoint_interval != new.store.checkpoint_interval,
+            ),
+            (
+                "store.wal_size_limit",
+                self.store.wal_size_limit != new.store.wal_size_limit,
+            ),
+            (
+                "store.max_batch",
+                self.store.max_batch != new.store.max_batch,
+            ),
+            ("worker.id", self.worker.id != new.worker.id),
+            (
+                "worker.hostname",
+                self.worker.hostname != new.worker.hostname,
+            ),
+            (
+                "worker.providers",
+                self.worker.providers != new.worker.providers,
+            ),
+            (
+                "worker.heartbeat_interval",
+                self.worker.heartbeat_interval != new.worker.heartbeat_interval,
+            ),
+        ];
+        for (key, changed) in checks {
+            if changed {
+                ignored.push(key);
+            }
+        }
+        // A reload must not open a remote listener to unauthenticated use.
+        if !merged.auth.enabled()
+            && !merged.server.listen.ip().is_loopback()
+            && !merged.server.allow_unauthenticated_remote
+        {
+            merged.auth = self.auth.clone();
+            ignored.push("auth (removing every key from a non-loopback listener)");
+        }
+        (merged, ignored)
+    }
+}
+
+fn read_table(path: &Path) -> Result<toml::Table, Vec<ConfigProblem>> {
+    let fail = |message: String| {
+        vec![ConfigProblem {
+            key: path.display().to_string(),
+            message,
+        }]
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    text.parse::<toml::Table>()
+        .map_err(|e| fail(format!("invalid TOML: {}", e.message())))
+}
+
+/// Environment and flags are written into the table so that they are
+/// validated by exactly the same code as the file.
+fn apply_overrides(
+    table: &mut toml::Table,
+    flags: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+) {
+    let list = |v: String| {
+        toml::Value::Array(
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        )
+    };
+    let string = toml::Value::String;
+    type Convert = fn(String) -> toml::Value;
+    let env_keys: [(&str, &str, &str, Convert); 6] = [
+        ("STACYVMD_LISTEN", "server", "listen", string),
+        ("STACYVMD_DATA_DIR", "store", "data_dir", string),
+        ("STACYVMD_LOG_LEVEL", "log", "level", string),
+        ("STACYVMD_WORKER_ID", "worker", "id", string),
+        ("STACYVMD_API_KEYS", "auth", "api_keys", list),
+        ("STACYVMD_ADMIN_API_KEYS", "auth", "admin_api_keys", list),
+    ];
+    for (var, section, key, convert) in env_keys {
+        if let Some(value) = env(var).filter(|v| !v.is_empty()) {
+            set(table, section, key, convert(value));
+        }
+    }
+    let flag_keys = [
+        (&flags.listen, "server", "listen"),
+        (&flags.data_dir, "store", "data_dir"),
+        (&flags.log_level, "log", "level"),
+        (&flags.worker_id, "worker", "id"),
+    ];
+    for (value, section, key) in flag_keys {
+        if let Some(value) = value {
+            set(table, section, key, toml::Value::String(value.clone()));
+        }
+    }
+}
+
+fn set(table: &mut toml::Table, section: &str, key: &str, value: toml::Value) {
+    let entry = table
+        .entry(section)
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(t) = entry {
+        t.insert(key.to_owned(), value);
+    }
+    // A non-table section is reported by the reader; the override is dropped
+    // with it rather than hiding that problem.
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Typed getters over a table that record problems instead of stopping.
+struct Reader {
+    problems: Vec<ConfigProblem>,
+}
+
+static EMPTY: std::sync::LazyLock<toml::Table> = std::sync::LazyLock::new(toml::Table::new);
+
+impl Reader {
+    fn problem(&mut self, key: &str, message: String) {
+        self.problems.push(ConfigProblem {
+            key: key.to_owned(),
+            message,
+        });
+    }
+
+    fn only_sections(&mut self, table: &toml::Table, known: &[&str]) {
+        for key in table.keys() {
+            if !known.contains(&key.as_str()) {
+                self.problem(
+                    key,
+                    format!("unknown section (expected one of {})", known.join(", ")),
+                );
+            }
+        }
+    }
+
+    fn section<'t>(&mut self, table: &'t toml::Table, name: &str) -> &'t toml::Table {
+        match table.get(name) {
+            None => &EMPTY,
+            Some(toml::Value::Table(t)) => t,
+            Some(other) => {
+                self.problem(name, format!("must be a table, found {}", other.type_str()));
+                &EMPTY
+            }
+        }
+    }
+
+    fn only_keys(&mut self, section: &str, table: &toml::Table, known: &[&str]) {
+        for key in table.keys() {
+            if !known.contains(&key.as_str()) {
+                self.problem(
+                    &format!("{section}.{key}"),
+                    format!("unknown key (expected one of {})", known.join(", ")),
+                );
+            }
+        }
+    }
+
+    fn string(&mut self, t: &toml::Table, section: &str, key: &str, default: &str) -> String {
+        match t.get(key) {
+            None => default.to_owned(),
+            Some(toml::Value::String(s)) => s.clone(),
+            Some(other) => {
+                self.problem(
+                    &format!("{section}.{key}"),
+                    format!("must be a string, found {}", other.type_str()),
+                );
+                default.to_owned()
+            }
+        }
+    }
+
+    fn boolean(&mut self, t: &toml::Table, section: &str, key: &str, default: bool) -> bool {
+        match t.get(key) {
+            None => default,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(other) => {
+                self.problem(
+                    &format!("{section}.{key}"),
+                    format!("must be true or false, found {}", other.type_str()),
+                );
+                default
+            }
+        }
+    }
+
+    fn integer(
+        &mut self,
+        t: &toml::Table,
+        section: &str,
+        key: &str,
+        default: i64,
+        min: i64,
+        max: i64,
+    ) -> i64 {
+        match t.get(key) {
+            None => default,
+            Some(toml::Value::Integer(i)) if (min..=max).contains(i) => *i,
+            Some(toml::Value::Integer(i)) => {
+                self.problem(
+                    &format!("{section}.{key}"),
+                    format!("{i} is out of range {min}..={max}"),
+                );
+                default
+            }
+            Some(other) => {
+                self.problem(
+                    &format!("{section}.{key}"),
+                    format!("must be an integer, found {}", other.type_str()),
+                );
+                default
+            }
+        }
+    }
+
+    fn duration(
+        &mut self,
+        t: &toml::Table,
+        section: &str,
+        key: &str,
+        default: &str,
+        min: Duration,
+    ) -> Duration {
+        let fallback = parse_duration(default).expect("built-in default durations parse");
+        let text = self.string(t, section, key, default);
+        match parse_duration(&text) {
+            Ok(d) if d >= min => d,
+            Ok(_) => {
+                self.problem(
+                    &format!("{section}.{key}"),
+                    format!("must be at least {}", format_duration(min)),
+                );
+                fallback
+            }
+            Err(e) => {
+                self.problem(&format!("{section}.{key}"), e);
+                fallback
+            }
+        }
+    }
+
+    fn string_list(
+        &mut self,
+        t: &toml::Table,
+        section: &str,
+        key: &str,
+        default: &[&str],
+    ) -> Vec<String> {
+        let name = format!("{section}.{key}");
+        match t.get(key) {
+            None => default.iter().map(|s| (*s).to_owned()).collect(),
+            Some(toml::Value::Array(items)) => {
+                let mut out = Vec::with_capacity(items.len());
+                for item in items {
+                    match item {
+                        toml::Value::String(s) => out.push(s.clone()),
+                        other => self.problem(
+                            &name,
+                            format!("items must be strings, found {}", other.type_str()),
+                        ),
+                    }
+                }
+                out
+            }
+            Some(other) => {
+                self.problem(
+                    &name,
+                    format!("must be an array of strings, found {}", other.type_str()),
+                );
+                Vec::new()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Vec<ConfigProblem>> {
+        Config::from_table(&text.parse::<toml::Table>().unwrap(), None)
+    }
+
+    #[test]
+    fn empty_config_is_the_embedded_default() {
+        let c = parse("").unwrap();
+        assert_eq!(c.server.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(
+            c.store.path,
+            PathBuf::from(DEFAULT_DATA_DIR).join(DATABASE_FILE)
+        );
+        assert_eq!(c.worker.id, "local");
+        assert!(!c.auth.enabled());
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let problems = parse(
+            "bogus = 1\n[server]\nlisten = 'nope'\nhttp_threads = 0\nextra = true\n[worker]\nstale_after = '5x'\nid = 'a/b'\n[log]\nlevel = 7\n",
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "bogus",
+            "server.listen",
+            "server.http_threads",
+            "server.extra",
+            "worker.stale_after",
+            "worker.id",
+            "log.level",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_remote_listen_without_keys() {
+        let problems = parse("[server]\nlisten = '0.0.0.0:7423'\n").unwrap_err();
+        assert_eq!(problems[0].key, "server.listen");
+        assert!(parse("[server]\nlisten = '0.0.0.0:7423'\n[auth]\napi_keys = ['k1']\n").is_ok());
+        assert!(
+            parse("[server]\nlisten = '0.0.0.0:7423'\nallow_unauthenticated_remote = true\n")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn flags_beat_environment_beat_file() {
+        let mut table: toml::Table = "[server]\nlisten = '127.0.0.1:1'\n[log]\nlevel='warn'\n"
+            .parse()
+            .unwrap();
+        let env = |k: &str| match k {
+            "STACYVMD_LISTEN" => Some("127.0.0.1:2".to_owned()),
+            "STACYVMD_LOG_LEVEL" => Some("debug".to_owned()),
+            "STACYVMD_API_KEYS" => Some("a, b,".to_owned()),
+            _ => None,
+        };
+        let flags = Overrides {
+            listen: Some("127.0.0.1:3".into()),
+            ..Default::default()
+        };
+        apply_overrides(&mut table, &flags, &env);
+        let c = Config::from_table(&table, None).unwrap();
+        assert_eq!(c.server.listen.port(), 3);
+        assert_eq!(c.log.level, log::LevelFilter::Debug);
+        assert_eq!(c.auth.api_keys, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn state_directory_is_the_default_data_dir() {
+        let c = Config::from_table(&toml::Table::new(), Some("/var/lib/stacyvmd")).unwrap();
+        assert_eq!(c.store.path, PathBuf::from("/var/lib/stacyvmd/stacyvmd.db"));
+    }
+
+    #[test]
+    fn reload_applies_only_reloadable_keys() {
+        let old = parse("").unwrap();
+        let new = parse("[server]\nlisten='127.0.0.1:9'\nmax_body_bytes=10\n[log]\nlevel='debug'\n[auth]\napi_keys=['k']\n").unwrap();
+        let (merged, ignored) = old.reload(&new);
+        assert_eq!(merged.server.listen, old.server.listen);
+        assert_eq!(merged.server.max_body_bytes, 10);
+        assert_eq!(merged.log.level, log::LevelFilter::Debug);
+        assert_eq!(merged.auth.api_keys, vec!["k"]);
+        assert_eq!(ignored, vec!["server.listen"]);
+    }
+
+    #[test]
+    fn debug_never_shows_keys() {
+        let c = parse("[auth]\napi_keys=['supersecret']\n").unwrap();
+        assert!(!format!("{c:?}").contains("supersecret"));
+    }
+}
+
+/// The configuration in force, swapped whole on reload. Readers take a
+/// cheap `Arc` snapshot per request or tick.
+#[derive(Clone)]
+pub struct LiveConfig(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Config>>>);
+
+impl LiveConfig {
+    pub fn new(config: Config) -> LiveConfig {
+        LiveConfig(std::sync::Arc::new(std::sync::RwLock::new(
+            std::sync::Arc::new(config),
+        )))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<Config> {
+        // A poisoned lock still holds a whole config (writers only swap the Arc).
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn replace(&self, config: Config) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(config);
+    }
+}

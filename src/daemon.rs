@@ -1,0 +1,251 @@
+//! The supervisor: starts every component in order, waits for lifecycle
+//! events, reloads, and stops everything in reverse order.
+//!
+//! Runs on the main thread. Startup order: store (migrations) -> local
+//! worker registered -> scheduler (loaded from the store) -> heartbeat ->
+//! HTTP bound -> readiness line + `READY=1`. Shutdown order: `STOPPING=1` ->
+//! HTTP drains -> heartbeat marks the local worker offline -> scheduler ->
+//! store commits what is queued -> final checkpoint.
+//!
+//! A component thread that ends on its own (a panic or a fatal error) sends
+//! `ComponentExited`; the supervisor then stops the rest and the process
+//! exits with status 1 so that systemd restarts it.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, select, tick, unbounded};
+
+use crate::config::{Config, LiveConfig, Overrides};
+use crate::heartbeat::{self, HeartbeatThread};
+use crate::http::HttpServer;
+use crate::notify::Notifier;
+use crate::scheduler::{self, health::Windows};
+use crate::signals::SignalThread;
+use crate::store;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lifecycle {
+    Shutdown(&'static str),
+    Reload,
+    ComponentExited { name: &'static str, panicked: bool },
+}
+
+/// Lets a component thread tell the supervisor it ended.
+#[derive(Clone)]
+pub struct ExitNotifier(Sender<Lifecycle>);
+
+impl ExitNotifier {
+    /// Held for the life of a component thread; reports its end on drop.
+    pub fn guard(&self, name: &'static str) -> ExitGuard {
+        ExitGuard {
+            name,
+            events: self.0.clone(),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn for_tests() -> (ExitNotifier, Receiver<Lifecycle>) {
+        let (tx, rx) = unbounded();
+        (ExitNotifier(tx), rx)
+    }
+}
+
+pub struct ExitGuard {
+    name: &'static str,
+    events: Sender<Lifecycle>,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        let panicked = std::thread::panicking();
+        let _ = self.events.send(Lifecycle::ComponentExited {
+            name: self.name,
+            panicked,
+        });
+    }
+}
+
+/// Why the daemon stopped, mapped to the exit code by `main`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A signal asked for it; everything stopped in order.
+    Stopped,
+    /// A component died; the rest was stopped in order.
+    ComponentFailed(&'static str),
+}
+
+pub fn run(
+    config: Config,
+    overrides: Overrides,
+    apply_log_level: &dyn Fn(log::LevelFilter),
+) -> Result<Outcome, String> {
+    let started = Instant::now();
+    let notifier = Notifier::from_env();
+    let (events_tx, events) = unbounded::<Lifecycle>();
+    let on_exit = ExitNotifier(events_tx.clone());
+    let signals = SignalThread::start(events_tx)
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+
+    let store = store::open(&config.store, on_exit.clone())?;
+    let local = heartbeat::register_local(&store.handle, &config)
+        .map_err(|e| format!("cannot register the local worker: {e}"))?;
+    let loaded = store
+        .handle
+        .list_workers()
+        .map_err(|e| format!("cannot load workers: {e}"))?;
+    log::info!(
+        "loaded {} workers; local worker {} registered",
+        loaded.len(),
+        local.id
+    );
+    let windows = Windows {
+        stale_after: config.worker.stale_after,
+        down_after: config.worker.down_after,
+    };
+    let (scheduler, scheduler_thread) =
+        scheduler::start(loaded, config.worker.id.clone(), windows, on_exit.clone())
+            .map_err(|e| format!("cannot start the scheduler: {e}"))?;
+
+    let live = LiveConfig::new(config);
+    let heartbeat = HeartbeatThread::start(
+        live.clone(),
+        store.handle.clone(),
+        scheduler.clone(),
+        on_exit.clone(),
+    )
+    .map_err(|e| format!("cannot start the heartbeat thread: {e}"))?;
+    let http = HttpServer::start(
+        live.clone(),
+        store.handle.clone(),
+        scheduler.clone(),
+        on_exit,
+    )?;
+
+    let config = live.get();
+    let ready_line = format!(
+        "stacyvmd ready http={} worker_id={} db={}",
+        http.local_addr(),
+        config.worker.id,
+        std::fs::canonicalize(&config.store.path)
+            .unwrap_or_else(|_| config.store.path.clone())
+            .display()
+    );
+    {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{ready_line}");
+        let _ = stdout.flush();
+    }
+    log::info!("ready in {:?}: {}", started.elapsed(), ready_line);
+    notifier.send(&format!(
+        "READY=1\nSTATUS=serving on {}\nMAINPID={}",
+        http.local_addr(),
+        std::process::id()
+    ));
+
+    let outcome = supervise(
+        &events,
+        &live,
+        &overrides,
+        &notifier,
+        &store.handle,
+        &scheduler,
+        apply_log_level,
+    );
+
+    notifier.send("STOPPING=1\nSTATUS=stopping");
+    log::info!("stopping: {outcome:?}");
+    http.shutdown(live.get().server.shutdown_timeout);
+    heartbeat.stop();
+    drop(scheduler);
+    let _ = scheduler_thread.join();
+    let store::Store {
+        handle,
+        thread,
+        checkpointer,
+    } = store;
+    drop(handle);
+    let _ = thread.join();
+    checkpointer.stop();
+    signals.stop();
+    log::info!("stopped");
+    Ok(outcome)
+}
+
+/// Waits for lifecycle events; pings the watchdog while the store and the
+/// scheduler answer.
+fn supervise(
+    events: &Receiver<Lifecycle>,
+    live: &LiveConfig,
+    overrides: &Overrides,
+    notifier: &Notifier,
+    store: &store::StoreHandle,
+    scheduler: &scheduler::SchedulerHandle,
+    apply_log_level: &dyn Fn(log::LevelFilter),
+) -> Outcome {
+    let period = notifier
+        .watchdog()
+        .map_or(Duration::from_secs(5), |w| w / 2);
+    let ticks = tick(period);
+    loop {
+        select! {
+            recv(events) -> event => match event {
+                Ok(Lifecycle::Shutdown(signal)) => {
+                    log::info!("{signal} received: graceful stop");
+                    return Outcome::Stopped;
+                }
+                Ok(Lifecycle::Reload) => reload(live, overrides, scheduler, apply_log_level),
+                Ok(Lifecycle::ComponentExited { name, panicked }) => {
+                    log::error!("component {name} {}; stopping", if panicked { "panicked" } else { "exited" });
+                    return Outcome::ComponentFailed(name);
+                }
+                Err(_) => return Outcome::ComponentFailed("supervisor channel"),
+            },
+            recv(ticks) -> _ => {
+                match (store.ping(), scheduler.figures()) {
+                    (Ok(latency), Ok(f)) => notifier.send(&format!(
+                        "WATCHDOG=1\nSTATUS=serving; {} workers ({} stale); store {:.1} ms",
+                        f.total, f.stale, latency.as_secs_f64() * 1000.0
+                    )),
+                    (Err(e), _) => log::warn!("watchdog withheld: {e}"),
+                    (_, Err(e)) => log::warn!("watchdog withheld: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// SIGHUP: re-read file and environment; apply reloadable keys; keep the old
+/// config on any error.
+fn reload(
+    live: &LiveConfig,
+    overrides: &Overrides,
+    scheduler: &scheduler::SchedulerHandle,
+    apply_log_level: &dyn Fn(log::LevelFilter),
+) {
+    let current = live.get();
+    let fresh = match Config::load(overrides, &|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(problems) => {
+            for p in &problems {
+                log::error!("reload refused: {p}");
+            }
+            log::error!("reload refused: keeping the running configuration");
+            return;
+        }
+    };
+    let (merged, ignored) = current.reload(&fresh);
+    for key in ignored {
+        log::warn!("reload: {key} changed but needs a restart; keeping the running value");
+    }
+    apply_log_level(merged.log.level);
+    let windows = Windows {
+        stale_after: merged.worker.stale_after,
+        down_after: merged.worker.down_after,
+    };
+    if let Err(e) = scheduler.set_windows(windows) {
+        log::warn!("reload: scheduler did not take the new windows: {e}");
+    }
+    live.replace(merged);
+    log::info!("configuration reloaded");
+}

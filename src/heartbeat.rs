@@ -1,0 +1,98 @@
+//! The `heartbeat` thread: keeps the daemon's own local worker registered.
+//!
+//! Every `worker.heartbeat_interval` it stores a heartbeat for the local
+//! worker (providers, capabilities and capacity from the live config) and
+//! tells the scheduler it was received. On stop it marks the local worker
+//! `offline` in the store, so a cleanly stopped daemon is never listed as
+//! online. A failed beat is logged and retried on the next tick: the
+//! scheduler's staleness window covers a few misses.
+
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Sender, bounded, select, tick};
+
+use crate::config::{Config, LiveConfig};
+use crate::daemon::ExitNotifier;
+use crate::scheduler::SchedulerHandle;
+use crate::store::{StoreError, StoreHandle};
+use crate::time::now_ms;
+use crate::workers::{Capacity, Heartbeat, Worker, WorkerStatus};
+
+/// The local worker's heartbeat as the config describes it.
+pub fn local_heartbeat(config: &Config) -> Heartbeat {
+    let w = &config.worker;
+    Heartbeat {
+        id: w.id.clone(),
+        hostname: Some(w.hostname.clone()),
+        status: Some(WorkerStatus::Online),
+        providers: Some(w.providers.clone()),
+        capabilities: Some(w.capabilities.clone()),
+        capacity: Some(Capacity {
+            max_sandboxes: Some(w.max_sandboxes),
+        }),
+    }
+}
+
+/// Registers the local worker durably; called before the daemon is ready.
+pub fn register_local(store: &StoreHandle, config: &Config) -> Result<Worker, StoreError> {
+    store.save_heartbeat(local_heartbeat(config), now_ms(), None)
+}
+
+pub struct HeartbeatThread {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl HeartbeatThread {
+    pub fn start(
+        live: LiveConfig,
+        store: StoreHandle,
+        scheduler: SchedulerHandle,
+        on_exit: ExitNotifier,
+    ) -> std::io::Result<HeartbeatThread> {
+        let (stop, stopped) = bounded::<()>(1);
+        let interval = live.get().worker.heartbeat_interval;
+        let thread = std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || {
+                let _exit = on_exit.guard("heartbeat");
+                let ticks = tick(interval);
+                loop {
+                    select! {
+                        recv(stopped) -> _ => break,
+                        recv(ticks) -> _ => beat(&live.get(), &store, &scheduler),
+                    }
+                }
+                let id = live.get().worker.id.clone();
+                match store.set_worker_status(&id, WorkerStatus::Offline, now_ms()) {
+                    Ok(Some(worker)) => {
+                        let _ = scheduler.observe(worker, Instant::now());
+                        log::info!("local worker {id} marked offline");
+                    }
+                    Ok(None) => log::warn!("local worker {id} was deleted before shutdown"),
+                    Err(e) => log::error!("could not mark local worker {id} offline: {e}"),
+                }
+            })?;
+        Ok(HeartbeatThread { stop, thread })
+    }
+
+    /// Stops the timer and waits for the offline mark to be stored.
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+fn beat(config: &Config, store: &StoreHandle, scheduler: &SchedulerHandle) {
+    let received = Instant::now();
+    match store.save_heartbeat(local_heartbeat(config), now_ms(), None) {
+        Ok(worker) => {
+            crate::metrics::METRICS.workers.heartbeats.inc();
+            if let Err(e) = scheduler.observe(worker, received) {
+                log::warn!("local heartbeat stored but not seen by the scheduler: {e}");
+            }
+        }
+        Err(e) => log::warn!("local heartbeat failed: {e}"),
+    }
+}

@@ -1,0 +1,320 @@
+//! The JSON edge of the REST API: the error type and its one mapping to
+//! status and code, the wire shapes of responses, and request-body parsing
+//! with messages that name the offending field.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::scheduler::{SchedulerError, WorkerView};
+use crate::store::StoreError;
+use crate::time::rfc3339;
+use crate::workers::{Capacity, Heartbeat, MAX_LIST_ITEMS, WorkerStatus, validate_name};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    /// For 405: the methods the path allows.
+    pub allow: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            allow: None,
+        }
+    }
+    pub fn bad_request(m: impl Into<String>) -> ApiError {
+        ApiError::new(400, "BAD_REQUEST", m)
+    }
+    pub fn unauthorized(m: impl Into<String>) -> ApiError {
+        ApiError::new(401, "UNAUTHORIZED", m)
+    }
+    pub fn forbidden(m: impl Into<String>) -> ApiError {
+        ApiError::new(403, "FORBIDDEN", m)
+    }
+    pub fn not_found(m: impl Into<String>) -> ApiError {
+        ApiError::new(404, "NOT_FOUND", m)
+    }
+    pub fn method_not_allowed(allow: &'static str) -> ApiError {
+        ApiError {
+            allow: Some(allow),
+            ..ApiError::new(
+                405,
+                "METHOD_NOT_ALLOWED",
+                format!("method not allowed; use {allow}"),
+            )
+        }
+    }
+    pub fn conflict(m: impl Into<String>) -> ApiError {
+        ApiError::new(409, "CONFLICT", m)
+    }
+    pub fn too_large(limit: u64) -> ApiError {
+        ApiError::new(
+            413,
+            "PAYLOAD_TOO_LARGE",
+            format!("request body is larger than {limit} bytes"),
+        )
+    }
+    pub fn unavailable(m: impl Into<String>) -> ApiError {
+        ApiError::new(503, "UNAVAILABLE", m)
+    }
+    pub fn internal(m: impl Into<String>) -> ApiError {
+        ApiError::new(500, "INTERNAL_ERROR", m)
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({"code": self.code, "message": self.message}))
+            .unwrap_or_else(|_| {
+                br#"{"code":"INTERNAL_ERROR","message":"error rendering failed"}"#.to_vec()
+            })
+    }
+}
+
+/// The one place store and scheduler failures become HTTP answers.
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Unavailable(_) => ApiError::unavailable(e.to_string()),
+            StoreError::Database(_) => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+impl From<SchedulerError> for ApiError {
+    fn from(e: SchedulerError) -> ApiError {
+        match e {
+            SchedulerError::Unavailable(_) => ApiError::unavailable(e.to_string()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct CapacityJson {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_sandboxes: Option<u32>,
+}
+
+/// The worker object of the API (StacyVM's fields plus stacyvmd's).
+#[derive(Serialize)]
+pub struct WorkerJson<'a> {
+    id: &'a str,
+    hostname: &'a str,
+    status: &'static str,
+    providers: &'a [String],
+    capabilities: &'a [String],
+    capacity: CapacityJson,
+    last_heartbeat: String,
+    created_at: String,
+    updated_at: String,
+    stale: bool,
+    health: &'static str,
+    eligible: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ineligible_reason: Option<&'static str>,
+    active_sandboxes: u32,
+    last_seen_seconds: f64,
+}
+
+impl<'a> From<&'a WorkerView> for WorkerJson<'a> {
+    fn from(v: &'a WorkerView) -> WorkerJson<'a> {
+        let w = &v.worker;
+        WorkerJson {
+            id: &w.id,
+            hostname: &w.hostname,
+            status: w.status.as_str(),
+            providers: &w.providers,
+            capabilities: &w.capabilities,
+            capacity: CapacityJson {
+                max_sandboxes: w.capacity.max_sandboxes,
+            },
+            last_heartbeat: rfc3339(w.last_heartbeat_ms),
+            created_at: rfc3339(w.created_at_ms),
+            updated_at: rfc3339(w.updated_at_ms),
+            stale: v.stale,
+            health: v.health.as_str(),
+            eligible: v.ineligible.is_none(),
+            ineligible_reason: v.ineligible.map(|r| r.as_str()),
+            active_sandboxes: v.active_sandboxes,
+            last_seen_seconds: (v.last_seen.as_secs_f64() * 1000.0).round() / 1000.0,
+        }
+    }
+}
+
+pub fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value)
+        .unwrap_or_else(|e| ApiError::internal(format!("rendering failed: {e}")).body())
+}
+
+/// Parses a heartbeat body. Empty means "refresh only". Every field is
+/// optional; unknown fields, wrong types and bad values are refused with a
+/// message naming the field.
+pub fn parse_heartbeat(id: &str, body: &[u8]) -> Result<Heartbeat, ApiError> {
+    let mut hb = Heartbeat {
+        id: id.to_owned(),
+        ..Default::default()
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(hb);
+    }
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
+    let Value::Object(fields) = value else {
+        return Err(ApiError::bad_request("request body must be a JSON object"));
+    };
+    for (key, value) in &fields {
+        match key.as_str() {
+            "hostname" => {
+                let s = string_field("hostname", value)?;
+                validate_name("hostname", s).map_err(ApiError::bad_request)?;
+                hb.hostname = Some(s.to_owned());
+            }
+            "status" => {
+                let s = string_field("status", value)?;
+                hb.status = Some(WorkerStatus::parse(s).ok_or_else(|| {
+                    let allowed: Vec<&str> = WorkerStatus::ALL.iter().map(|s| s.as_str()).collect();
+                    ApiError::bad_request(format!(
+                        "field `status` must be one of {}",
+                        allowed.join(", ")
+                    ))
+                })?);
+            }
+            "providers" => hb.providers = Some(name_list("providers", value)?),
+            "capabilities" => hb.capabilities = Some(name_list("capabilities", value)?),
+            "capacity" => hb.capacity = Some(capacity(value)?),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown field `{other}` (expected hostname, status, providers, capabilities, capacity)"
+                )));
+            }
+        }
+    }
+    Ok(hb)
+}
+
+fn string_field<'v>(field: &str, value: &'v Value) -> Result<&'v str, ApiError> {
+    value
+        .as_str()
+        .ok_or_else(|| ApiError::bad_request(format!("field `{field}` must be a string")))
+}
+
+fn name_list(field: &str, value: &Value) -> Result<Vec<String>, ApiError> {
+    let items = value.as_array().ok_or_else(|| {
+        ApiError::bad_request(format!("field `{field}` must be an array of strings"))
+    })?;
+    if items.len() > MAX_LIST_ITEMS {
+        return Err(ApiError::bad_request(format!(
+            "field `{field}` has more than {MAX_LIST_ITEMS} items"
+        )));
+    }
+    items
+        .iter()
+        .map(|item| {
+            let s = item.as_str().ok_or_else(|| {
+                ApiError::bad_request(format!("field `{field}` must be an array of strings"))
+            })?;
+            if s.is_empty() {
+                return Err(ApiError::bad_request(format!(
+                    "field `{field}` must not contain empty names"
+                )));
+            }
+            validate_name(field, s).map_err(ApiError::bad_request)?;
+            Ok(s.to_owned())
+        })
+        .collect()
+}
+
+const MAX_CAPACITY: u64 = 1_000_000;
+
+fn capacity(value: &Value) -> Result<Capacity, ApiError> {
+    let fields = value
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("field `capacity` must be an object"))?;
+    let mut c = Capacity::default();
+    for (key, v) in fields {
+        match key.as_str() {
+            "max_sandboxes" => {
+                let n = v.as_u64().filter(|n| *n <= MAX_CAPACITY).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "field `capacity.max_sandboxes` must be an integer from 0 to {MAX_CAPACITY}"
+                    ))
+                })?;
+                c.max_sandboxes = Some(n as u32);
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown field `capacity.{other}` (expected max_sandboxes)"
+                )));
+            }
+        }
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_bodies() {
+        let ok = parse_heartbeat(
+            "w",
+            br#"{"hostname":"h","status":"","providers":["mock"],"capabilities":[],"capacity":{"max_sandboxes":3}}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.status, Some(WorkerStatus::Online));
+        assert_eq!(
+            ok.capacity,
+            Some(Capacity {
+                max_sandboxes: Some(3)
+            })
+        );
+        assert_eq!(
+            parse_heartbeat("w", b"").unwrap(),
+            Heartbeat {
+                id: "w".into(),
+                ..Default::default()
+            }
+        );
+        let bad: &[(&[u8], &str)] = &[
+            (b"{", "malformed JSON"),
+            (b"[]", "JSON object"),
+            (br#"{"status":5}"#, "`status`"),
+            (br#"{"status":"sleepy"}"#, "`status`"),
+            (br#"{"providers":"x"}"#, "`providers`"),
+            (br#"{"providers":[1]}"#, "`providers`"),
+            (
+                br#"{"capacity":{"max_sandboxes":-1}}"#,
+                "`capacity.max_sandboxes`",
+            ),
+            (
+                br#"{"capacity":{"max_sandboxes":1.5}}"#,
+                "`capacity.max_sandboxes`",
+            ),
+            (br#"{"capacity":{"cpus":1}}"#, "`capacity.cpus`"),
+            (br#"{"extra":1}"#, "`extra`"),
+            (br#"{"hostname":"a\u0000b"}"#, "`hostname`"),
+        ];
+        for (body, needle) in bad {
+            let e = parse_heartbeat("w", body).unwrap_err();
+            assert_eq!(e.status, 400);
+            assert!(
+                e.message.contains(needle),
+                "{:?}: {}",
+                String::from_utf8_lossy(body),
+                e.message
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = parse_heartbeat("w", &body);
+        }
+    }
+}

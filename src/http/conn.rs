@@ -1,0 +1,620 @@
+//! Client connections: our own acceptor in front of tiny_http.
+//!
+//! Why this exists. tiny_http 0.12 hands each accepted connection to an
+//! internal task pool whose "is a thread idle?" check races with its own
+//! wake-ups: when several connections are accepted back to back, more tasks
+//! can be queued than there are idle threads, and a queued keep-alive
+//! connection then waits until some *other* connection closes (measured here:
+//! 1-22 of 64 new connections unanswered after 2 s). Workers hold long-lived
+//! connections, so that is not acceptable. tiny_http also sets no TCP_NODELAY
+//! and no timeouts.
+//!
+//! What we do, without touching tiny_http's code: the public TCP listener is
+//! ours (TCP_NODELAY set on it, inherited by accepted sockets), and tiny_http
+//! listens only on a private Unix socket in the data directory (0600). For
+//! each client the `http-accept` thread starts a relay which opens one
+//! internal connection and *confirms pickup* before relaying a byte: it sends
+//! a `GET /-/handoff` probe and waits for its answer, under one process-wide
+//! lock. Internal connections are therefore opened strictly one at a time,
+//! each only after the previous one has a tiny_http thread of its own, so the
+//! pool never sees a burst and the race cannot happen. Then two threads copy
+//! bytes, one per direction.
+//!
+//! This layer also enforces what tiny_http lacks: `server.max_connections`
+//! (the next client gets a 503 and is closed), and `server.idle_timeout` (a
+//! client that sends nothing for that long, such as a half-open or stalled
+//! connection, is closed).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::config::LiveConfig;
+use crate::metrics::METRICS;
+
+/// Relay threads copy bytes only; a small stack keeps many connections cheap.
+const RELAY_STACK: usize = 128 * 1024;
+const RELAY_BUFFER: usize = 16 * 1024;
+/// How long a relay waits for tiny_http to answer the pickup probe.
+const HANDOFF_DEADLINE: Duration = Duration::from_secs(5);
+const PROBE: &[u8] = b"GET /-/handoff HTTP/1.1\r\nHost: stacyvmd\r\n\r\n";
+
+/// Binds the public listener with TCP_NODELAY set before `listen`, so every
+/// accepted socket inherits it.
+pub fn bind_public(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Binds tiny_http's private Unix listener: a stale socket file from a crashed
+/// run is replaced, and the file is made owner-only.
+pub fn bind_internal(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => log::debug!("removed stale internal socket {}", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// State shared by the acceptor, the relays and the supervisor.
+pub struct Connections {
+    internal: PathBuf,
+    open: AtomicUsize,
+    stopping: AtomicBool,
+    /// Serialises internal connection set-up (see the module doc).
+    handoff: Mutex<()>,
+    /// Client sockets, to close them all at the end of a graceful stop.
+    clients: Mutex<std::collections::HashMap<u64, TcpStream>>,
+    next_id: AtomicUsize,
+}
+
+impl Connections {
+    pub fn new(internal: PathBuf) -> Arc<Connections> {
+        Arc::new(Connections {
+            internal,
+            open: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            handoff: Mutex::new(()),
+            clients: Mutex::new(Default::default()),
+            next_id: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Closes every client connection (both directions), ending their relays.
+    pub fn close_all(&self) {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        for stream in clients.values() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// The `http-accept` thread.
+pub struct Acceptor {
+    local: SocketAddr,
+    thread: JoinHandle<()>,
+    connections: Arc<Connections>,
+}
+
+impl Acceptor {
+    pub fn start(
+        listener: TcpListener,
+        connections: Arc<Connections>,
+        live: LiveConfig,
+        on_exit: crate::daemon::ExitNotifier,
+    ) -> std::io::Result<Acceptor> {
+        let local = listener.local_addr()?;
+        let shared = connections.clone();
+        let thread = std::thread::Builder::new()
+            .name("http-accept".into())
+            .spawn(move || {
+                let _exit = on_exit.guard("http-accept");
+                accept_loop(listener, &shared, &live);
+            })?;
+        Ok(Acceptor {
+            local,
+            thread,
+            connections,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Stops accepting: new connections are refused from here on.
+    pub fn stop(self) {
+        self.connections.stopping.store(true, Ordering::SeqCst);
+        // Wake the blocking accept() with a connection of our own.
+        let _ = TcpStream::connect_timeout(&wake_addr(self.local), Duration::from_secs(1));
+        let _ = self.thread.join();
+    }
+}
+
+/// An unspecified listen address (0.0.0.0) is reached through loopback.
+fn wake_addr(local: SocketAddr) -> SocketAddr {
+    let mut addr = local;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            [127, 0, 0, 1].into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    addr
+}
+
+fn accept_loop(listener: TcpListener, connections: &Arc<Connections>, live: &LiveConfig) {
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: log, back off briefly, keep serving.
+                log::warn!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        if connections.stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        METRICS.http.connections_accepted.inc();
+        let config = live.get();
+        if connections.open() >= config.server.max_connections {
+            METRICS.http.connections_rejected.inc();
+            log::warn!(
+                "refusing {peer}: server.max_connections ({}) reached",
+                config.server.max_connections
+            );
+            refuse(stream);
+            continue;
+        }
+        let (idle, max_body) = (config.server.idle_timeout, config.server.max_body_bytes);
+        connections.open.fetch_add(1, Ordering::SeqCst);
+        METRICS.http.connections_open.inc();
+        let shared = connections.clone();
+        let spawned = std::thread::Builder::new()
+            .name("http-conn".into())
+            .stack_size(RELAY_STACK)
+            .spawn(move || {
+                relay(stream, peer, &shared, idle, max_body);
+                shared.open.fetch_sub(1, Ordering::SeqCst);
+                METRICS.http.connections_open.dec();
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start a relay thread for {peer}: {e}");
+            connections.open.fetch_sub(1, Ordering::SeqCst);
+            METRICS.http.connections_open.dec();
+        }
+    }
+    log::debug!("http-accept: stopped accepting");
+}
+
+/// Answers a connection we cannot take with a JSON 503 and closes it.
+fn refuse(mut stream: TcpStream) {
+    let body = br#"{"code":"UNAVAILABLE","message":"too many connections; retry later"}"#;
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    let _ = stream
+        .write_all(head.as_bytes())
+        .and_then(|_| stream.write_all(body));
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+fn relay(
+    client: TcpStream,
+    peer: SocketAddr,
+    connections: &Arc<Connections>,
+    idle: Duration,
+    max_body: u64,
+) {
+    let upstream = match open_internal(connections) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("internal handoff for {peer} failed: {e}");
+            refuse(client);
+            return;
+        }
+    };
+    let id = connections.next_id.fetch_add(1, Ordering::Relaxed) as u64;
+    let registered = client.try_clone().map(|c| {
+        connections
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, c);
+    });
+    if registered.is_err() || connections.stopping.load(Ordering::SeqCst) {
+        refuse(client);
+        return;
+    }
+    let _ = client.set_read_timeout(Some(idle));
+    let (client_reader, upstream_writer) = match (client.try_clone(), upstream.try_clone()) {
+        (Ok(c), Ok(u)) => (c, u),
+        _ => {
+            refuse(client);
+            return;
+        }
+    };
+    let last_word: Arc<Mutex<Option<Vec<u8>>>> = Arc::new(Mutex::new(None));
+    let last_word_out = last_word.clone();
+    // Responses flow on a second thread; this one carries requests.
+    let responses = std::thread::Builder::new()
+        .name("http-conn-out".into())
+        .stack_size(RELAY_STACK)
+        .spawn(move || {
+            copy_responses(upstream, client, &last_word_out);
+        });
+    match responses {
+        Ok(responses) => {
+            let end = copy_requests(client_reader, upstream_writer, max_body, &last_word);
+            if end == RequestsEnd::Idle {
+                METRICS.http.connections_timed_out.inc();
+                log::debug!("closing idle connection from {peer}");
+            }
+            let _ = responses.join();
+        }
+        Err(e) => log::error!("cannot start a relay thread for {peer}: {e}"),
+    }
+    connections
+        .clients
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
+}
+
+/// Opens an internal connection and waits until tiny_http has picked it up.
+fn open_internal(connections: &Connections) -> std::io::Result<UnixStream> {
+    let _one_at_a_time = connections
+        .handoff
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut upstream = UnixStream::connect(&connections.internal)?;
+    upstream.set_read_timeout(Some(HANDOFF_DEADLINE))?;
+    upstream.write_all(PROBE)?;
+    // The probe's answer has an empty body: read up to the end of its head.
+    let mut seen = Vec::with_capacity(256);
+    let mut byte = [0u8; 256];
+    while !seen.ends_with(b"\r\n\r\n") {
+        let n = upstream.read(&mut byte[..1])?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "internal server closed during handoff",
+            ));
+        }
+        seen.push(byte[0]);
+        if seen.len() > 4096 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "oversized handoff answer",
+            ));
+        }
+    }
+    upstream.set_read_timeout(None)?;
+    Ok(upstream)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RequestsEnd {
+    /// The client closed its side, or the connection broke.
+    Closed,
+    /// The client sent nothing for `server.idle_timeout`.
+    Idle,
+    /// The framer refused a request; its answer is the connection's last word.
+    Refused,
+}
+
+/// Client to tiny_http. Every byte passes the [`Framer`], so a request
+/// tiny_http must not see (oversized body, chunked body, oversized head) is
+/// answered here and the connection ends after the answers before it.
+fn copy_requests(
+    mut client: TcpStream,
+    mut upstream: UnixStream,
+    max_body: u64,
+    last_word: &Mutex<Option<Vec<u8>>>,
+) -> RequestsEnd {
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    let mut framer = Framer::default();
+    let mut out = Vec::with_capacity(RELAY_BUFFER);
+    let end = loop {
+        let n = match client.read(&mut buf) {
+            Ok(0) => break RequestsEnd::Closed,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break RequestsEnd::Idle;
+            }
+            Err(_) => break RequestsEnd::Closed,
+        };
+        out.clear();
+        let verdict = framer.feed(&buf[..n], max_body, &mut out);
+        if !out.is_empty() && upstream.write_all(&out).is_err() {
+            break RequestsEnd::Closed;
+        }
+        if let Err(refusal) = verdict {
+            *last_word.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(refusal.response(framer.request_id.as_deref()));
+            break RequestsEnd::Refused;
+        }
+    };
+    match end {
+        // Idle: nothing is pending; close both ways so the response side ends.
+        RequestsEnd::Idle => {
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = upstream.shutdown(Shutdown::Both);
+        }
+        // tiny_http answers what it has, then sees the end and closes.
+        RequestsEnd::Closed | RequestsEnd::Refused => {
+            let _ = upstream.shutdown(Shutdown::Write);
+        }
+    }
+    end
+}
+
+/// tiny_http to client; when tiny_http closes, the refusal (if any) is
+/// written last and the client connection is closed.
+fn copy_responses(
+    mut upstream: UnixStream,
+    mut client: TcpStream,
+    last_word: &Mutex<Option<Vec<u8>>>,
+) {
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    loop {
+        match upstream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if client.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    if let Some(answer) = last_word.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = client.write_all(&answer);
+    }
+    let _ = client.shutdown(Shutdown::Both);
+}
+
+/// Largest request head (request line and headers) accepted.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Finds request boundaries in the client's byte stream. tiny_http allocates
+/// a request's whole remaining body at once when it skips an unread body, so
+/// a hostile `Content-Length` must never reach it: the framer checks each
+/// head before forwarding it, then lets exactly that many body bytes through.
+#[derive(Default)]
+struct Framer {
+    head: Vec<u8>,
+    body_left: u64,
+    /// The X-Request-ID of the head being refused, to echo in the answer.
+    request_id: Option<String>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Refusal {
+    status: u16,
+    reason: &'static str,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn response(&self, request_id: Option<&str>) -> Vec<u8> {
+        let body = serde_json::json!({"code": self.code, "message": self.message}).to_string();
+        let id = request_id
+            .map(|id| format!("X-Request-ID: {id}\r\n"))
+            .unwrap_or_default();
+        format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{id}Connection: close\r\n\r\n{body}",
+            self.status,
+            self.reason,
+            body.len()
+        )
+        .into_bytes()
+    }
+}
+
+impl Framer {
+    /// Appends to `out` the bytes that may go to tiny_http; an error means
+    /// the request whose head just ended must be refused.
+    fn feed(&mut self, mut input: &[u8], max_body: u64, out: &mut Vec<u8>) -> Result<(), Refusal> {
+        while !input.is_empty() {
+            if self.body_left > 0 {
+                let n = input
+                    .len()
+                    .min(usize::try_from(self.body_left).unwrap_or(usize::MAX));
+                out.extend_from_slice(&input[..n]);
+                self.body_left -= n as u64;
+                input = &input[n..];
+                continue;
+            }
+            let byte = input[0];
+            input = &input[1..];
+            self.head.push(byte);
+            if self.head.ends_with(b"\r\n\r\n") {
+                self.body_left = self.check_head(max_body)?;
+                out.extend_from_slice(&self.head);
+                self.head.clear();
+            } else if self.head.len() > MAX_HEAD {
+                return Err(Refusal {
+                    status: 431,
+                    reason: "Request Header Fields Too Large",
+                    code: "BAD_REQUEST",
+                    message: format!("request head is larger than {MAX_HEAD} bytes"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns the body length the head announces.
+    fn check_head(&mut self, max_body: u64) -> Result<u64, Refusal> {
+        let text = String::from_utf8_lossy(&self.head);
+        let mut length: Option<u64> = None;
+        for line in text.split("\r\n").skip(1) {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let (name, value) = (name.trim(), value.trim());
+            if name.eq_ignore_ascii_case("x-request-id") {
+                self.request_id = Some(value.to_owned()).filter(|v| super::usable_request_id(v));
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                return Err(Refusal {
+                    status: 411,
+                    reason: "Length Required",
+                    code: "BAD_REQUEST",
+                    message: "chunked request bodies are not accepted; send Content-Length".into(),
+                });
+            } else if name.eq_ignore_ascii_case("content-length") {
+                let parsed = value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| length.is_none_or(|l| l == *n));
+                let Some(n) = parsed else {
+                    return Err(Refusal {
+                        status: 400,
+                        reason: "Bad Request",
+                        code: "BAD_REQUEST",
+                        message: "invalid or conflicting Content-Length".into(),
+                    });
+                };
+                length = Some(n);
+            }
+        }
+        let length = length.unwrap_or(0);
+        if length > max_body {
+            return Err(Refusal {
+                status: 413,
+                reason: "Payload Too Large",
+                code: "PAYLOAD_TOO_LARGE",
+                message: format!("request body is larger than {max_body} bytes"),
+            });
+        }
+        self.request_id = None;
+        Ok(length)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed_all(chunks: &[&[u8]], max_body: u64) -> (Vec<u8>, Result<(), Refusal>) {
+        let mut framer = Framer::default();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            if let Err(r) = framer.feed(chunk, max_body, &mut out) {
+                return (out, Err(r));
+            }
+        }
+        (out, Ok(()))
+    }
+
+    #[test]
+    fn passes_pipelined_requests_split_anywhere() {
+        let stream = b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\n\r\n";
+        for split in 0..stream.len() {
+            let (out, verdict) = feed_all(&[&stream[..split], &stream[split..]], 100);
+            assert_eq!(verdict, Ok(()));
+            assert_eq!(out, stream.to_vec(), "split at {split}");
+        }
+    }
+
+    #[test]
+    fn body_bytes_are_not_read_as_heads() {
+        // A body that contains a blank line must not end a head early.
+        let stream = b"POST /a HTTP/1.1\r\nContent-Length: 8\r\n\r\n\r\n\r\nabcd";
+        let (out, verdict) = feed_all(&[stream], 100);
+        assert_eq!(verdict, Ok(()));
+        assert_eq!(out, stream.to_vec());
+    }
+
+    #[test]
+    fn refusals() {
+        let cases: &[(&[u8], u16)] = &[
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 99999999999999\r\n\r\n",
+                413,
+            ),
+            (b"POST / HTTP/1.1\r\ncontent-length: 101\r\n\r\n", 413),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                411,
+            ),
+            (b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                400,
+            ),
+        ];
+        for (head, status) in cases {
+            let (out, verdict) = feed_all(&[head], 100);
+            assert_eq!(
+                verdict.map_err(|r| r.status),
+                Err(*status),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+            assert!(out.is_empty(), "a refused head must not be forwarded");
+        }
+        let huge = vec![b'a'; MAX_HEAD + 10];
+        assert_eq!(feed_all(&[&huge], 100).1.map_err(|r| r.status), Err(431));
+    }
+
+    #[test]
+    fn refusal_echoes_request_id() {
+        let mut framer = Framer::default();
+        let mut out = Vec::new();
+        let r = framer
+            .feed(
+                b"POST / HTTP/1.1\r\nX-Request-ID: abc-1\r\nContent-Length: 500\r\n\r\n",
+                10,
+                &mut out,
+            )
+            .unwrap_err();
+        let text = String::from_utf8(r.response(framer.request_id.as_deref())).unwrap();
+        assert!(text.starts_with("HTTP/1.1 413 "));
+        assert!(text.contains("X-Request-ID: abc-1\r\n"));
+        assert!(
+            text.ends_with(r#""message":"request body is larger than 10 bytes"}"#)
+                || text.contains("PAYLOAD_TOO_LARGE")
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn framer_never_panics(chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..64), 0..8)) {
+            let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            let _ = feed_all(&refs, 32);
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The REST API: our connection layer (`conn`) in front of a tiny_http
+//! server, and a pool of `http-N` threads that take parsed requests from it.
+//!
+//! Threads: `http-accept` (accepts, enforces connection limits), `http-conn`
+//! / `http-conn-out` (one pair per client, relaying bytes), tiny_http's own
+//! internal threads, and `http-0..N` which run the handlers. Handlers talk to
+//! the store and the scheduler only through their handles.
+
+pub mod api;
+pub mod auth;
+mod conn;
+mod handlers;
+pub mod router;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::LiveConfig;
+use crate::daemon::ExitNotifier;
+use crate::metrics::METRICS;
+use crate::scheduler::SchedulerHandle;
+use crate::store::StoreHandle;
+use conn::{Acceptor, Connections};
+use handlers::{Incoming, Reply};
+use router::RouteId;
+
+/// What every handler thread shares.
+pub struct Ctx {
+    pub live: LiveConfig,
+    pub store: StoreHandle,
+    pub scheduler: SchedulerHandle,
+    connections: Arc<Connections>,
+    /// Set at the start of a graceful stop: answers carry `Connection: close`.
+    draining: AtomicBool,
+    in_flight: AtomicUsize,
+    request_ids: RequestIds,
+}
+
+pub struct HttpServer {
+    acceptor: Acceptor,
+    ctx: Arc<Ctx>,
+    server: Arc<tiny_http::Server>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    internal: PathBuf,
+}
+
+/// How long a handler thread blocks in `recv` before re-checking `stop`.
+const RECV_POLL: Duration = Duration::from_millis(100);
+
+impl HttpServer {
+    pub fn start(
+        live: LiveConfig,
+        store: StoreHandle,
+        scheduler: SchedulerHandle,
+        on_exit: ExitNotifier,
+    ) -> Result<HttpServer, String> {
+        let config = live.get();
+        let internal = config.store.path.with_file_name("http.sock");
+        if internal.as_os_str().len() > 100 {
+            return Err(format!(
+                "the internal socket path {} is too long for a Unix socket; use a shorter store.path",
+                internal.display()
+            ));
+        }
+        let unix = conn::bind_internal(&internal).map_err(|e| {
+            format!(
+                "cannot bind the internal socket {}: {e}",
+                internal.display()
+            )
+        })?;
+        let server = Arc::new(
+            tiny_http::Server::from_listener(unix, None)
+                .map_err(|e| format!("cannot start the HTTP server: {e}"))?,
+        );
+        let public = conn::bind_public(config.server.listen)
+            .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+        let connections = Connections::new(internal.clone());
+        let ctx = Arc::new(Ctx {
+            live: live.clone(),
+            store,
+            scheduler,
+            connections: connections.clone(),
+            draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            request_ids: RequestIds::new(),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(config.server.http_threads);
+        for i in 0..config.server.http_threads {
+            let (server, ctx, stop, on_exit) =
+                (server.clone(), ctx.clone(), stop.clone(), on_exit.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("http-{i}"))
+                .spawn(move || {
+                    let _exit = on_exit.guard("http");
+                    serve_loop(&server, &ctx, &stop);
+                })
+                .map_err(|e| format!("cannot start HTTP threads: {e}"))?;
+            threads.push(thread);
+        }
+        let acceptor = Acceptor::start(public, connections, live, on_exit)
+            .map_err(|e| format!("cannot start the accept thread: {e}"))?;
+        Ok(HttpServer {
+            acceptor,
+            ctx,
+            server,
+            stop,
+            threads,
+            internal,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.acceptor.local_addr()
+    }
+
+    /// Graceful stop: refuse new connections, let requests in flight finish
+    /// (up to `deadline`), close the remaining connections, stop the threads.
+    pub fn shutdown(self, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        self.ctx.draining.store(true, Ordering::SeqCst);
+        self.acceptor.stop();
+        // A short bounded wait: in-flight requests are finishing on the
+        // handler threads; nothing to block on but the counter.
+        while self.ctx.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.ctx.connections.close_all();
+        while self.ctx.connections.open() > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+        drop(self.server);
+        let _ = std::fs::remove_file(&self.internal);
+        log::info!("HTTP server stopped");
+    }
+}
+
+fn serve_loop(server: &tiny_http::Server, ctx: &Ctx, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        match server.recv_timeout(RECV_POLL) {
+            Ok(Some(request)) => serve(ctx, request),
+            Ok(None) => {}
+            Err(e) => {
+                log::error!("HTTP server failed: {e}");
+                break;
+            }
+        }
+    }
+}
+
+fn header<'r>(request: &'r tiny_http::Request, name: &'static str) -> Option<&'r str> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str())
+}
+
+/// Echoes a caller's request id when it is short printable ASCII.
+fn usable_request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+fn serve(ctx: &Ctx, mut request: tiny_http::Request) {
+    let received = Instant::now();
+    ctx.in_flight.fetch_add(1, Ordering::SeqCst);
+    let request_id = match header(&request, "X-Request-ID").filter(|id| usable_request_id(id)) {
+        Some(id) => id.to_owned(),
+        None => ctx.request_ids.next(),
+    };
+    let method = request.method().as_str().to_owned();
+    let url = request.url().to_owned();
+    // Owned copies, so that the body reader can borrow the request mutably.
+    let api_key = header(&request, "X-API-Key").map(str::to_owned);
+    let admin_key = header(&request, "X-Admin-API-Key").map(str::to_owned);
+    let bearer = header(&request, "Authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|v| v.trim().to_owned());
+    let incoming = Incoming {
+        method: &method,
+        url: &url,
+        request_id: &request_id,
+        presented: auth::Presented {
+            api_key: api_key.as_deref(),
+            bearer: bearer.as_deref(),
+            admin_key: admin_key.as_deref(),
+        },
+        received,
+    };
+    let body_length = request.body_length();
+    let (route, result) = handlers::handle(ctx, &incoming, request.as_reader(), body_length);
+    let (reply, extra) = match result {
+        Ok(reply) => (reply, None),
+        Err(e) => {
+            if e.status >= 500 {
+                log::error!("{method} {url}: {} (request {request_id})", e.message);
+            }
+            let extra = e
+                .allow
+                .map(|allow| ("Allow", allow))
+                .or((e.status == 503).then_some(("Retry-After", "1")));
+            (
+                Reply {
+                    status: e.status,
+                    content_type: "application/json",
+                    body: e.body(),
+                },
+                extra,
+            )
+        }
+    };
+    let status = reply.status;
+    let mut response = tiny_http::Response::from_data(reply.body).with_status_code(status);
+    response.add_header(make_header("Content-Type", reply.content_type));
+    response.add_header(make_header("X-Request-ID", &request_id));
+    if let Some((name, value)) = extra {
+        response.add_header(make_header(name, value));
+    }
+    // 413 leaves an unread body behind; close rather than parse it as the
+    // next request. While draining, tell keep-alive clients to go.
+    if status == 413 || ctx.draining.load(Ordering::SeqCst) {
+        response.add_header(make_header("Connection", "close"));
+    }
+    if let Err(e) = request.respond(response) {
+        log::debug!("{method} {url}: client went away before the answer: {e}");
+    }
+    ctx.in_flight.fetch_sub(1, Ordering::SeqCst);
+    if route != RouteId::Handoff {
+        METRICS.http.observe(route, status, received.elapsed());
+    }
+}
+
+fn make_header(name: &str, value: &str) -> tiny_http::Header {
+    // Names are ours and values are validated ASCII; fall back to a harmless
+    // header rather than panic if that ever stops being true.
+    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).unwrap_or_else(|_| {
+        tiny_http::Header::from_bytes(&b"X-Invalid-Header"[..], &b"1"[..])
+            .expect("static header is valid")
+    })
+}
+
+/// Request ids for requests that bring none: a per-boot random prefix and a
+/// counter, unique and cheap.
+struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> RequestIds {
+        let mut bytes = [0u8; 8];
+        let random = std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+        let prefix = match random {
+            Ok(()) => u64::from_le_bytes(bytes),
+            Err(_) => crate::time::now_ms() as u64 ^ u64::from(std::process::id()),
+        };
+        RequestIds {
+            prefix,
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        format!(
+            "{:016x}-{:08x}",
+            self.prefix,
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}

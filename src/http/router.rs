@@ -1,0 +1,368 @@
+//! Routing: one match on (method, path segments) into a [`Route`]. Pure: no
+//! I/O, no auth (that is decided per route in `handlers`).
+
+/// Every route, for metric labels. `Unmatched` covers 404 and 405 answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteId {
+    Health,
+    Live,
+    Ready,
+    ListWorkers,
+    GetWorker,
+    Heartbeat,
+    DeleteWorker,
+    Diagnostics,
+    MetricsJson,
+    MetricsPrometheus,
+    Scheduler,
+    Handoff,
+    Unmatched,
+}
+
+impl RouteId {
+    pub const ALL: [RouteId; 13] = [
+        RouteId::Health,
+        RouteId::Live,
+        RouteId::Ready,
+        RouteId::ListWorkers,
+        RouteId::GetWorker,
+        RouteId::Heartbeat,
+        RouteId::DeleteWorker,
+        RouteId::Diagnostics,
+        RouteId::MetricsJson,
+        RouteId::MetricsPrometheus,
+        RouteId::Scheduler,
+        RouteId::Handoff,
+        RouteId::Unmatched,
+    ];
+
+    pub fn path_label(self) -> &'static str {
+        match self {
+            RouteId::Health => "/api/v1/health",
+            RouteId::Live => "/api/v1/live",
+            RouteId::Ready => "/api/v1/ready",
+            RouteId::ListWorkers => "/api/v1/workers",
+            RouteId::GetWorker => "/api/v1/workers/{id}",
+            RouteId::Heartbeat => "/api/v1/admin/workers/{id}/heartbeat",
+            RouteId::DeleteWorker => "/api/v1/admin/workers/{id}",
+            RouteId::Diagnostics => "/api/v1/diagnostics",
+            RouteId::MetricsJson => "/api/v1/metrics",
+            RouteId::MetricsPrometheus => "/api/v1/metrics/prometheus",
+            RouteId::Scheduler => "/api/v1/scheduler",
+            RouteId::Handoff => "/-/handoff",
+            RouteId::Unmatched => "unmatched",
+        }
+    }
+
+    pub fn method_label(self) -> &'static str {
+        match self {
+            RouteId::Heartbeat => "POST",
+            RouteId::DeleteWorker => "DELETE",
+            RouteId::Unmatched => "any",
+            _ => "GET",
+        }
+    }
+}
+
+/// Who may call a route when API keys are configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Open,
+    User,
+    Admin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Health,
+    Live,
+    Ready,
+    /// `admin` is true for the `/api/v1/admin/...` alias.
+    ListWorkers {
+        admin: bool,
+    },
+    GetWorker {
+        id: String,
+        admin: bool,
+    },
+    Heartbeat {
+        id: String,
+    },
+    DeleteWorker {
+        id: String,
+    },
+    Diagnostics {
+        admin: bool,
+    },
+    MetricsJson,
+    /// `root` is true for the scrape-config path `/metrics`.
+    MetricsPrometheus {
+        root: bool,
+    },
+    Scheduler,
+    /// The relay's pickup probe on a new internal connection (see `conn`).
+    Handoff,
+}
+
+impl Route {
+    pub fn id(&self) -> RouteId {
+        match self {
+            Route::Health => RouteId::Health,
+            Route::Live => RouteId::Live,
+            Route::Ready => RouteId::Ready,
+            Route::ListWorkers { .. } => RouteId::ListWorkers,
+            Route::GetWorker { .. } => RouteId::GetWorker,
+            Route::Heartbeat { .. } => RouteId::Heartbeat,
+            Route::DeleteWorker { .. } => RouteId::DeleteWorker,
+            Route::Diagnostics { .. } => RouteId::Diagnostics,
+            Route::MetricsJson => RouteId::MetricsJson,
+            Route::MetricsPrometheus { .. } => RouteId::MetricsPrometheus,
+            Route::Scheduler => RouteId::Scheduler,
+            Route::Handoff => RouteId::Handoff,
+        }
+    }
+
+    pub fn access(&self) -> Access {
+        match self {
+            Route::Health
+            | Route::Live
+            | Route::Ready
+            | Route::Handoff
+            | Route::MetricsPrometheus { root: true } => Access::Open,
+            Route::ListWorkers { admin: true }
+            | Route::GetWorker { admin: true, .. }
+            | Route::Heartbeat { .. }
+            | Route::DeleteWorker { .. }
+            | Route::Diagnostics { admin: true } => Access::Admin,
+            Route::ListWorkers { admin: false }
+            | Route::GetWorker { admin: false, .. }
+            | Route::Diagnostics { admin: false }
+            | Route::MetricsJson
+            | Route::MetricsPrometheus { root: false }
+            | Route::Scheduler => Access::User,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    NotFound,
+    /// The path exists; these methods are allowed on it.
+    MethodNotAllowed(&'static str),
+    /// A path segment is not valid percent-encoded UTF-8.
+    BadPath(String),
+}
+
+/// Matches a request. `path` excludes the query string.
+pub fn route(method: &str, path: &str) -> Result<Route, RouteError> {
+    let raw: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    let mut segments = Vec::with_capacity(raw.len());
+    for s in &raw {
+        segments
+            .push(percent_decode(s).ok_or_else(|| {
+                RouteError::BadPath(format!("invalid percent-encoding in {s:?}"))
+            })?);
+    }
+    let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let allow = |allowed: &'static str, ok: Route| {
+        if allowed.split(", ").any(|m| m == method) {
+            Ok(ok)
+        } else {
+            Err(RouteError::MethodNotAllowed(allowed))
+        }
+    };
+    match seg.as_slice() {
+        ["metrics"] => allow("GET", Route::MetricsPrometheus { root: true }),
+        ["-", "handoff"] => allow("GET", Route::Handoff),
+        ["api", "v1", rest @ ..] => match rest {
+            ["health"] => allow("GET", Route::Health),
+            ["live"] => allow("GET", Route::Live),
+            ["ready"] => allow("GET", Route::Ready),
+            ["workers"] => allow("GET", Route::ListWorkers { admin: false }),
+            ["workers", id] => allow(
+                "GET",
+                Route::GetWorker {
+                    id: (*id).to_owned(),
+                    admin: false,
+                },
+            ),
+            ["diagnostics"] => allow("GET", Route::Diagnostics { admin: false }),
+            ["metrics"] => allow("GET", Route::MetricsJson),
+            ["metrics", "prometheus"] => allow("GET", Route::MetricsPrometheus { root: false }),
+            ["scheduler"] => allow("GET", Route::Scheduler),
+            ["admin", "workers"] => allow("GET", Route::ListWorkers { admin: true }),
+            ["admin", "workers", id] => match method {
+                "DELETE" => Ok(Route::DeleteWorker {
+                    id: (*id).to_owned(),
+                }),
+                _ => allow(
+                    "GET, DELETE",
+                    Route::GetWorker {
+                        id: (*id).to_owned(),
+                        admin: true,
+                    },
+                ),
+            },
+            ["admin", "workers", id, "heartbeat"] => allow(
+                "POST",
+                Route::Heartbeat {
+                    id: (*id).to_owned(),
+                },
+            ),
+            ["admin", "diagnostics"] => allow("GET", Route::Diagnostics { admin: true }),
+            _ => Err(RouteError::NotFound),
+        },
+        _ => Err(RouteError::NotFound),
+    }
+}
+
+/// Decodes `%XX` escapes; `None` for a bad escape or invalid UTF-8.
+pub fn percent_decode(text: &str) -> Option<String> {
+    if !text.contains('%') {
+        return Some(text.to_owned());
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Splits `a=1&b=two` into decoded pairs; malformed pairs are errors.
+pub fn query_pairs(query: &str) -> Result<Vec<(String, String)>, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| {
+                percent_decode(&s.replace('+', " "))
+                    .ok_or_else(|| format!("invalid query parameter {pair:?}"))
+            };
+            Ok((decode(k)?, decode(v)?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_table() {
+        let table: &[(&str, &str, Result<Route, RouteError>)] = &[
+            ("GET", "/api/v1/health", Ok(Route::Health)),
+            (
+                "GET",
+                "/api/v1/workers",
+                Ok(Route::ListWorkers { admin: false }),
+            ),
+            (
+                "GET",
+                "/api/v1/workers/w-1",
+                Ok(Route::GetWorker {
+                    id: "w-1".into(),
+                    admin: false,
+                }),
+            ),
+            (
+                "GET",
+                "/api/v1/admin/workers/w-1",
+                Ok(Route::GetWorker {
+                    id: "w-1".into(),
+                    admin: true,
+                }),
+            ),
+            (
+                "DELETE",
+                "/api/v1/admin/workers/w-1",
+                Ok(Route::DeleteWorker { id: "w-1".into() }),
+            ),
+            (
+                "POST",
+                "/api/v1/admin/workers/w%201/heartbeat",
+                Ok(Route::Heartbeat { id: "w 1".into() }),
+            ),
+            (
+                "POST",
+                "/api/v1/admin/workers/a%2Fb/heartbeat",
+                Ok(Route::Heartbeat { id: "a/b".into() }),
+            ),
+            (
+                "GET",
+                "/metrics",
+                Ok(Route::MetricsPrometheus { root: true }),
+            ),
+            (
+                "POST",
+                "/api/v1/workers",
+                Err(RouteError::MethodNotAllowed("GET")),
+            ),
+            (
+                "PUT",
+                "/api/v1/admin/workers/x",
+                Err(RouteError::MethodNotAllowed("GET, DELETE")),
+            ),
+            (
+                "GET",
+                "/api/v1/admin/workers/x/heartbeat",
+                Err(RouteError::MethodNotAllowed("POST")),
+            ),
+            ("GET", "/api/v1/nope", Err(RouteError::NotFound)),
+            ("GET", "/api/v1/workers/a/b", Err(RouteError::NotFound)),
+            ("GET", "/", Err(RouteError::NotFound)),
+        ];
+        for (method, path, expected) in table {
+            assert_eq!(&route(method, path), expected, "{method} {path}");
+        }
+        assert!(matches!(
+            route("GET", "/api/v1/workers/%ff"),
+            Err(RouteError::BadPath(_))
+        ));
+        assert!(matches!(
+            route("GET", "/api/v1/workers/%zz"),
+            Err(RouteError::BadPath(_))
+        ));
+    }
+
+    #[test]
+    fn access_levels() {
+        assert_eq!(Route::Live.access(), Access::Open);
+        assert_eq!(Route::ListWorkers { admin: false }.access(), Access::User);
+        assert_eq!(Route::ListWorkers { admin: true }.access(), Access::Admin);
+        assert_eq!(Route::Heartbeat { id: "x".into() }.access(), Access::Admin);
+    }
+
+    #[test]
+    fn queries() {
+        assert_eq!(
+            query_pairs("force=true&x=a%20b").unwrap(),
+            vec![("force".into(), "true".into()), ("x".into(), "a b".into())]
+        );
+        assert!(query_pairs("x=%").is_err());
+    }
+
+    #[test]
+    fn every_route_id_is_listed_once() {
+        for (i, id) in RouteId::ALL.iter().enumerate() {
+            assert_eq!(*id as usize, i);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn routing_never_panics(method in "[A-Z]{0,8}", path in "\\PC{0,64}") {
+            let _ = route(&method, &path);
+        }
+    }
+}

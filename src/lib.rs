@@ -1,0 +1,32 @@
+//! stacyvmd: the control plane of a sandbox fleet, as one synchronous daemon.
+//!
+//! Thread per component, linked by bounded crossbeam channels; no async
+//! runtime. Each component owns its state and is reached through a cloneable
+//! handle whose methods send a request carrying its own reply channel and
+//! wait with a deadline.
+//!
+//! ```text
+//!  signals --Lifecycle--> main (daemon::run: supervisor, reload, ordered stop)
+//!  http-accept -> http-conn relays -> tiny_http (private Unix socket) -> http-N handlers
+//!  http-N, heartbeat --StoreHandle-->     store thread (the one SQLite writer, group commit)
+//!  http-N, heartbeat --SchedulerHandle--> scheduler thread (in-memory cluster view, health)
+//!  store-checkpoint: WAL checkpoints off the commit path
+//!  metrics: process-wide atomics, rendered on scrape with the scheduler's view
+//! ```
+//!
+//! JSON exists only at the edges (`http`, `config`); the core uses the
+//! domain types of `workers`. See docs/ARCHITECTURE.md for the code map and
+//! the invariants.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod daemon;
+pub mod heartbeat;
+pub mod http;
+pub mod metrics;
+pub mod notify;
+pub mod scheduler;
+pub mod signals;
+pub mod store;
+pub mod time;
+pub mod workers;

@@ -1,0 +1,114 @@
+//! Schema migrations: `migrations/NNNN_name.sql`, embedded at build time,
+//! applied in order, each in its own transaction, recorded both in
+//! `PRAGMA user_version` (the authoritative number) and in
+//! `schema_migrations` (when and what, for operators). Landed migrations are
+//! never edited; a new one is appended to [`MIGRATIONS`].
+
+use rusqlite::Connection;
+
+pub struct Migration {
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    name: "0001_init",
+    sql: include_str!("../../migrations/0001_init.sql"),
+}];
+
+#[derive(Debug)]
+pub enum MigrateError {
+    /// The database was written by a newer stacyvmd: refusing protects it.
+    TooNew {
+        found: i64,
+        known: i64,
+    },
+    Sqlite(rusqlite::Error),
+}
+
+impl std::fmt::Display for MigrateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MigrateError::TooNew { found, known } => write!(
+                f,
+                "database schema version {found} is newer than this stacyvmd knows ({known}); refusing to start"
+            ),
+            MigrateError::Sqlite(e) => write!(f, "migration failed: {e}"),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for MigrateError {
+    fn from(e: rusqlite::Error) -> Self {
+        MigrateError::Sqlite(e)
+    }
+}
+
+/// Brings the schema up to date. Returns how many migrations were applied.
+pub fn migrate(conn: &mut Connection, now_ms: i64) -> Result<usize, MigrateError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > known {
+        return Err(MigrateError::TooNew { found, known });
+    }
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version INTEGER PRIMARY KEY NOT NULL,
+             name TEXT NOT NULL,
+             applied_at INTEGER NOT NULL
+         ) STRICT",
+    )?;
+    let mut applied = 0;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let version = index as i64 + 1;
+        let tx = conn.transaction()?;
+        tx.execute_batch(migration.sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
+            rusqlite::params![version, migration.name, now_ms],
+        )?;
+        // PRAGMA takes no bound parameters; `version` is our own integer.
+        tx.execute_batch(&format!("PRAGMA user_version = {version}"))?;
+        tx.commit()?;
+        log::info!("applied migration {}", migration.name);
+        applied += 1;
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn applies_once_and_is_idempotent() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        assert_eq!(migrate(&mut conn, 1).unwrap(), MIGRATIONS.len());
+        assert_eq!(migrate(&mut conn, 2).unwrap(), 0);
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn refuses_a_newer_database() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("PRAGMA user_version = 999").unwrap();
+        assert!(matches!(
+            migrate(&mut conn, 1),
+            Err(MigrateError::TooNew { found: 999, .. })
+        ));
+    }
+
+    #[test]
+    fn migration_names_are_ordered_and_numbered() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert!(m.name.starts_with(&format!("{:04}_", i + 1)), "{}", m.name);
+        }
+    }
+}
