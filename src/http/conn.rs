@@ -268,7 +268,13 @@ fn relay(
         });
     match responses {
         Ok(responses) => {
-            let end = copy_requests(client_reader, upstream_writer, max_body, &last_word);
+            let end = copy_requests(
+                client_reader,
+                upstream_writer,
+                max_body,
+                &connections.stopping,
+                &last_word,
+            );
             if end == RequestsEnd::Idle {
                 METRICS.http.connections_timed_out.inc();
                 log::debug!("closing idle connection from {peer}");
@@ -333,6 +339,7 @@ fn copy_requests(
     mut client: TcpStream,
     mut upstream: UnixStream,
     max_body: u64,
+    stopping: &AtomicBool,
     last_word: &Mutex<Option<Vec<u8>>>,
 ) -> RequestsEnd {
     let mut buf = vec![0u8; RELAY_BUFFER];
@@ -354,7 +361,8 @@ fn copy_requests(
             Err(_) => break RequestsEnd::Closed,
         };
         out.clear();
-        let verdict = framer.feed(&buf[..n], max_body, &mut out);
+        let draining = stopping.load(Ordering::SeqCst);
+        let verdict = framer.feed(&buf[..n], max_body, draining, &mut out);
         if !out.is_empty() && upstream.write_all(&out).is_err() {
             break RequestsEnd::Closed;
         }
@@ -446,7 +454,15 @@ impl Refusal {
 impl Framer {
     /// Appends to `out` the bytes that may go to tiny_http; an error means
     /// the request whose head just ended must be refused.
-    fn feed(&mut self, mut input: &[u8], max_body: u64, out: &mut Vec<u8>) -> Result<(), Refusal> {
+    /// While `draining` (a graceful stop), new requests get a 503 and the
+    /// connection ends once the requests before them are answered.
+    fn feed(
+        &mut self,
+        mut input: &[u8],
+        max_body: u64,
+        draining: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Refusal> {
         while !input.is_empty() {
             if self.body_left > 0 {
                 let n = input
@@ -462,6 +478,14 @@ impl Framer {
             self.head.push(byte);
             if self.head.ends_with(b"\r\n\r\n") {
                 self.body_left = self.check_head(max_body)?;
+                if draining {
+                    return Err(Refusal {
+                        status: 503,
+                        reason: "Service Unavailable",
+                        code: "UNAVAILABLE",
+                        message: "the daemon is shutting down".into(),
+                    });
+                }
                 out.extend_from_slice(&self.head);
                 self.head.clear();
             } else if self.head.len() > MAX_HEAD {
@@ -478,6 +502,7 @@ impl Framer {
 
     /// Returns the body length the head announces.
     fn check_head(&mut self, max_body: u64) -> Result<u64, Refusal> {
+        self.request_id = None;
         let text = String::from_utf8_lossy(&self.head);
         let mut length: Option<u64> = None;
         for line in text.split("\r\n").skip(1) {
@@ -519,7 +544,6 @@ impl Framer {
                 message: format!("request body is larger than {max_body} bytes"),
             });
         }
-        self.request_id = None;
         Ok(length)
     }
 }
@@ -532,7 +556,7 @@ mod tests {
         let mut framer = Framer::default();
         let mut out = Vec::new();
         for chunk in chunks {
-            if let Err(r) = framer.feed(chunk, max_body, &mut out) {
+            if let Err(r) = framer.feed(chunk, max_body, false, &mut out) {
                 return (out, Err(r));
             }
         }
@@ -591,6 +615,28 @@ mod tests {
     }
 
     #[test]
+    fn draining_refuses_new_requests_but_finishes_bodies() {
+        let mut framer = Framer::default();
+        let mut out = Vec::new();
+        // A body already under way is still forwarded while draining...
+        framer
+            .feed(
+                b"POST /a HTTP/1.1\r\nContent-Length: 4\r\n\r\nab",
+                100,
+                false,
+                &mut out,
+            )
+            .unwrap();
+        framer.feed(b"cd", 100, true, &mut out).unwrap();
+        assert!(out.ends_with(b"abcd"));
+        // ...but the next request is answered 503 by the relay.
+        let r = framer
+            .feed(b"GET /b HTTP/1.1\r\n\r\n", 100, true, &mut out)
+            .unwrap_err();
+        assert_eq!(r.status, 503);
+    }
+
+    #[test]
     fn refusal_echoes_request_id() {
         let mut framer = Framer::default();
         let mut out = Vec::new();
@@ -598,6 +644,7 @@ mod tests {
             .feed(
                 b"POST / HTTP/1.1\r\nX-Request-ID: abc-1\r\nContent-Length: 500\r\n\r\n",
                 10,
+                false,
                 &mut out,
             )
             .unwrap_err();
