@@ -236,7 +236,7 @@ fn reload(
     };
     let (merged, ignored) = current.reload(&fresh);
     for key in ignored {
-        log::warn!("reload: {key} changed but needs a restart; keeping the running value");
+        log::warn!("reload: {key} changed but needs restart; keeping the running value");
     }
     apply_log_level(merged.log.level);
     let windows = Windows {

@@ -504,6 +504,20 @@ impl Framer {
     fn check_head(&mut self, max_body: u64) -> Result<u64, Refusal> {
         self.request_id = None;
         let text = String::from_utf8_lossy(&self.head);
+        // `/-/` paths are the relay's own (the handoff probe): never a
+        // client's.
+        let target = text.split(' ').nth(1).unwrap_or("");
+        if target.starts_with("/-/") {
+            return Err(Refusal {
+                status: 404,
+                reason: "Not Found",
+                code: "NOT_FOUND",
+                message: format!(
+                    "no route for {}",
+                    target.split('?').next().unwrap_or(target)
+                ),
+            });
+        }
         let mut length: Option<u64> = None;
         for line in text.split("\r\n").skip(1) {
             let Some((name, value)) = line.split_once(':') else {
