@@ -609,6 +609,7 @@ mod tests {
                 411,
             ),
             (b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
+            (b"GET /-/handoff HTTP/1.1\r\n\r\n", 404),
             (
                 b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
                 400,
