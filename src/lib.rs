@@ -23,6 +23,7 @@ pub mod config;
 pub mod daemon;
 pub mod heartbeat;
 pub mod http;
+pub mod leases;
 pub mod metrics;
 pub mod notify;
 pub mod scheduler;
