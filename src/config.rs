@@ -31,6 +31,10 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
+    pub sandboxes: SandboxConfig,
+    pub leases: LeaseConfig,
+    pub scheduler: SchedulerConfig,
+    pub providers: ProvidersConfig,
     /// The file this configuration was read from, if any (re-read on SIGHUP).
     pub source: Option<PathBuf>,
 }
@@ -89,6 +93,68 @@ impl fmt::Debug for AuthConfig {
     }
 }
 
+/// Spawn defaults and admission limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxConfig {
+    pub default_image: String,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    /// Live sandboxes admitted across the fleet.
+    pub max_sandboxes: u32,
+    /// Live sandboxes per owner; 0 = no per-owner limit.
+    pub max_per_owner: u32,
+    pub default_memory_mb: u32,
+    pub max_memory_mb: u32,
+    pub default_vcpus: u32,
+    pub max_vcpus: u32,
+    /// Deadline for a provider spawn or destroy.
+    pub provider_timeout: Duration,
+    pub reap_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseConfig {
+    pub ttl: Duration,
+    pub renew_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlacementPolicy {
+    /// Fewest live sandboxes first.
+    Spread,
+    /// Most live sandboxes first (fill a worker before the next).
+    Binpack,
+}
+
+impl PlacementPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlacementPolicy::Spread => "spread",
+            PlacementPolicy::Binpack => "binpack",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    pub policy: PlacementPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProvidersConfig {
+    pub default: String,
+    pub mock: MockConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MockConfig {
+    pub latency: Duration,
+    pub failure_rate: f64,
+}
+
+/// Provider kinds this build can run.
+pub const KNOWN_PROVIDERS: &[&str] = &["mock"];
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub level: log::LevelFilter,
@@ -142,7 +208,20 @@ impl Config {
         let mut r = Reader {
             problems: Vec::new(),
         };
-        r.only_sections(table, &["server", "store", "worker", "auth", "log"]);
+        r.only_sections(
+            table,
+            &[
+                "server",
+                "store",
+                "worker",
+                "auth",
+                "log",
+                "sandboxes",
+                "leases",
+                "scheduler",
+                "providers",
+            ],
+        );
 
         let s = r.section(table, "server");
         r.only_keys(
@@ -332,6 +411,167 @@ impl Config {
             }
         };
 
+        let sb = r.section(table, "sandboxes");
+        r.only_keys(
+            "sandboxes",
+            sb,
+            &[
+                "default_image",
+                "default_ttl",
+                "max_ttl",
+                "max_sandboxes",
+                "max_per_owner",
+                "default_memory_mb",
+                "max_memory_mb",
+                "default_vcpus",
+                "max_vcpus",
+                "provider_timeout",
+                "reap_interval",
+            ],
+        );
+        let sandboxes = SandboxConfig {
+            default_image: r.string(sb, "sandboxes", "default_image", "default"),
+            default_ttl: r.duration(
+                sb,
+                "sandboxes",
+                "default_ttl",
+                "30m",
+                Duration::from_secs(1),
+            ),
+            max_ttl: r.duration(sb, "sandboxes", "max_ttl", "24h", Duration::from_secs(1)),
+            max_sandboxes: r.integer(sb, "sandboxes", "max_sandboxes", 1000, 0, 10_000_000) as u32,
+            max_per_owner: r.integer(sb, "sandboxes", "max_per_owner", 0, 0, 10_000_000) as u32,
+            default_memory_mb: r.integer(sb, "sandboxes", "default_memory_mb", 512, 1, 1 << 24)
+                as u32,
+            max_memory_mb: r.integer(sb, "sandboxes", "max_memory_mb", 65_536, 1, 1 << 24) as u32,
+            default_vcpus: r.integer(sb, "sandboxes", "default_vcpus", 1, 1, 1024) as u32,
+            max_vcpus: r.integer(sb, "sandboxes", "max_vcpus", 64, 1, 1024) as u32,
+            provider_timeout: r.duration(
+                sb,
+                "sandboxes",
+                "provider_timeout",
+                "30s",
+                Duration::from_millis(10),
+            ),
+            reap_interval: r.duration(
+                sb,
+                "sandboxes",
+                "reap_interval",
+                "1s",
+                Duration::from_millis(10),
+            ),
+        };
+        if sandboxes.default_ttl > sandboxes.max_ttl {
+            r.problem(
+                "sandboxes.default_ttl",
+                "must not be longer than sandboxes.max_ttl".into(),
+            );
+        }
+        if sandboxes.default_memory_mb > sandboxes.max_memory_mb {
+            r.problem(
+                "sandboxes.default_memory_mb",
+                "must not exceed sandboxes.max_memory_mb".into(),
+            );
+        }
+        if sandboxes.default_vcpus > sandboxes.max_vcpus {
+            r.problem(
+                "sandboxes.default_vcpus",
+                "must not exceed sandboxes.max_vcpus".into(),
+            );
+        }
+        if sandboxes.default_image.is_empty() {
+            r.problem("sandboxes.default_image", "must not be empty".into());
+        }
+
+        let le = r.section(table, "leases");
+        r.only_keys("leases", le, &["ttl", "renew_interval"]);
+        let leases = LeaseConfig {
+            ttl: r.duration(le, "leases", "ttl", "30s", Duration::from_millis(100)),
+            renew_interval: r.duration(
+                le,
+                "leases",
+                "renew_interval",
+                "10s",
+                Duration::from_millis(10),
+            ),
+        };
+        if leases.renew_interval >= leases.ttl {
+            r.problem(
+                "leases.renew_interval",
+                "must be shorter than leases.ttl, or leases lapse between renewals".into(),
+            );
+        }
+
+        let sc = r.section(table, "scheduler");
+        r.only_keys("scheduler", sc, &["policy"]);
+        let policy = match r.string(sc, "scheduler", "policy", "spread").as_str() {
+            "spread" => PlacementPolicy::Spread,
+            "binpack" => PlacementPolicy::Binpack,
+            other => {
+                r.problem(
+                    "scheduler.policy",
+                    format!("{other:?} is not one of spread, binpack"),
+                );
+                PlacementPolicy::Spread
+            }
+        };
+        let scheduler = SchedulerConfig { policy };
+
+        let pr = r.section(table, "providers");
+        r.only_keys("providers", pr, &["default", "mock"]);
+        let default_provider = r.string(pr, "providers", "default", "mock");
+        if !KNOWN_PROVIDERS.contains(&default_provider.as_str()) {
+            r.problem(
+                "providers.default",
+                format!(
+                    "unknown provider {default_provider:?} (known: {})",
+                    KNOWN_PROVIDERS.join(", ")
+                ),
+            );
+        }
+        let mk = match pr.get("mock") {
+            None => &*EMPTY,
+            Some(toml::Value::Table(t)) => t,
+            Some(other) => {
+                r.problem(
+                    "providers.mock",
+                    format!("must be a table, found {}", other.type_str()),
+                );
+                &*EMPTY
+            }
+        };
+        r.only_keys("providers.mock", mk, &["latency", "failure_rate"]);
+        let failure_rate = match mk.get("failure_rate") {
+            None => 0.0,
+            Some(toml::Value::Float(f)) if (0.0..=1.0).contains(f) => *f,
+            Some(toml::Value::Integer(i)) if (0..=1).contains(i) => *i as f64,
+            Some(_) => {
+                r.problem(
+                    "providers.mock.failure_rate",
+                    "must be a number from 0 to 1".into(),
+                );
+                0.0
+            }
+        };
+        let providers = ProvidersConfig {
+            default: default_provider,
+            mock: MockConfig {
+                latency: r.duration(mk, "providers.mock", "latency", "0ms", Duration::ZERO),
+                failure_rate,
+            },
+        };
+        for p in &worker.providers {
+            if !KNOWN_PROVIDERS.contains(&p.as_str()) {
+                r.problem(
+                    "worker.providers",
+                    format!(
+                        "unknown provider {p:?} (known: {})",
+                        KNOWN_PROVIDERS.join(", ")
+                    ),
+                );
+            }
+        }
+
         if r.problems.is_empty() {
             Ok(Config {
                 server,
@@ -339,6 +579,10 @@ impl Config {
                 worker,
                 auth,
                 log: LogConfig { level },
+                sandboxes,
+                leases,
+                scheduler,
+                providers,
                 source: None,
             })
         } else {
@@ -358,8 +602,16 @@ impl Config {
         merged.worker.max_sandboxes = new.worker.max_sandboxes;
         merged.worker.stale_after = new.worker.stale_after;
         merged.worker.down_after = new.worker.down_after;
+        merged.sandboxes = new.sandboxes.clone();
+        merged.scheduler = new.scheduler.clone();
         let mut ignored = Vec::new();
-        let checks: [(&'static str, bool); 13] = [
+        let checks: [(&'static str, bool); 16] = [
+            ("leases.ttl", self.leases.ttl != new.leases.ttl),
+            (
+                "leases.renew_interval",
+                self.leases.renew_interval != new.leases.renew_interval,
+            ),
+            ("providers", self.providers != new.providers),
             ("server.listen", self.server.listen != new.server.listen),
             (
                 "server.allow_unauthenticated_remote",

@@ -16,10 +16,16 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select, tick, unbounded};
 
+use std::sync::Arc;
+
 use crate::config::{Config, LiveConfig, Overrides};
 use crate::heartbeat::{self, HeartbeatThread};
 use crate::http::HttpServer;
+use crate::lifecycle;
 use crate::notify::Notifier;
+use crate::providers::mock::MockProvider;
+use crate::providers::{Executor, Provider, Registry};
+use crate::reaper::Reaper;
 use crate::scheduler::{self, health::Windows};
 use crate::signals::SignalThread;
 use crate::store;
@@ -94,6 +100,10 @@ pub fn run(
         .handle
         .list_workers()
         .map_err(|e| format!("cannot load workers: {e}"))?;
+    let live_counts = store
+        .handle
+        .live_counts()
+        .map_err(|e| format!("cannot count sandboxes: {e}"))?;
     log::info!(
         "loaded {} workers; local worker {} registered",
         loaded.len(),
@@ -103,11 +113,40 @@ pub fn run(
         stale_after: config.worker.stale_after,
         down_after: config.worker.down_after,
     };
-    let (scheduler, scheduler_thread) =
-        scheduler::start(loaded, config.worker.id.clone(), windows, on_exit.clone())
-            .map_err(|e| format!("cannot start the scheduler: {e}"))?;
+    let (scheduler, scheduler_thread) = scheduler::start(
+        loaded,
+        live_counts,
+        config.worker.id.clone(),
+        windows,
+        config.scheduler.policy,
+        on_exit.clone(),
+    )
+    .map_err(|e| format!("cannot start the scheduler: {e}"))?;
+
+    let mock = MockProvider::open(
+        config.store.data_dir.join("mock-runtimes"),
+        config.providers.mock.latency,
+        config.providers.mock.failure_rate,
+    )
+    .map_err(|e| format!("cannot open the mock provider: {e}"))?;
+    let providers = Registry::new(
+        vec![Arc::new(mock) as Arc<dyn Provider>],
+        &config.providers.default,
+    );
+    let executor = Executor::start(4, &on_exit)
+        .map_err(|e| format!("cannot start the worker executor: {e}"))?;
 
     let live = LiveConfig::new(config);
+    let sandboxes = Arc::new(lifecycle::Lifecycle::new(
+        live.clone(),
+        store.handle.clone(),
+        scheduler.clone(),
+        executor.handle.clone(),
+        providers,
+    ));
+    sandboxes
+        .reconcile()
+        .map_err(|e| format!("startup reconciliation failed: {e}"))?;
     let heartbeat = HeartbeatThread::start(
         live.clone(),
         store.handle.clone(),
@@ -115,10 +154,21 @@ pub fn run(
         on_exit.clone(),
     )
     .map_err(|e| format!("cannot start the heartbeat thread: {e}"))?;
+    let reaper = {
+        let c = live.get();
+        Reaper::start(
+            sandboxes.clone(),
+            c.sandboxes.reap_interval,
+            c.leases.renew_interval,
+            on_exit.clone(),
+        )
+        .map_err(|e| format!("cannot start the reaper: {e}"))?
+    };
     let http = HttpServer::start(
         live.clone(),
         store.handle.clone(),
         scheduler.clone(),
+        sandboxes.clone(),
         on_exit,
     )?;
 
@@ -156,7 +206,10 @@ pub fn run(
     notifier.send("STOPPING=1\nSTATUS=stopping");
     log::info!("stopping: {outcome:?}");
     http.shutdown(live.get().server.shutdown_timeout);
+    reaper.stop();
     heartbeat.stop();
+    drop(sandboxes);
+    executor.join();
     drop(scheduler);
     let _ = scheduler_thread.join();
     let store::Store {
@@ -243,8 +296,12 @@ fn reload(
         stale_after: merged.worker.stale_after,
         down_after: merged.worker.down_after,
     };
-    if let Err(e) = scheduler.set_windows(windows) {
-        log::warn!("reload: scheduler did not take the new windows: {e}");
+    let policy = merged.scheduler.policy;
+    if let Err(e) = scheduler
+        .set_windows(windows)
+        .and_then(|()| scheduler.set_policy(policy))
+    {
+        log::warn!("reload: the scheduler did not take the new settings: {e}");
     }
     live.replace(merged);
     log::info!("configuration reloaded");

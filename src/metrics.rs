@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::http::router::RouteId;
+use crate::scheduler::Denial;
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
@@ -185,8 +186,35 @@ pub struct WorkerMetrics {
     pub health_changes: Counter,
 }
 
+/// Admission outcomes: allowed, or denied per reason.
+pub struct AdmissionMetrics {
+    allowed: Counter,
+    denied: [Counter; Denial::ALL.len()],
+}
+
+impl AdmissionMetrics {
+    pub fn observe(&self, denial: Option<Denial>) {
+        match denial {
+            None => self.allowed.inc(),
+            Some(d) => self.denied[d as usize].inc(),
+        }
+    }
+
+    /// ("allowed" or a denial reason, count)
+    pub fn outcomes(&self) -> Vec<(&'static str, u64)> {
+        let mut out = vec![("allowed", self.allowed.get())];
+        out.extend(
+            Denial::ALL
+                .iter()
+                .map(|d| (d.as_str(), self.denied[*d as usize].get())),
+        );
+        out
+    }
+}
+
 pub struct Metrics {
     pub http: HttpMetrics,
+    pub admission: AdmissionMetrics,
     pub store: StoreMetrics,
     pub workers: WorkerMetrics,
     pub started: Instant,
@@ -204,6 +232,10 @@ impl Metrics {
                 connections_rejected: Counter::default(),
                 connections_timed_out: Counter::default(),
                 auth_failures: Counter::default(),
+            },
+            admission: AdmissionMetrics {
+                allowed: Counter::default(),
+                denied: Default::default(),
             },
             store: StoreMetrics {
                 batch_size: Histogram::new(BATCH_BOUNDS, 1.0),
@@ -231,6 +263,10 @@ pub struct WorkerFigures {
     pub eligible: usize,
     /// (worker id, seconds since the last heartbeat was received)
     pub heartbeat_ages: Vec<(String, f64)>,
+    /// (worker id, live sandboxes it owns)
+    pub sandboxes_by_worker: Vec<(String, u32)>,
+    /// Spawns in flight holding a slot.
+    pub reservations: usize,
 }
 
 /// Process figures read from /proc/self (Linux).

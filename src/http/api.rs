@@ -20,7 +20,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
@@ -317,4 +317,232 @@ mod tests {
             let _ = parse_heartbeat("w", &body);
         }
     }
+}
+
+/// The one place lifecycle failures become HTTP answers.
+impl From<crate::lifecycle::LifecycleError> for ApiError {
+    fn from(e: crate::lifecycle::LifecycleError) -> ApiError {
+        use crate::lifecycle::LifecycleError as L;
+        match e {
+            L::Invalid(m) => ApiError::bad_request(m),
+            L::NotFound(m) => ApiError::not_found(m),
+            L::Conflict(m) => ApiError::conflict(m),
+            L::Denied(a) => {
+                let reason = a.denial.map_or("unknown", |d| d.as_str());
+                let mut message = format!("admission denied: {reason}");
+                if !a.rejections.is_empty() {
+                    let parts: Vec<String> = a
+                        .rejections
+                        .iter()
+                        .map(|(r, n)| format!("{n} {r}"))
+                        .collect();
+                    message.push_str(&format!(" (workers filtered: {})", parts.join(", ")));
+                }
+                ApiError::new(429, "RESOURCE_LIMIT", message)
+            }
+            L::Provider(m) | L::Internal(m) => ApiError::internal(m),
+            L::Unavailable(m) => ApiError::unavailable(m),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct SandboxJson<'a> {
+    id: &'a str,
+    state: &'static str,
+    provider: &'a str,
+    image: &'a str,
+    memory_mb: u32,
+    vcpus: u32,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    owner_id: &'a str,
+    worker_id: &'a str,
+    created_at: String,
+    expires_at: String,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    metadata: &'a std::collections::BTreeMap<String, String>,
+}
+
+impl<'a> From<&'a crate::sandboxes::Sandbox> for SandboxJson<'a> {
+    fn from(s: &'a crate::sandboxes::Sandbox) -> SandboxJson<'a> {
+        SandboxJson {
+            id: &s.id,
+            state: s.state.as_str(),
+            provider: &s.provider,
+            image: &s.image,
+            memory_mb: s.memory_mb,
+            vcpus: s.vcpus,
+            owner_id: &s.owner_id,
+            worker_id: &s.worker_id,
+            created_at: rfc3339(s.created_at_ms),
+            expires_at: rfc3339(s.expires_at_ms),
+            metadata: &s.metadata,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct LeaseJson<'a> {
+    resource_id: &'a str,
+    resource_type: &'a str,
+    holder_id: &'a str,
+    generation: u64,
+    acquired_at: String,
+    renewed_at: String,
+    expires_at: String,
+    expired: bool,
+    transitions: u64,
+}
+
+impl<'a> LeaseJson<'a> {
+    pub fn new(l: &'a crate::leases::Lease, now_ms: i64) -> LeaseJson<'a> {
+        LeaseJson {
+            resource_id: &l.resource_id,
+            resource_type: &l.resource_type,
+            holder_id: &l.holder_id,
+            generation: l.generation,
+            acquired_at: rfc3339(l.acquired_at_ms),
+            renewed_at: rfc3339(l.renewed_at_ms),
+            expires_at: rfc3339(l.expires_at_ms),
+            expired: !l.is_active(now_ms),
+            transitions: l.transitions,
+        }
+    }
+}
+
+fn object(body: &[u8]) -> Result<Option<serde_json::Map<String, Value>>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(fields)) => Ok(Some(fields)),
+        Ok(_) => Err(ApiError::bad_request("request body must be a JSON object")),
+        Err(e) => Err(ApiError::bad_request(format!("malformed JSON body: {e}"))),
+    }
+}
+
+fn duration_field(field: &str, value: &Value) -> Result<i64, ApiError> {
+    let text = string_field(field, value)?;
+    let d = crate::time::parse_duration(text)
+        .map_err(|e| ApiError::bad_request(format!("field `{field}`: {e}")))?;
+    i64::try_from(d.as_millis())
+        .ok()
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("field `{field}` must be a positive duration"))
+        })
+}
+
+fn count_field(field: &str, value: &Value) -> Result<u64, ApiError> {
+    value
+        .as_u64()
+        .ok_or_else(|| ApiError::bad_request(format!("field `{field}` must be a positive integer")))
+}
+
+/// Parses a spawn (or admission) body into a request; the caller adds the
+/// headers (`X-User-ID`, `Idempotency-Key`).
+pub fn parse_spawn(body: &[u8]) -> Result<crate::lifecycle::SpawnRequest, ApiError> {
+    use crate::sandboxes::{MAX_METADATA_ENTRIES, MAX_METADATA_KEY_LEN, MAX_METADATA_VALUE_LEN};
+    let mut req = crate::lifecycle::SpawnRequest::default();
+    let Some(fields) = object(body)? else {
+        return Ok(req);
+    };
+    let mut template = None;
+    for (key, value) in &fields {
+        match key.as_str() {
+            "image" => req.image = Some(string_field("image", value)?.to_owned()),
+            "template" => template = Some(string_field("template", value)?.to_owned()),
+            "provider" => req.provider = Some(string_field("provider", value)?.to_owned()),
+            "memory_mb" => req.memory_mb = Some(count_field("memory_mb", value)?),
+            "vcpus" => req.vcpus = Some(count_field("vcpus", value)?),
+            "ttl" => req.ttl_ms = Some(duration_field("ttl", value)?),
+            "owner_id" => req.owner_id = string_field("owner_id", value)?.to_owned(),
+            "metadata" => {
+                let map = value.as_object().ok_or_else(|| {
+                    ApiError::bad_request("field `metadata` must be an object of strings")
+                })?;
+                if map.len() > MAX_METADATA_ENTRIES {
+                    return Err(ApiError::bad_request(format!(
+                        "field `metadata` has more than {MAX_METADATA_ENTRIES} entries"
+                    )));
+                }
+                for (k, v) in map {
+                    let v = v.as_str().ok_or_else(|| {
+                        ApiError::bad_request(format!("field `metadata.{k}` must be a string"))
+                    })?;
+                    if k.is_empty()
+                        || k.len() > MAX_METADATA_KEY_LEN
+                        || v.len() > MAX_METADATA_VALUE_LEN
+                    {
+                        return Err(ApiError::bad_request(format!(
+                            "field `metadata`: keys must be 1 to {MAX_METADATA_KEY_LEN} bytes, values at most {MAX_METADATA_VALUE_LEN}"
+                        )));
+                    }
+                    req.metadata.insert(k.clone(), v.to_owned());
+                }
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown field `{other}` (expected image, provider, memory_mb, vcpus, ttl, owner_id, metadata, template)"
+                )));
+            }
+        }
+    }
+    // StacyVM's `template` names an image; an explicit `image` wins.
+    if req.image.is_none() {
+        req.image = template;
+    }
+    Ok(req)
+}
+
+/// `{"ttl":"30m"}` for extend.
+pub fn parse_ttl(body: &[u8]) -> Result<i64, ApiError> {
+    let fields = object(body)?.ok_or_else(|| ApiError::bad_request("field `ttl` is required"))?;
+    let mut ttl = None;
+    for (key, value) in &fields {
+        match key.as_str() {
+            "ttl" => ttl = Some(duration_field("ttl", value)?),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown field `{other}` (expected ttl)"
+                )));
+            }
+        }
+    }
+    ttl.ok_or_else(|| ApiError::bad_request("field `ttl` is required"))
+}
+
+/// Body of the admin lease actions: `holder_id`, and `ttl` / `resource_type`
+/// where they apply.
+pub struct LeaseBody {
+    pub holder_id: String,
+    pub ttl_ms: Option<i64>,
+    pub resource_type: String,
+}
+
+pub fn parse_lease_body(body: &[u8]) -> Result<LeaseBody, ApiError> {
+    let fields =
+        object(body)?.ok_or_else(|| ApiError::bad_request("field `holder_id` is required"))?;
+    let mut out = LeaseBody {
+        holder_id: String::new(),
+        ttl_ms: None,
+        resource_type: "sandbox".into(),
+    };
+    for (key, value) in &fields {
+        match key.as_str() {
+            "holder_id" => out.holder_id = string_field("holder_id", value)?.to_owned(),
+            "ttl" => out.ttl_ms = Some(duration_field("ttl", value)?),
+            "resource_type" => out.resource_type = string_field("resource_type", value)?.to_owned(),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown field `{other}` (expected holder_id, ttl, resource_type)"
+                )));
+            }
+        }
+    }
+    crate::workers::validate_worker_id(&out.holder_id)
+        .map_err(|e| ApiError::bad_request(format!("field `holder_id`: {e}")))?;
+    crate::workers::validate_name("resource_type", &out.resource_type)
+        .map_err(ApiError::bad_request)?;
+    Ok(out)
 }

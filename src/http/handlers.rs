@@ -11,6 +11,7 @@ use super::Ctx;
 use super::api::{ApiError, WorkerJson, parse_heartbeat, to_json};
 use super::auth::{Presented, Principal, authorize};
 use super::router::{Route, RouteError, RouteId, query_pairs, route};
+use super::sandbox_handlers;
 use crate::metrics::{ProcessFigures, render_prometheus};
 use crate::store::{AuditEntry, Deleted};
 use crate::time::{format_duration, now_ms, rfc3339};
@@ -23,7 +24,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn json(status: u16, body: Vec<u8>) -> Reply {
+    pub fn json(status: u16, body: Vec<u8>) -> Reply {
         Reply {
             status,
             content_type: "application/json",
@@ -39,6 +40,9 @@ pub struct Incoming<'r> {
     pub request_id: &'r str,
     pub presented: Presented<'r>,
     pub received: Instant,
+    /// `X-User-ID`: the sandbox owner, over the body's `owner_id`.
+    pub user_id: Option<&'r str>,
+    pub idempotency_key: Option<&'r str>,
 }
 
 pub fn handle(
@@ -99,6 +103,22 @@ pub fn handle(
         Route::MetricsJson => metrics_json(ctx),
         Route::MetricsPrometheus { .. } => prometheus(ctx),
         Route::Scheduler => scheduler(ctx),
+        Route::Spawn => read_body(body, body_length, limit)
+            .and_then(|b| sandbox_handlers::spawn(ctx, incoming, &b)),
+        Route::Admission => read_body(body, body_length, limit)
+            .and_then(|b| sandbox_handlers::admission(ctx, incoming, &b)),
+        Route::ListSandboxes => sandbox_handlers::list(ctx),
+        Route::PruneSandboxes => sandbox_handlers::prune(ctx),
+        Route::GetSandbox { id } => sandbox_handlers::get(ctx, &id),
+        Route::DestroySandbox { id } => sandbox_handlers::destroy(ctx, &id),
+        Route::ExtendSandbox { id } => {
+            read_body(body, body_length, limit).and_then(|b| sandbox_handlers::extend(ctx, &id, &b))
+        }
+        Route::Providers => sandbox_handlers::providers(ctx),
+        Route::ListLeases => sandbox_handlers::list_leases(ctx),
+        Route::GetLease { id } => sandbox_handlers::get_lease(ctx, &id),
+        Route::LeaseAction { id, action } => read_body(body, body_length, limit)
+            .and_then(|b| sandbox_handlers::lease_action(ctx, &id, action, &b)),
     };
     (id, result)
 }

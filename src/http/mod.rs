@@ -11,6 +11,7 @@ pub mod auth;
 mod conn;
 mod handlers;
 pub mod router;
+mod sandbox_handlers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::LiveConfig;
 use crate::daemon::ExitNotifier;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::METRICS;
 use crate::scheduler::SchedulerHandle;
 use crate::store::StoreHandle;
@@ -33,6 +35,7 @@ pub struct Ctx {
     pub live: LiveConfig,
     pub store: StoreHandle,
     pub scheduler: SchedulerHandle,
+    pub lifecycle: Arc<Lifecycle>,
     connections: Arc<Connections>,
     /// Set at the start of a graceful stop: answers carry `Connection: close`.
     draining: AtomicBool,
@@ -57,6 +60,7 @@ impl HttpServer {
         live: LiveConfig,
         store: StoreHandle,
         scheduler: SchedulerHandle,
+        lifecycle: Arc<Lifecycle>,
         on_exit: ExitNotifier,
     ) -> Result<HttpServer, String> {
         let config = live.get();
@@ -84,6 +88,7 @@ impl HttpServer {
             live: live.clone(),
             store,
             scheduler,
+            lifecycle,
             connections: connections.clone(),
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
@@ -182,6 +187,8 @@ fn serve(ctx: &Ctx, mut request: tiny_http::Request) {
     // Owned copies, so that the body reader can borrow the request mutably.
     let api_key = header(&request, "X-API-Key").map(str::to_owned);
     let admin_key = header(&request, "X-Admin-API-Key").map(str::to_owned);
+    let user_id = header(&request, "X-User-ID").map(str::to_owned);
+    let idempotency_key = header(&request, "Idempotency-Key").map(str::to_owned);
     let bearer = header(&request, "Authorization")
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|v| v.trim().to_owned());
@@ -195,6 +202,8 @@ fn serve(ctx: &Ctx, mut request: tiny_http::Request) {
             admin_key: admin_key.as_deref(),
         },
         received,
+        user_id: user_id.as_deref(),
+        idempotency_key: idempotency_key.as_deref(),
     };
     let body_length = request.body_length();
     let (route, result) = handlers::handle(ctx, &incoming, request.as_reader(), body_length);

@@ -15,12 +15,23 @@ pub enum RouteId {
     MetricsJson,
     MetricsPrometheus,
     Scheduler,
+    Spawn,
+    ListSandboxes,
+    PruneSandboxes,
+    Admission,
+    GetSandbox,
+    DestroySandbox,
+    ExtendSandbox,
+    Providers,
+    ListLeases,
+    GetLease,
+    LeaseAction,
     Handoff,
     Unmatched,
 }
 
 impl RouteId {
-    pub const ALL: [RouteId; 13] = [
+    pub const ALL: [RouteId; 24] = [
         RouteId::Health,
         RouteId::Live,
         RouteId::Ready,
@@ -32,6 +43,17 @@ impl RouteId {
         RouteId::MetricsJson,
         RouteId::MetricsPrometheus,
         RouteId::Scheduler,
+        RouteId::Spawn,
+        RouteId::ListSandboxes,
+        RouteId::PruneSandboxes,
+        RouteId::Admission,
+        RouteId::GetSandbox,
+        RouteId::DestroySandbox,
+        RouteId::ExtendSandbox,
+        RouteId::Providers,
+        RouteId::ListLeases,
+        RouteId::GetLease,
+        RouteId::LeaseAction,
         RouteId::Handoff,
         RouteId::Unmatched,
     ];
@@ -49,6 +71,16 @@ impl RouteId {
             RouteId::MetricsJson => "/api/v1/metrics",
             RouteId::MetricsPrometheus => "/api/v1/metrics/prometheus",
             RouteId::Scheduler => "/api/v1/scheduler",
+            RouteId::Spawn | RouteId::ListSandboxes | RouteId::PruneSandboxes => {
+                "/api/v1/sandboxes"
+            }
+            RouteId::Admission => "/api/v1/sandboxes/admission",
+            RouteId::GetSandbox | RouteId::DestroySandbox => "/api/v1/sandboxes/{id}",
+            RouteId::ExtendSandbox => "/api/v1/sandboxes/{id}/extend",
+            RouteId::Providers => "/api/v1/providers",
+            RouteId::ListLeases => "/api/v1/admin/leases",
+            RouteId::GetLease => "/api/v1/admin/leases/{id}",
+            RouteId::LeaseAction => "/api/v1/admin/leases/{id}/{action}",
             RouteId::Handoff => "/-/handoff",
             RouteId::Unmatched => "unmatched",
         }
@@ -56,8 +88,12 @@ impl RouteId {
 
     pub fn method_label(self) -> &'static str {
         match self {
-            RouteId::Heartbeat => "POST",
-            RouteId::DeleteWorker => "DELETE",
+            RouteId::Heartbeat
+            | RouteId::Spawn
+            | RouteId::Admission
+            | RouteId::ExtendSandbox
+            | RouteId::LeaseAction => "POST",
+            RouteId::DeleteWorker | RouteId::PruneSandboxes | RouteId::DestroySandbox => "DELETE",
             RouteId::Unmatched => "any",
             _ => "GET",
         }
@@ -100,6 +136,28 @@ pub enum Route {
         root: bool,
     },
     Scheduler,
+    Spawn,
+    ListSandboxes,
+    PruneSandboxes,
+    Admission,
+    GetSandbox {
+        id: String,
+    },
+    DestroySandbox {
+        id: String,
+    },
+    ExtendSandbox {
+        id: String,
+    },
+    Providers,
+    ListLeases,
+    GetLease {
+        id: String,
+    },
+    LeaseAction {
+        id: String,
+        action: LeaseVerb,
+    },
     /// The relay's pickup probe on a new internal connection (see `conn`).
     Handoff,
 }
@@ -118,6 +176,17 @@ impl Route {
             Route::MetricsJson => RouteId::MetricsJson,
             Route::MetricsPrometheus { .. } => RouteId::MetricsPrometheus,
             Route::Scheduler => RouteId::Scheduler,
+            Route::Spawn => RouteId::Spawn,
+            Route::ListSandboxes => RouteId::ListSandboxes,
+            Route::PruneSandboxes => RouteId::PruneSandboxes,
+            Route::Admission => RouteId::Admission,
+            Route::GetSandbox { .. } => RouteId::GetSandbox,
+            Route::DestroySandbox { .. } => RouteId::DestroySandbox,
+            Route::ExtendSandbox { .. } => RouteId::ExtendSandbox,
+            Route::Providers => RouteId::Providers,
+            Route::ListLeases => RouteId::ListLeases,
+            Route::GetLease { .. } => RouteId::GetLease,
+            Route::LeaseAction { .. } => RouteId::LeaseAction,
             Route::Handoff => RouteId::Handoff,
         }
     }
@@ -139,7 +208,35 @@ impl Route {
             | Route::Diagnostics { admin: false }
             | Route::MetricsJson
             | Route::MetricsPrometheus { root: false }
-            | Route::Scheduler => Access::User,
+            | Route::Scheduler
+            | Route::Spawn
+            | Route::ListSandboxes
+            | Route::PruneSandboxes
+            | Route::Admission
+            | Route::GetSandbox { .. }
+            | Route::DestroySandbox { .. }
+            | Route::ExtendSandbox { .. }
+            | Route::Providers => Access::User,
+            Route::ListLeases | Route::GetLease { .. } | Route::LeaseAction { .. } => Access::Admin,
+        }
+    }
+}
+
+/// `POST /api/v1/admin/leases/{id}/{acquire|renew|release}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseVerb {
+    Acquire,
+    Renew,
+    Release,
+}
+
+impl LeaseVerb {
+    fn parse(text: &str) -> Option<LeaseVerb> {
+        match text {
+            "acquire" => Some(LeaseVerb::Acquire),
+            "renew" => Some(LeaseVerb::Renew),
+            "release" => Some(LeaseVerb::Release),
+            _ => None,
         }
     }
 }
@@ -190,6 +287,47 @@ pub fn route(method: &str, path: &str) -> Result<Route, RouteError> {
             ["metrics"] => allow("GET", Route::MetricsJson),
             ["metrics", "prometheus"] => allow("GET", Route::MetricsPrometheus { root: false }),
             ["scheduler"] => allow("GET", Route::Scheduler),
+            ["providers"] => allow("GET", Route::Providers),
+            ["sandboxes"] => match method {
+                "POST" => Ok(Route::Spawn),
+                "DELETE" => Ok(Route::PruneSandboxes),
+                _ => allow("GET, POST, DELETE", Route::ListSandboxes),
+            },
+            ["sandboxes", "admission"] => allow("POST", Route::Admission),
+            ["sandboxes", id] => match method {
+                "DELETE" => Ok(Route::DestroySandbox {
+                    id: (*id).to_owned(),
+                }),
+                _ => allow(
+                    "GET, DELETE",
+                    Route::GetSandbox {
+                        id: (*id).to_owned(),
+                    },
+                ),
+            },
+            ["sandboxes", id, "extend"] => allow(
+                "POST",
+                Route::ExtendSandbox {
+                    id: (*id).to_owned(),
+                },
+            ),
+            ["admin", "leases"] => allow("GET", Route::ListLeases),
+            ["admin", "leases", id] => allow(
+                "GET",
+                Route::GetLease {
+                    id: (*id).to_owned(),
+                },
+            ),
+            ["admin", "leases", id, verb] => match LeaseVerb::parse(verb) {
+                Some(action) => allow(
+                    "POST",
+                    Route::LeaseAction {
+                        id: (*id).to_owned(),
+                        action,
+                    },
+                ),
+                None => Err(RouteError::NotFound),
+            },
             ["admin", "workers"] => allow("GET", Route::ListWorkers { admin: true }),
             ["admin", "workers", id] => match method {
                 "DELETE" => Ok(Route::DeleteWorker {

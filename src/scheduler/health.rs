@@ -49,6 +49,7 @@ pub enum Ineligible {
     Draining,
     Stale,
     Full,
+    ProviderUnsupported,
 }
 
 impl Ineligible {
@@ -58,11 +59,14 @@ impl Ineligible {
             Ineligible::Draining => "draining",
             Ineligible::Stale => "stale",
             Ineligible::Full => "full",
+            Ineligible::ProviderUnsupported => "provider_unsupported",
         }
     }
 }
 
-pub fn ineligibility(worker: &Worker, health: Health, active: u32) -> Option<Ineligible> {
+/// Why `worker` cannot take one more sandbox now; `load` counts its live
+/// sandboxes plus the reservations in flight.
+pub fn ineligibility(worker: &Worker, health: Health, load: u32) -> Option<Ineligible> {
     match worker.status {
         WorkerStatus::Draining => return Some(Ineligible::Draining),
         WorkerStatus::Online => {}
@@ -72,9 +76,17 @@ pub fn ineligibility(worker: &Worker, health: Health, active: u32) -> Option<Ine
         return Some(Ineligible::Stale);
     }
     match worker.capacity.max_sandboxes {
-        Some(max) if active >= max => Some(Ineligible::Full),
+        Some(max) if load >= max => Some(Ineligible::Full),
         _ => None,
     }
+}
+
+/// An empty provider list means the worker runs every provider; an empty
+/// `provider` asks for any.
+pub fn supports(worker: &Worker, provider: &str) -> bool {
+    provider.is_empty()
+        || worker.providers.is_empty()
+        || worker.providers.iter().any(|p| p == provider)
 }
 
 #[cfg(test)]

@@ -13,12 +13,13 @@
 
 pub mod health;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select, tick};
 
+use crate::config::PlacementPolicy;
 use crate::metrics::{METRICS, WorkerFigures};
 use crate::workers::{Worker, WorkerStatus};
 use health::{Health, Ineligible, Windows};
@@ -62,6 +63,81 @@ impl std::fmt::Display for SchedulerError {
     }
 }
 
+/// Admission limits, read from the live config by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_ttl_ms: i64,
+    pub max_sandboxes: u32,
+    /// 0 = no per-owner limit.
+    pub max_per_owner: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmissionQuery {
+    pub provider: String,
+    pub owner_id: String,
+    pub ttl_ms: i64,
+    pub limits: Limits,
+    /// Hold a slot on the chosen worker until `settle` (a real spawn), or
+    /// only answer (a preflight).
+    pub reserve: bool,
+}
+
+/// Why admission said no; the names are the API's `reason` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    MaxTtl,
+    MaxSandboxes,
+    MaxSandboxesPerOwner,
+    WorkerUnavailable,
+    RemoteWorkerRpcUnavailable,
+}
+
+impl Denial {
+    pub const ALL: [Denial; 5] = [
+        Denial::MaxTtl,
+        Denial::MaxSandboxes,
+        Denial::MaxSandboxesPerOwner,
+        Denial::WorkerUnavailable,
+        Denial::RemoteWorkerRpcUnavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Denial::MaxTtl => "max_ttl",
+            Denial::MaxSandboxes => "max_sandboxes",
+            Denial::MaxSandboxesPerOwner => "max_sandboxes_per_owner",
+            Denial::WorkerUnavailable => "worker_unavailable",
+            Denial::RemoteWorkerRpcUnavailable => "remote_worker_rpc_unavailable",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admission {
+    pub denial: Option<Denial>,
+    /// Live sandboxes plus reservations, fleet-wide and for this owner.
+    pub active_sandboxes: u32,
+    pub active_owner_sandboxes: u32,
+    pub selected_worker_id: Option<String>,
+    /// `local_fallback`, `no_eligible_worker` or `remote_worker_selected`.
+    pub worker_reason: &'static str,
+    /// Workers that could take it (only counted when `explain` was asked).
+    pub eligible_workers: Option<usize>,
+    /// reason -> workers filtered for it (only when `explain` was asked, or
+    /// when no worker was eligible).
+    pub rejections: BTreeMap<&'static str, usize>,
+    pub reservation: Option<Reservation>,
+}
+
+/// A slot held on a worker for a spawn in flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub id: u64,
+    pub worker_id: String,
+    pub owner_id: String,
+}
+
 pub enum SchedulerRequest {
     /// A heartbeat was stored; `received` is when it arrived here.
     Observe {
@@ -88,6 +164,28 @@ pub enum SchedulerRequest {
     },
     SetWindows {
         windows: Windows,
+        reply: Sender<()>,
+    },
+    Admit {
+        query: AdmissionQuery,
+        explain: bool,
+        reply: Sender<Admission>,
+    },
+    /// A reservation's spawn ended: `created` turns it into a live sandbox.
+    Settle {
+        reservation: Reservation,
+        created: bool,
+        reply: Sender<()>,
+    },
+    /// A live sandbox ended (destroyed, lost) or was adopted.
+    SandboxCount {
+        worker_id: String,
+        owner_id: String,
+        delta: i32,
+        reply: Sender<()>,
+    },
+    SetPolicy {
+        policy: PlacementPolicy,
         reply: Sender<()>,
     },
 }
@@ -148,6 +246,36 @@ impl SchedulerHandle {
     pub fn set_windows(&self, windows: Windows) -> Result<(), SchedulerError> {
         self.call(|reply| SchedulerRequest::SetWindows { windows, reply })
     }
+    pub fn admit(&self, query: AdmissionQuery, explain: bool) -> Result<Admission, SchedulerError> {
+        self.call(|reply| SchedulerRequest::Admit {
+            query,
+            explain,
+            reply,
+        })
+    }
+    pub fn settle(&self, reservation: Reservation, created: bool) -> Result<(), SchedulerError> {
+        self.call(|reply| SchedulerRequest::Settle {
+            reservation,
+            created,
+            reply,
+        })
+    }
+    pub fn sandbox_count(
+        &self,
+        worker_id: &str,
+        owner_id: &str,
+        delta: i32,
+    ) -> Result<(), SchedulerError> {
+        self.call(|reply| SchedulerRequest::SandboxCount {
+            worker_id: worker_id.to_owned(),
+            owner_id: owner_id.to_owned(),
+            delta,
+            reply,
+        })
+    }
+    pub fn set_policy(&self, policy: PlacementPolicy) -> Result<(), SchedulerError> {
+        self.call(|reply| SchedulerRequest::SetPolicy { policy, reply })
+    }
 }
 
 struct Entry {
@@ -155,44 +283,106 @@ struct Entry {
     last_seen: Instant,
     /// Health as of the last evaluation, to log changes once.
     health: Health,
+    /// Live sandboxes owned by this worker.
+    active: u32,
+    /// Spawns in flight placed on this worker.
+    reserved: u32,
+    /// The load under which it is filed in `eligible`, if it is.
+    filed: Option<u32>,
+}
+
+impl Entry {
+    fn load(&self) -> u32 {
+        self.active + self.reserved
+    }
 }
 
 /// The view itself; pure apart from the `now` passed in.
+///
+/// Placement cost does not grow with the number of sandboxes (counts, not
+/// lists), and only mildly with workers: `eligible` keeps the workers that
+/// can take a sandbox ordered by load, so spread and binpack read from one
+/// end instead of scanning every worker.
 struct ClusterView {
     workers: BTreeMap<String, Entry>,
+    /// (load, id) of every worker eligible at its last evaluation.
+    eligible: BTreeSet<(u32, String)>,
     windows: Windows,
     local_worker_id: String,
+    policy: PlacementPolicy,
+    /// owner -> live sandboxes plus reservations.
+    owners: HashMap<String, u32>,
+    total_live: u32,
+    reservations: HashMap<u64, Reservation>,
+    next_reservation: u64,
 }
 
 impl ClusterView {
+    fn new(local_worker_id: String, windows: Windows, policy: PlacementPolicy) -> ClusterView {
+        ClusterView {
+            workers: BTreeMap::new(),
+            eligible: BTreeSet::new(),
+            windows,
+            local_worker_id,
+            policy,
+            owners: HashMap::new(),
+            total_live: 0,
+            reservations: HashMap::new(),
+            next_reservation: 1,
+        }
+    }
+
     fn view(&self, entry: &Entry, now: Instant) -> WorkerView {
         let last_seen = now.saturating_duration_since(entry.last_seen);
         let health = health::health(last_seen, self.windows);
-        // Sandboxes arrive with the placement milestone; until then no worker
-        // owns any.
-        let active_sandboxes = 0;
         WorkerView {
             worker: entry.worker.clone(),
             health,
             stale: last_seen > self.windows.stale_after,
-            ineligible: health::ineligibility(&entry.worker, health, active_sandboxes),
-            active_sandboxes,
+            ineligible: health::ineligibility(&entry.worker, health, entry.load()),
+            active_sandboxes: entry.active,
             last_seen,
+        }
+    }
+
+    /// Re-files one worker in the eligible index after any change to it.
+    fn refile(&mut self, id: &str, now: Instant) {
+        let windows = self.windows;
+        let Some(entry) = self.workers.get_mut(id) else {
+            return;
+        };
+        let age = now.saturating_duration_since(entry.last_seen);
+        let eligible =
+            health::ineligibility(&entry.worker, health::health(age, windows), entry.load())
+                .is_none();
+        if let Some(load) = entry.filed.take() {
+            self.eligible.remove(&(load, id.to_owned()));
+        }
+        if eligible {
+            entry.filed = Some(entry.load());
+            self.eligible.insert((entry.load(), id.to_owned()));
         }
     }
 
     fn observe(&mut self, worker: Worker, received: Instant, now: Instant) -> WorkerView {
         let id = worker.id.clone();
-        let previous = self.workers.get(&id).map(|e| e.health);
+        let previous = self
+            .workers
+            .get(&id)
+            .map(|e| (e.health, e.active, e.reserved, e.filed));
+        let (active, reserved, filed) = previous.map_or((0, 0, None), |(_, a, r, f)| (a, r, f));
         let entry = Entry {
             worker,
             last_seen: received,
             health: Health::Ready,
+            active,
+            reserved,
+            filed,
         };
         let view = self.view(&entry, now);
         match previous {
             None => log::info!("worker {id} registered (status {})", entry.worker.status),
-            Some(old) if old != view.health => {
+            Some((old, _, _, _)) if old != view.health => {
                 METRICS.workers.health_changes.inc();
                 log::info!(
                     "worker {id} health {} -> {} (heartbeat received)",
@@ -203,18 +393,33 @@ impl ClusterView {
             Some(_) => {}
         }
         self.workers.insert(
-            id,
+            id.clone(),
             Entry {
                 health: view.health,
                 ..entry
             },
         );
+        self.refile(&id, now);
         view
     }
 
-    /// Re-derives health for every worker and logs each change once.
+    fn forget(&mut self, id: &str) -> bool {
+        match self.workers.remove(id) {
+            Some(entry) => {
+                if let Some(load) = entry.filed {
+                    self.eligible.remove(&(load, id.to_owned()));
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Re-derives health for every worker, logs each change once, and
+    /// re-files the workers whose eligibility changed.
     fn evaluate(&mut self, now: Instant) {
         let windows = self.windows;
+        let mut changed = Vec::new();
         for (id, entry) in self.workers.iter_mut() {
             let age = now.saturating_duration_since(entry.last_seen);
             let current = health::health(age, windows);
@@ -227,7 +432,11 @@ impl ClusterView {
                     age.as_secs_f64()
                 );
                 entry.health = current;
+                changed.push(id.clone());
             }
+        }
+        for id in changed {
+            self.refile(&id, now);
         }
     }
 
@@ -246,61 +455,191 @@ impl ClusterView {
             f.eligible += usize::from(v.ineligible.is_none());
             f.heartbeat_ages
                 .push((id.clone(), v.last_seen.as_secs_f64()));
+            f.sandboxes_by_worker.push((id.clone(), entry.active));
         }
+        f.reservations = self.reservations.len();
         f
     }
 
-    fn status(&self, now: Instant) -> SchedulerStatus {
-        // Spread: among eligible workers the one with the fewest active
-        // sandboxes, ties broken by id (the map's order).
+    /// Picks a worker for `provider` by policy from the eligible index; a
+    /// candidate whose health lapsed since the last evaluation is skipped.
+    fn pick(&self, provider: &str, now: Instant) -> Option<&str> {
+        let fits = |(_, id): &&(u32, String)| {
+            self.workers.get(id).is_some_and(|e| {
+                let health =
+                    health::health(now.saturating_duration_since(e.last_seen), self.windows);
+                health::supports(&e.worker, provider)
+                    && health::ineligibility(&e.worker, health, e.load()).is_none()
+            })
+        };
+        let found = match self.policy {
+            PlacementPolicy::Spread => self.eligible.iter().find(fits),
+            PlacementPolicy::Binpack => self.eligible.iter().rev().find(fits),
+        };
+        found.map(|(_, id)| id.as_str())
+    }
+
+    /// Per-worker reasons, for explanations and for "nothing fits" answers.
+    fn explain(&self, provider: &str, now: Instant) -> (usize, BTreeMap<&'static str, usize>) {
         let mut eligible = 0;
-        let mut selected: Option<(u32, &str)> = None;
-        for (id, entry) in &self.workers {
+        let mut rejections = BTreeMap::new();
+        for entry in self.workers.values() {
             let v = self.view(entry, now);
-            if v.ineligible.is_none() {
-                eligible += 1;
-                if selected.is_none_or(|(active, _)| v.active_sandboxes < active) {
-                    selected = Some((v.active_sandboxes, id));
-                }
+            let reason = if health::supports(&entry.worker, provider) {
+                v.ineligible
+            } else {
+                Some(health::Ineligible::ProviderUnsupported)
+            };
+            match reason {
+                None => eligible += 1,
+                Some(r) => *rejections.entry(r.as_str()).or_default() += 1,
             }
         }
+        (eligible, rejections)
+    }
+
+    fn admit(&mut self, q: &AdmissionQuery, explain: bool, now: Instant) -> Admission {
+        let owner_load = if q.owner_id.is_empty() {
+            0
+        } else {
+            self.owners.get(&q.owner_id).copied().unwrap_or(0)
+        };
+        let mut answer = Admission {
+            denial: None,
+            active_sandboxes: self.total_live + self.reservations.len() as u32,
+            active_owner_sandboxes: owner_load,
+            selected_worker_id: None,
+            worker_reason: "no_eligible_worker",
+            eligible_workers: None,
+            rejections: BTreeMap::new(),
+            reservation: None,
+        };
+        if explain {
+            let (eligible, rejections) = self.explain(&q.provider, now);
+            answer.eligible_workers = Some(eligible);
+            answer.rejections = rejections;
+        }
+        let limit_denial = if q.ttl_ms > q.limits.max_ttl_ms {
+            Some(Denial::MaxTtl)
+        } else if answer.active_sandboxes >= q.limits.max_sandboxes {
+            Some(Denial::MaxSandboxes)
+        } else if q.limits.max_per_owner > 0
+            && !q.owner_id.is_empty()
+            && owner_load >= q.limits.max_per_owner
+        {
+            Some(Denial::MaxSandboxesPerOwner)
+        } else {
+            None
+        };
+        let selected = self.pick(&q.provider, now).map(str::to_owned);
+        answer.selected_worker_id = selected.clone();
+        answer.worker_reason = match &selected {
+            None => "no_eligible_worker",
+            Some(id) if *id == self.local_worker_id => "local_fallback",
+            Some(_) => "remote_worker_selected",
+        };
+        answer.denial = limit_denial.or(match &selected {
+            None => Some(Denial::WorkerUnavailable),
+            Some(id) if *id != self.local_worker_id => Some(Denial::RemoteWorkerRpcUnavailable),
+            Some(_) => None,
+        });
+        if answer.denial == Some(Denial::WorkerUnavailable) && !explain {
+            let (eligible, rejections) = self.explain(&q.provider, now);
+            answer.eligible_workers = Some(eligible);
+            answer.rejections = rejections;
+        }
+        if answer.denial.is_none() && q.reserve {
+            let worker_id = selected.expect("an admitted spawn has a worker");
+            let reservation = Reservation {
+                id: self.next_reservation,
+                worker_id,
+                owner_id: q.owner_id.clone(),
+            };
+            self.next_reservation += 1;
+            self.adjust(&reservation.worker_id, &reservation.owner_id, 0, 1, now);
+            self.reservations
+                .insert(reservation.id, reservation.clone());
+            answer.reservation = Some(reservation);
+        }
+        METRICS.admission.observe(answer.denial);
+        answer
+    }
+
+    /// Applies changes in live and reserved counts for a worker and owner.
+    fn adjust(&mut self, worker_id: &str, owner_id: &str, live: i32, reserved: i32, now: Instant) {
+        if let Some(entry) = self.workers.get_mut(worker_id) {
+            entry.active = entry.active.saturating_add_signed(live);
+            entry.reserved = entry.reserved.saturating_add_signed(reserved);
+        }
+        self.total_live = self.total_live.saturating_add_signed(live);
+        if !owner_id.is_empty() {
+            let n = self.owners.entry(owner_id.to_owned()).or_default();
+            *n = n.saturating_add_signed(live + reserved);
+            if *n == 0 {
+                self.owners.remove(owner_id);
+            }
+        }
+        self.refile(worker_id, now);
+    }
+
+    fn settle(&mut self, reservation: &Reservation, created: bool, now: Instant) {
+        if self.reservations.remove(&reservation.id).is_some() {
+            self.adjust(
+                &reservation.worker_id,
+                &reservation.owner_id,
+                i32::from(created),
+                -1,
+                now,
+            );
+        }
+    }
+
+    fn status(&self, now: Instant) -> SchedulerStatus {
+        let (eligible, _) = self.explain("", now);
         SchedulerStatus {
-            policy: "spread",
+            policy: self.policy.as_str(),
             local_worker_id: self.local_worker_id.clone(),
-            selected_worker_id: selected.map(|(_, id)| id.to_owned()),
+            selected_worker_id: self.pick("", now).map(str::to_owned),
             eligible_workers: eligible,
-            reservations: 0,
+            reservations: self.reservations.len(),
             windows: self.windows,
         }
     }
 }
 
-/// Starts the scheduler thread with the workers loaded from the store.
+/// Starts the scheduler thread with the workers and live sandbox counts
+/// loaded from the store.
 pub fn start(
     loaded: Vec<Worker>,
+    live_counts: Vec<(String, String, u32)>,
     local_worker_id: String,
     windows: Windows,
+    policy: PlacementPolicy,
     on_exit: crate::daemon::ExitNotifier,
 ) -> std::io::Result<(SchedulerHandle, JoinHandle<()>)> {
     let now = Instant::now();
-    let workers = loaded
-        .into_iter()
-        .map(|w| {
-            (
-                w.id.clone(),
-                Entry {
-                    worker: w,
-                    last_seen: now,
-                    health: Health::Ready,
-                },
-            )
-        })
-        .collect();
-    let view = ClusterView {
-        workers,
-        windows,
-        local_worker_id,
-    };
+    let mut view = ClusterView::new(local_worker_id, windows, policy);
+    for w in loaded {
+        // Every worker known at start gets a fresh grace window.
+        view.workers.insert(
+            w.id.clone(),
+            Entry {
+                worker: w,
+                last_seen: now,
+                health: Health::Ready,
+                active: 0,
+                reserved: 0,
+                filed: None,
+            },
+        );
+    }
+    for (worker_id, owner_id, n) in live_counts {
+        view.adjust(&worker_id, &owner_id, n as i32, 0, now);
+    }
+    let ids: Vec<String> = view.workers.keys().cloned().collect();
+    for id in ids {
+        view.refile(&id, now);
+    }
     let (inbox, requests) = bounded(INBOX_CAPACITY);
     let thread = std::thread::Builder::new()
         .name("scheduler".into())
@@ -338,7 +677,7 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest) {
             let _ = reply.send(view.observe(worker, received, now));
         }
         SchedulerRequest::Forget { id, reply } => {
-            let removed = view.workers.remove(&id).is_some();
+            let removed = view.forget(&id);
             if removed {
                 log::info!("worker {id} removed from the cluster view");
             }
@@ -359,6 +698,34 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest) {
         SchedulerRequest::SetWindows { windows, reply } => {
             view.windows = windows;
             view.evaluate(now);
+            let _ = reply.send(());
+        }
+        SchedulerRequest::Admit {
+            query,
+            explain,
+            reply,
+        } => {
+            let _ = reply.send(view.admit(&query, explain, now));
+        }
+        SchedulerRequest::Settle {
+            reservation,
+            created,
+            reply,
+        } => {
+            view.settle(&reservation, created, now);
+            let _ = reply.send(());
+        }
+        SchedulerRequest::SandboxCount {
+            worker_id,
+            owner_id,
+            delta,
+            reply,
+        } => {
+            view.adjust(&worker_id, &owner_id, delta, 0, now);
+            let _ = reply.send(());
+        }
+        SchedulerRequest::SetPolicy { policy, reply } => {
+            view.policy = policy;
             let _ = reply.send(());
         }
     }
@@ -389,11 +756,7 @@ mod tests {
     }
 
     fn view_with(workers: &[(&str, WorkerStatus, u64)], now: Instant) -> ClusterView {
-        let mut v = ClusterView {
-            workers: BTreeMap::new(),
-            windows: W,
-            local_worker_id: "local".into(),
-        };
+        let mut v = ClusterView::new("local".into(), W, PlacementPolicy::Spread);
         for (id, status, age_s) in workers {
             v.observe(worker(id, *status), now - Duration::from_secs(*age_s), now);
         }
@@ -445,5 +808,102 @@ mod tests {
             start + Duration::from_secs(62),
         );
         assert_eq!(back.health, Health::Ready);
+    }
+
+    fn with_capacity(id: &str, max: u32, providers: &[&str]) -> Worker {
+        let mut w = worker(id, WorkerStatus::Online);
+        w.capacity.max_sandboxes = Some(max);
+        w.providers = providers.iter().map(|p| (*p).to_owned()).collect();
+        w
+    }
+
+    fn query(owner: &str, reserve: bool) -> AdmissionQuery {
+        AdmissionQuery {
+            provider: "mock".into(),
+            owner_id: owner.into(),
+            ttl_ms: 60_000,
+            limits: Limits {
+                max_ttl_ms: 3_600_000,
+                max_sandboxes: 1000,
+                max_per_owner: 0,
+            },
+            reserve,
+        }
+    }
+
+    #[test]
+    fn reservations_never_overshoot_capacity() {
+        let now = Instant::now();
+        let mut v = ClusterView::new("local".into(), W, PlacementPolicy::Spread);
+        v.observe(with_capacity("local", 3, &["mock"]), now, now);
+        let held: Vec<Reservation> = (0..3)
+            .map(|_| v.admit(&query("", true), false, now).reservation.unwrap())
+            .collect();
+        let full = v.admit(&query("", true), false, now);
+        assert_eq!(full.denial, Some(Denial::WorkerUnavailable));
+        assert_eq!(full.rejections.get("full"), Some(&1));
+        // A failed spawn frees its slot; a created one keeps it as live.
+        v.settle(&held[0], false, now);
+        v.settle(&held[1], true, now);
+        let again = v.admit(&query("", true), false, now);
+        assert!(again.denial.is_none());
+        assert_eq!(v.workers["local"].active, 1);
+        assert_eq!(v.workers["local"].reserved, 2);
+    }
+
+    #[test]
+    fn spread_binpack_and_remote_workers() {
+        let now = Instant::now();
+        let mut v = ClusterView::new("local".into(), W, PlacementPolicy::Spread);
+        v.observe(with_capacity("local", 10, &[]), now, now);
+        v.observe(with_capacity("remote", 10, &["mock"]), now, now);
+        v.adjust("local", "", 2, 0, now);
+        // Spread picks the emptier remote worker, and says it cannot reach it.
+        let a = v.admit(&query("", true), false, now);
+        assert_eq!(a.selected_worker_id.as_deref(), Some("remote"));
+        assert_eq!(a.denial, Some(Denial::RemoteWorkerRpcUnavailable));
+        assert_eq!(a.worker_reason, "remote_worker_selected");
+        assert!(a.reservation.is_none());
+        v.policy = PlacementPolicy::Binpack;
+        let b = v.admit(&query("", true), false, now);
+        assert_eq!(b.selected_worker_id.as_deref(), Some("local"));
+        assert_eq!(b.worker_reason, "local_fallback");
+        assert!(b.denial.is_none());
+    }
+
+    #[test]
+    fn limits_and_reasons() {
+        let now = Instant::now();
+        let mut v = ClusterView::new("local".into(), W, PlacementPolicy::Spread);
+        v.observe(with_capacity("local", 10, &["process"]), now, now);
+        v.observe(
+            worker("stale", WorkerStatus::Online),
+            now - Duration::from_secs(30),
+            now,
+        );
+        v.observe(worker("drain", WorkerStatus::Draining), now, now);
+        let a = v.admit(&query("", false), true, now);
+        assert_eq!(a.denial, Some(Denial::WorkerUnavailable));
+        assert_eq!(a.eligible_workers, Some(0));
+        let reasons: Vec<(&str, usize)> = a.rejections.iter().map(|(r, n)| (*r, *n)).collect();
+        assert_eq!(
+            reasons,
+            vec![("draining", 1), ("provider_unsupported", 1), ("stale", 1)]
+        );
+        let mut q = query("bob", false);
+        q.ttl_ms = 4_000_000;
+        assert_eq!(v.admit(&q, false, now).denial, Some(Denial::MaxTtl));
+        let mut v = ClusterView::new("local".into(), W, PlacementPolicy::Spread);
+        v.observe(with_capacity("local", 10, &[]), now, now);
+        let mut q = query("bob", true);
+        q.limits.max_per_owner = 1;
+        assert!(v.admit(&q, false, now).denial.is_none());
+        assert_eq!(
+            v.admit(&q, false, now).denial,
+            Some(Denial::MaxSandboxesPerOwner)
+        );
+        q.owner_id = "carol".into();
+        q.limits.max_sandboxes = 1;
+        assert_eq!(v.admit(&q, false, now).denial, Some(Denial::MaxSandboxes));
     }
 }

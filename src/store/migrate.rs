@@ -11,10 +11,16 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    name: "0001_init",
-    sql: include_str!("../../migrations/0001_init.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "0001_init",
+        sql: include_str!("../../migrations/0001_init.sql"),
+    },
+    Migration {
+        name: "0002_sandboxes_leases",
+        sql: include_str!("../../migrations/0002_sandboxes_leases.sql"),
+    },
+];
 
 #[derive(Debug)]
 pub enum MigrateError {

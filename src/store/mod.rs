@@ -18,9 +18,12 @@
 //! `Unavailable` error at the caller, never an unbounded queue.
 
 pub mod migrate;
+mod sandbox_statements;
 mod statements;
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,7 +31,9 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use rusqlite::Connection;
 
 use crate::config::StoreConfig;
+use crate::leases::{self, Acquired, Lease, LeaseError};
 use crate::metrics::METRICS;
+use crate::sandboxes::{Sandbox, SandboxState};
 use crate::workers::{Heartbeat, Worker, WorkerStatus};
 
 pub use statements::AuditEntry;
@@ -69,6 +74,26 @@ pub enum Deleted {
     NotFound,
 }
 
+/// Why a sandbox operation was refused; nothing was written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SandboxRefusal {
+    NotFound,
+    /// The sandbox is not live (destroyed, error, lost) where that matters.
+    NotLive(SandboxState),
+    Lease(LeaseError),
+}
+
+/// The result of starting a spawn.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SpawnStart {
+    /// Record (state `creating`) and lease committed together.
+    Started { sandbox: Sandbox, lease: Lease },
+    /// The idempotency key was used before: the first result.
+    Replayed(Sandbox),
+}
+
+pub type Outcome<T> = StoreResult<Result<T, SandboxRefusal>>;
+
 pub enum StoreRequest {
     /// Upsert from a heartbeat (keeps `created_at`), with an optional audit
     /// row in the same transaction.
@@ -100,6 +125,113 @@ pub enum StoreRequest {
     ListWorkers {
         reply: Sender<StoreResult<Vec<Worker>>>,
     },
+    /// Lease for the new sandbox, then its `creating` record (and the
+    /// idempotency key), in one transaction.
+    StartSpawn {
+        sandbox: Sandbox,
+        lease_ttl_ms: i64,
+        idempotency_key: Option<String>,
+        reply: Sender<Outcome<SpawnStart>>,
+    },
+    /// `running` after the provider started it, or `error` (lease released)
+    /// when it could not.
+    FinishSpawn {
+        id: String,
+        holder: String,
+        ok: bool,
+        now_ms: i64,
+        reply: Sender<Outcome<Sandbox>>,
+    },
+    /// Acquire (or renew) the sandbox lease for `holder` before a destroy.
+    StartDestroy {
+        id: String,
+        holder: String,
+        lease_ttl_ms: i64,
+        now_ms: i64,
+        reply: Sender<Outcome<(Sandbox, Lease)>>,
+    },
+    /// Mark destroyed and release the lease, together.
+    FinishDestroy {
+        id: String,
+        holder: String,
+        now_ms: i64,
+        reply: Sender<Outcome<Sandbox>>,
+    },
+    /// New expiry, with the lease renewed to match, together.
+    Extend {
+        id: String,
+        holder: String,
+        expires_at_ms: i64,
+        lease_ttl_ms: i64,
+        now_ms: i64,
+        reply: Sender<Outcome<Sandbox>>,
+    },
+    /// Mark a record whose runtime vanished `lost`, releasing its lease.
+    MarkLost {
+        id: String,
+        holder: String,
+        now_ms: i64,
+        reply: Sender<Outcome<Sandbox>>,
+    },
+    GetSandbox {
+        id: String,
+        reply: Sender<StoreResult<Option<Sandbox>>>,
+    },
+    /// The sandbox a previous spawn with this idempotency key created.
+    FindIdempotent {
+        key: String,
+        reply: Sender<StoreResult<Option<Sandbox>>>,
+    },
+    ListSandboxes {
+        reply: Sender<StoreResult<Vec<Sandbox>>>,
+    },
+    ListExpired {
+        now_ms: i64,
+        limit: usize,
+        reply: Sender<StoreResult<Vec<Sandbox>>>,
+    },
+    LiveSandboxesOf {
+        worker_id: String,
+        reply: Sender<StoreResult<Vec<Sandbox>>>,
+    },
+    LiveCounts {
+        reply: Sender<StoreResult<Vec<(String, String, u32)>>>,
+    },
+    AcquireLease {
+        resource_id: String,
+        resource_type: String,
+        holder: String,
+        ttl_ms: i64,
+        now_ms: i64,
+        reply: Sender<StoreResult<Result<(Lease, Acquired), LeaseError>>>,
+    },
+    RenewLease {
+        resource_id: String,
+        holder: String,
+        ttl_ms: i64,
+        now_ms: i64,
+        reply: Sender<StoreResult<Result<Lease, LeaseError>>>,
+    },
+    ReleaseLease {
+        resource_id: String,
+        holder: String,
+        now_ms: i64,
+        reply: Sender<StoreResult<Result<Lease, LeaseError>>>,
+    },
+    GetLease {
+        resource_id: String,
+        reply: Sender<StoreResult<Option<Lease>>>,
+    },
+    ListLeases {
+        reply: Sender<StoreResult<Vec<Lease>>>,
+    },
+    /// Background renewal of the leases on `holder`'s live sandboxes.
+    RenewSandboxLeases {
+        holder: String,
+        ttl_ms: i64,
+        now_ms: i64,
+        reply: Sender<StoreResult<usize>>,
+    },
     Ping {
         reply: Sender<StoreResult<()>>,
     },
@@ -110,6 +242,7 @@ pub enum StoreRequest {
 pub struct StoreHandle {
     inbox: Sender<StoreRequest>,
     path: PathBuf,
+    tallies: Arc<Mutex<Tallies>>,
 }
 
 impl StoreHandle {
@@ -182,6 +315,192 @@ impl StoreHandle {
         self.call(|reply| StoreRequest::ListWorkers { reply })
     }
 
+    pub fn start_spawn(
+        &self,
+        sandbox: Sandbox,
+        lease_ttl_ms: i64,
+        idempotency_key: Option<String>,
+    ) -> Outcome<SpawnStart> {
+        self.call(|reply| StoreRequest::StartSpawn {
+            sandbox,
+            lease_ttl_ms,
+            idempotency_key,
+            reply,
+        })
+    }
+
+    pub fn finish_spawn(&self, id: &str, holder: &str, ok: bool, now_ms: i64) -> Outcome<Sandbox> {
+        self.call(|reply| StoreRequest::FinishSpawn {
+            id: id.to_owned(),
+            holder: holder.to_owned(),
+            ok,
+            now_ms,
+            reply,
+        })
+    }
+
+    pub fn start_destroy(
+        &self,
+        id: &str,
+        holder: &str,
+        lease_ttl_ms: i64,
+        now_ms: i64,
+    ) -> Outcome<(Sandbox, Lease)> {
+        self.call(|reply| StoreRequest::StartDestroy {
+            id: id.to_owned(),
+            holder: holder.to_owned(),
+            lease_ttl_ms,
+            now_ms,
+            reply,
+        })
+    }
+
+    pub fn finish_destroy(&self, id: &str, holder: &str, now_ms: i64) -> Outcome<Sandbox> {
+        self.call(|reply| StoreRequest::FinishDestroy {
+            id: id.to_owned(),
+            holder: holder.to_owned(),
+            now_ms,
+            reply,
+        })
+    }
+
+    pub fn extend(
+        &self,
+        id: &str,
+        holder: &str,
+        expires_at_ms: i64,
+        lease_ttl_ms: i64,
+        now_ms: i64,
+    ) -> Outcome<Sandbox> {
+        self.call(|reply| StoreRequest::Extend {
+            id: id.to_owned(),
+            holder: holder.to_owned(),
+            expires_at_ms,
+            lease_ttl_ms,
+            now_ms,
+            reply,
+        })
+    }
+
+    pub fn mark_lost(&self, id: &str, holder: &str, now_ms: i64) -> Outcome<Sandbox> {
+        self.call(|reply| StoreRequest::MarkLost {
+            id: id.to_owned(),
+            holder: holder.to_owned(),
+            now_ms,
+            reply,
+        })
+    }
+
+    pub fn get_sandbox(&self, id: &str) -> StoreResult<Option<Sandbox>> {
+        self.call(|reply| StoreRequest::GetSandbox {
+            id: id.to_owned(),
+            reply,
+        })
+    }
+
+    pub fn find_idempotent(&self, key: &str) -> StoreResult<Option<Sandbox>> {
+        self.call(|reply| StoreRequest::FindIdempotent {
+            key: key.to_owned(),
+            reply,
+        })
+    }
+
+    pub fn list_sandboxes(&self) -> StoreResult<Vec<Sandbox>> {
+        self.call(|reply| StoreRequest::ListSandboxes { reply })
+    }
+
+    pub fn list_expired(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<Sandbox>> {
+        self.call(|reply| StoreRequest::ListExpired {
+            now_ms,
+            limit,
+            reply,
+        })
+    }
+
+    pub fn live_sandboxes_of(&self, worker_id: &str) -> StoreResult<Vec<Sandbox>> {
+        self.call(|reply| StoreRequest::LiveSandboxesOf {
+            worker_id: worker_id.to_owned(),
+            reply,
+        })
+    }
+
+    pub fn live_counts(&self) -> StoreResult<Vec<(String, String, u32)>> {
+        self.call(|reply| StoreRequest::LiveCounts { reply })
+    }
+
+    pub fn acquire_lease(
+        &self,
+        resource_id: &str,
+        resource_type: &str,
+        holder: &str,
+        ttl_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<Result<(Lease, Acquired), LeaseError>> {
+        self.call(|reply| StoreRequest::AcquireLease {
+            resource_id: resource_id.to_owned(),
+            resource_type: resource_type.to_owned(),
+            holder: holder.to_owned(),
+            ttl_ms,
+            now_ms,
+            reply,
+        })
+    }
+
+    pub fn renew_lease(
+        &self,
+        resource_id: &str,
+        holder: &str,
+        ttl_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<Result<Lease, LeaseError>> {
+        self.call(|reply| StoreRequest::RenewLease {
+            resource_id: resource_id.to_owned(),
+            holder: holder.to_owned(),
+            ttl_ms,
+            now_ms,
+            reply,
+        })
+    }
+
+    pub fn release_lease(
+        &self,
+        resource_id: &str,
+        holder: &str,
+        now_ms: i64,
+    ) -> StoreResult<Result<Lease, LeaseError>> {
+        self.call(|reply| StoreRequest::ReleaseLease {
+            resource_id: resource_id.to_owned(),
+            holder: holder.to_owned(),
+            now_ms,
+            reply,
+        })
+    }
+
+    pub fn get_lease(&self, resource_id: &str) -> StoreResult<Option<Lease>> {
+        self.call(|reply| StoreRequest::GetLease {
+            resource_id: resource_id.to_owned(),
+            reply,
+        })
+    }
+
+    pub fn list_leases(&self) -> StoreResult<Vec<Lease>> {
+        self.call(|reply| StoreRequest::ListLeases { reply })
+    }
+
+    pub fn renew_sandbox_leases(
+        &self,
+        holder: &str,
+        ttl_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<usize> {
+        self.call(|reply| StoreRequest::RenewSandboxLeases {
+            holder: holder.to_owned(),
+            ttl_ms,
+            now_ms,
+            reply,
+        })
+    }
+
     /// Round trip through the store thread, for readiness and diagnostics.
     pub fn ping(&self) -> StoreResult<Duration> {
         let started = Instant::now();
@@ -199,12 +518,87 @@ impl StoreHandle {
             .map(|m| m.len())
             .unwrap_or(0)
     }
+
+    /// Lease and sandbox figures from memory (kept by the store thread after
+    /// each commit), for metrics and diagnostics: never a SQL scan.
+    pub fn tallies(&self, now_ms: i64) -> TallyFigures {
+        self.tallies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .figures(now_ms)
+    }
 }
 
 fn wal_path(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_owned();
     name.push("-wal");
     PathBuf::from(name)
+}
+
+/// Committed lease holders and sandbox counts, mirrored in memory.
+#[derive(Default)]
+pub struct Tallies {
+    /// resource_id -> (holder, expires_at); holder '' when released.
+    leases: HashMap<String, (String, i64)>,
+    /// (state, provider, worker) -> sandboxes.
+    sandboxes: HashMap<(SandboxState, String, String), u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TallyFigures {
+    pub leases_total: u64,
+    pub leases_active: u64,
+    pub leases_expired: u64,
+    /// holder -> active leases.
+    pub leases_by_holder: BTreeMap<String, u64>,
+    pub sandboxes: Vec<(SandboxState, String, String, u64)>,
+}
+
+impl Tallies {
+    fn lease(&mut self, lease: &Lease) {
+        self.leases.insert(
+            lease.resource_id.clone(),
+            (lease.holder_id.clone(), lease.expires_at_ms),
+        );
+    }
+
+    fn moved(&mut self, from: Option<&Sandbox>, to: &Sandbox) {
+        if let Some(old) = from {
+            if let Some(n) =
+                self.sandboxes
+                    .get_mut(&(old.state, old.provider.clone(), old.worker_id.clone()))
+            {
+                *n = n.saturating_sub(1);
+            }
+        }
+        *self
+            .sandboxes
+            .entry((to.state, to.provider.clone(), to.worker_id.clone()))
+            .or_default() += 1;
+    }
+
+    fn figures(&self, now_ms: i64) -> TallyFigures {
+        let mut f = TallyFigures {
+            leases_total: self.leases.len() as u64,
+            ..Default::default()
+        };
+        for (holder, expires) in self.leases.values() {
+            if !holder.is_empty() && now_ms < *expires {
+                f.leases_active += 1;
+                *f.leases_by_holder.entry(holder.clone()).or_default() += 1;
+            } else {
+                f.leases_expired += 1;
+            }
+        }
+        f.sandboxes = self
+            .sandboxes
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|((s, p, w), n)| (*s, p.clone(), w.clone(), *n))
+            .collect();
+        f.sandboxes.sort();
+        f
+    }
 }
 
 /// The opened store: its handle and the threads to join at shutdown.
@@ -227,14 +621,18 @@ pub fn open(config: &StoreConfig, on_exit: crate::daemon::ExitNotifier) -> Resul
     configure_writer(&conn, config.wal_size_limit)
         .map_err(|e| format!("cannot configure {}: {e}", config.path.display()))?;
     migrate::migrate(&mut conn, crate::time::now_ms()).map_err(|e| e.to_string())?;
+    let tallies = Arc::new(Mutex::new(
+        load_tallies(&mut conn).map_err(|e| format!("cannot load tallies: {e}"))?,
+    ));
 
     let (inbox, requests) = bounded(INBOX_CAPACITY);
     let max_batch = config.max_batch;
+    let thread_tallies = tallies.clone();
     let thread = std::thread::Builder::new()
         .name("store".into())
         .spawn(move || {
             let _exit = on_exit.guard("store");
-            run(conn, requests, max_batch);
+            run(conn, requests, max_batch, &thread_tallies);
         })
         .map_err(|e| format!("cannot start the store thread: {e}"))?;
     let checkpointer = Checkpointer::start(&config.path, config.checkpoint_interval)?;
@@ -242,10 +640,24 @@ pub fn open(config: &StoreConfig, on_exit: crate::daemon::ExitNotifier) -> Resul
         handle: StoreHandle {
             inbox,
             path: config.path.clone(),
+            tallies,
         },
         thread,
         checkpointer,
     })
+}
+
+fn load_tallies(conn: &mut Connection) -> StoreResult<Tallies> {
+    let tx = conn.transaction()?;
+    let mut t = Tallies::default();
+    for lease in sandbox_statements::list_leases(&tx)? {
+        t.lease(&lease);
+    }
+    for (state, provider, worker, n) in sandbox_statements::sandbox_tally(&tx)? {
+        t.sandboxes.insert((state, provider, worker), n);
+    }
+    tx.commit()?;
+    Ok(t)
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
@@ -271,7 +683,12 @@ fn configure_writer(conn: &Connection, wal_size_limit: u64) -> rusqlite::Result<
 }
 
 /// The store thread's loop. Returns when every handle is dropped.
-fn run(mut conn: Connection, requests: Receiver<StoreRequest>, max_batch: usize) {
+fn run(
+    mut conn: Connection,
+    requests: Receiver<StoreRequest>,
+    max_batch: usize,
+    tallies: &Mutex<Tallies>,
+) {
     let mut batch: Vec<StoreRequest> = Vec::with_capacity(max_batch);
     while let Ok(first) = requests.recv() {
         batch.push(first);
@@ -281,52 +698,57 @@ fn run(mut conn: Connection, requests: Receiver<StoreRequest>, max_batch: usize)
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, &mut batch);
+        commit_batch(&mut conn, &mut batch, tallies);
     }
     log::debug!("store thread: inbox closed, exiting");
 }
 
-/// A reply held back until the batch's COMMIT has returned.
-enum Pending {
-    Worker(Sender<StoreResult<Worker>>, StoreResult<Worker>),
-    MaybeWorker(
-        Sender<StoreResult<Option<Worker>>>,
-        StoreResult<Option<Worker>>,
-    ),
-    Workers(Sender<StoreResult<Vec<Worker>>>, StoreResult<Vec<Worker>>),
-    Deleted(Sender<StoreResult<Deleted>>, StoreResult<Deleted>),
-    Unit(Sender<StoreResult<()>>, StoreResult<()>),
+/// A reply held back until the batch's COMMIT returned: on success it sends
+/// the result and applies the in-memory effects; on failure it sends the
+/// commit error instead (nothing of the batch is durable, so nothing may be
+/// acknowledged) and applies nothing.
+type Deferred = Box<dyn FnOnce(Option<&StoreError>, &mut Tallies)>;
+
+/// In-memory effects of a committed write.
+#[derive(Default)]
+struct Effects {
+    leases: Vec<Lease>,
+    sandboxes: Vec<(Option<Sandbox>, Sandbox)>,
 }
 
-impl Pending {
-    fn fail(self, error: &StoreError) {
-        // A failed COMMIT turns every answer into that error: nothing of the
-        // batch is durable, so nothing may be acknowledged.
-        match self {
-            Pending::Worker(tx, _) => drop(tx.send(Err(error.clone()))),
-            Pending::MaybeWorker(tx, _) => drop(tx.send(Err(error.clone()))),
-            Pending::Workers(tx, _) => drop(tx.send(Err(error.clone()))),
-            Pending::Deleted(tx, _) => drop(tx.send(Err(error.clone()))),
-            Pending::Unit(tx, _) => drop(tx.send(Err(error.clone()))),
-        }
+impl Effects {
+    fn apply(self, t: &mut Tallies) {
+        self.leases.iter().for_each(|l| t.lease(l));
+        self.sandboxes
+            .iter()
+            .for_each(|(from, to)| t.moved(from.as_ref(), to));
     }
+}
 
-    fn send(self) {
+fn defer<T: Send + 'static>(
+    reply: Sender<StoreResult<T>>,
+    result: StoreResult<T>,
+    effects: Effects,
+) -> Deferred {
+    Box::new(move |commit_error, tallies| {
+        let answer = match commit_error {
+            Some(e) => Err(e.clone()),
+            None => {
+                if result.is_ok() {
+                    effects.apply(tallies);
+                }
+                result
+            }
+        };
         // A caller that gave up waiting dropped its receiver; that is fine.
-        match self {
-            Pending::Worker(tx, r) => drop(tx.send(r)),
-            Pending::MaybeWorker(tx, r) => drop(tx.send(r)),
-            Pending::Workers(tx, r) => drop(tx.send(r)),
-            Pending::Deleted(tx, r) => drop(tx.send(r)),
-            Pending::Unit(tx, r) => drop(tx.send(r)),
-        }
-    }
+        let _ = reply.send(answer);
+    })
 }
 
-fn commit_batch(conn: &mut Connection, batch: &mut Vec<StoreRequest>) {
+fn commit_batch(conn: &mut Connection, batch: &mut Vec<StoreRequest>, tallies: &Mutex<Tallies>) {
     let started = Instant::now();
     let size = batch.len();
-    let mut pending = Vec::with_capacity(size);
+    let mut pending: Vec<Deferred> = Vec::with_capacity(size);
     let outcome = (|| -> StoreResult<()> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for request in batch.drain(..) {
@@ -335,39 +757,65 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<StoreRequest>) {
         tx.commit()?;
         Ok(())
     })();
+    let mut tallies = tallies.lock().unwrap_or_else(|e| e.into_inner());
     match outcome {
         Ok(()) => {
             METRICS.store.observe_commit(size, started.elapsed());
-            pending.into_iter().for_each(Pending::send);
+            pending.into_iter().for_each(|p| p(None, &mut tallies));
         }
         Err(error) => {
             log::error!("store commit of {size} requests failed: {error}");
             METRICS.store.commit_failures.inc();
             // Requests not yet applied when the transaction failed to open
-            // are still in `batch`; answer them too.
+            // are still in `batch`; they get the same answer.
+            let unapplied = StoreError::Unavailable("not applied".into());
             for request in batch.drain(..) {
-                pending.push(apply_nothing(request));
+                pending.push(reply_only(request, &unapplied));
             }
-            pending.into_iter().for_each(|p| p.fail(&error));
+            pending
+                .into_iter()
+                .for_each(|p| p(Some(&error), &mut tallies));
         }
     }
 }
 
-/// Runs one request inside its own savepoint; a failing write rolls back
-/// alone and is answered with its error.
-fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Pending {
-    fn isolated<T>(
-        tx: &rusqlite::Transaction<'_>,
-        f: impl FnOnce() -> StoreResult<T>,
-    ) -> StoreResult<T> {
+/// Runs `f` inside its own savepoint; an error (or a refusal) rolls back
+/// just this request.
+fn isolated<T, R>(
+    tx: &rusqlite::Transaction<'_>,
+    f: impl FnOnce(&mut Effects) -> StoreResult<Result<T, R>>,
+) -> (StoreResult<Result<T, R>>, Effects) {
+    let mut effects = Effects::default();
+    let result = (|| {
         tx.execute_batch("SAVEPOINT one")?;
-        let result = f();
-        if result.is_err() {
+        let result = f(&mut effects);
+        if !matches!(result, Ok(Ok(_))) {
             tx.execute_batch("ROLLBACK TO one")?;
+            effects = Effects::default();
         }
         tx.execute_batch("RELEASE one")?;
         result
-    }
+    })();
+    (result, effects)
+}
+
+/// A plain write: `Ok` commits, `Err` rolls back.
+fn isolated_write<T>(
+    tx: &rusqlite::Transaction<'_>,
+    f: impl FnOnce(&mut Effects) -> StoreResult<T>,
+) -> (StoreResult<T>, Effects) {
+    let (result, effects) = isolated(tx, |e| f(e).map(Ok::<T, std::convert::Infallible>));
+    (
+        result.map(|r| match r {
+            Ok(v) => v,
+        }),
+        effects,
+    )
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
+    use sandbox_statements as sql;
+    let none = Effects::default;
     match request {
         StoreRequest::SaveHeartbeat {
             heartbeat,
@@ -375,14 +823,14 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Pending {
             audit,
             reply,
         } => {
-            let result = isolated(tx, || {
+            let (result, fx) = isolated_write(tx, |_| {
                 let worker = statements::upsert_worker(tx, &heartbeat, now_ms)?;
                 if let Some(entry) = &audit {
                     statements::insert_audit(tx, entry)?;
                 }
                 Ok(worker)
             });
-            Pending::Worker(reply, result)
+            defer(reply, result, fx)
         }
         StoreRequest::SetWorkerStatus {
             id,
@@ -390,13 +838,13 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Pending {
             now_ms,
             reply,
         } => {
-            let result = isolated(tx, || {
+            let (result, fx) = isolated_write(tx, |_| {
                 statements::set_worker_status(tx, &id, status, now_ms)
             });
-            Pending::MaybeWorker(reply, result)
+            defer(reply, result, fx)
         }
         StoreRequest::DeleteWorker { id, audit, reply } => {
-            let result = isolated(tx, || {
+            let (result, fx) = isolated_write(tx, |_| {
                 let deleted = statements::delete_worker(tx, &id)?;
                 let outcome = if deleted == Deleted::Yes {
                     "ok"
@@ -412,36 +860,357 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Pending {
                 )?;
                 Ok(deleted)
             });
-            Pending::Deleted(reply, result)
+            defer(reply, result, fx)
         }
         StoreRequest::RecordAudit { entry, reply } => {
-            Pending::Unit(reply, isolated(tx, || statements::insert_audit(tx, &entry)))
+            let (result, fx) = isolated_write(tx, |_| statements::insert_audit(tx, &entry));
+            defer(reply, result, fx)
         }
         StoreRequest::GetWorker { id, reply } => {
-            Pending::MaybeWorker(reply, statements::get_worker(tx, &id))
+            defer(reply, statements::get_worker(tx, &id), none())
         }
-        StoreRequest::ListWorkers { reply } => {
-            Pending::Workers(reply, statements::list_workers(tx))
+        StoreRequest::ListWorkers { reply } => defer(reply, statements::list_workers(tx), none()),
+        StoreRequest::StartSpawn {
+            sandbox,
+            lease_ttl_ms,
+            idempotency_key,
+            reply,
+        } => {
+            let (result, fx) = isolated(tx, |fx| {
+                if let Some(key) = &idempotency_key {
+                    if let Some(existing) = sql::get_idempotent(tx, key)? {
+                        return match sql::get_sandbox(tx, &existing)? {
+                            Some(s) => Ok(Ok(SpawnStart::Replayed(s))),
+                            None => Ok(Err(SandboxRefusal::NotFound)),
+                        };
+                    }
+                }
+                let current = sql::get_lease(tx, &sandbox.id)?;
+                let lease = match leases::acquire(
+                    current.as_ref(),
+                    &sandbox.id,
+                    "sandbox",
+                    &sandbox.worker_id,
+                    lease_ttl_ms,
+                    sandbox.created_at_ms,
+                ) {
+                    Ok((lease, _)) => lease,
+                    Err(e) => return Ok(Err(SandboxRefusal::Lease(e))),
+                };
+                sql::put_lease(tx, &lease)?;
+                sql::insert_sandbox(tx, &sandbox)?;
+                if let Some(key) = &idempotency_key {
+                    sql::put_idempotent(tx, key, &sandbox.id, sandbox.created_at_ms)?;
+                }
+                fx.leases.push(lease.clone());
+                fx.sandboxes.push((None, sandbox.clone()));
+                Ok(Ok(SpawnStart::Started { sandbox, lease }))
+            });
+            defer(reply, result, fx)
         }
-        StoreRequest::Ping { reply } => Pending::Unit(reply, Ok(())),
+        StoreRequest::FinishSpawn {
+            id,
+            holder,
+            ok,
+            now_ms,
+            reply,
+        } => {
+            let (result, fx) = isolated(tx, |fx| {
+                let Some(before) = sql::get_sandbox(tx, &id)? else {
+                    return Ok(Err(SandboxRefusal::NotFound));
+                };
+                let state = if ok {
+                    SandboxState::Running
+                } else {
+                    SandboxState::Error
+                };
+                let Some(after) = sql::set_sandbox_state(tx, &id, state, now_ms)? else {
+                    return Ok(Err(SandboxRefusal::NotFound));
+                };
+                if !ok {
+                    release_if_held(tx, fx, &id, &holder, now_ms)?;
+                }
+                fx.sandboxes.push((Some(before), after.clone()));
+                Ok(Ok(after))
+            });
+            defer(reply, result, fx)
+        }
+        StoreRequest::StartDestroy {
+            id,
+            holder,
+            lease_ttl_ms,
+            now_ms,
+            reply,
+        } => {
+            let (result, fx) = isolated(tx, |fx| {
+                let Some(sandbox) = sql::get_sandbox(tx, &id)? else {
+                    return Ok(Err(SandboxRefusal::NotFound));
+                };
+                if sandbox.state == SandboxState::Destroyed {
+                    return Ok(Err(SandboxRefusal::NotLive(sandbox.state)));
+                }
+                let current = sql::get_lease(tx, &id)?;
+                let lease = match leases::acquire(
+                    current.as_ref(),
+                    &id,
+                    "sandbox",
+                    &holder,
+                    lease_ttl_ms,
+                    now_ms,
+                ) {
+                    Ok((lease, _)) => lease,
+                    Err(e) => return Ok(Err(SandboxRefusal::Lease(e))),
+                };
+                sql::put_lease(tx, &lease)?;
+                fx.leases.push(lease.clone());
+                Ok(Ok((sandbox, lease)))
+            });
+            defer(reply, result, fx)
+        }
+        StoreRequest::FinishDestroy {
+            id,
+            holder,
+            now_ms,
+            reply,
+        } => {
+            let (result, fx) = end_sandbox(tx, &id, &holder, SandboxState::Destroyed, now_ms);
+            defer(reply, result, fx)
+        }
+        StoreRequest::MarkLost {
+            id,
+            holder,
+            now_ms,
+            reply,
+        } => {
+            let (result, fx) = end_sandbox(tx, &id, &holder, SandboxState::Lost, now_ms);
+            defer(reply, result, fx)
+        }
+        StoreRequest::Extend {
+            id,
+            holder,
+            expires_at_ms,
+            lease_ttl_ms,
+            now_ms,
+            reply,
+        } => {
+            let (result, fx) = isolated(tx, |fx| {
+                let Some(sandbox) = sql::get_sandbox(tx, &id)? else {
+                    return Ok(Err(SandboxRefusal::NotFound));
+                };
+                if !sandbox.state.is_live() {
+                    return Ok(Err(SandboxRefusal::NotLive(sandbox.state)));
+                }
+                let current = sql::get_lease(tx, &id)?;
+                let ttl = lease_ttl_ms.max(expires_at_ms - now_ms);
+                let lease =
+                    match leases::acquire(current.as_ref(), &id, "sandbox", &holder, ttl, now_ms) {
+                        Ok((lease, _)) => lease,
+                        Err(e) => return Ok(Err(SandboxRefusal::Lease(e))),
+                    };
+                sql::put_lease(tx, &lease)?;
+                let Some(after) = sql::set_sandbox_expiry(tx, &id, expires_at_ms, now_ms)? else {
+                    return Ok(Err(SandboxRefusal::NotFound));
+                };
+                fx.leases.push(lease);
+                Ok(Ok(after))
+            });
+            defer(reply, result, fx)
+        }
+        StoreRequest::GetSandbox { id, reply } => defer(reply, sql::get_sandbox(tx, &id), none()),
+        StoreRequest::FindIdempotent { key, reply } => {
+            let found = sql::get_idempotent(tx, &key).and_then(|id| match id {
+                Some(id) => sql::get_sandbox(tx, &id),
+                None => Ok(None),
+            });
+            defer(reply, found, none())
+        }
+        StoreRequest::ListSandboxes { reply } => defer(reply, sql::list_sandboxes(tx), none()),
+        StoreRequest::ListExpired {
+            now_ms,
+            limit,
+            reply,
+        } => defer(reply, sql::list_expired(tx, now_ms, limit), none()),
+        StoreRequest::LiveSandboxesOf { worker_id, reply } => {
+            defer(reply, sql::live_sandboxes_of_worker(tx, &worker_id), none())
+        }
+        StoreRequest::LiveCounts { reply } => defer(reply, sql::live_counts(tx), none()),
+        StoreRequest::AcquireLease {
+            resource_id,
+            resource_type,
+            holder,
+            ttl_ms,
+            now_ms,
+            reply,
+        } => {
+            let (result, fx) = isolated(tx, |fx| {
+                let current = sql::get_lease(tx, &resource_id)?;
+                match leases::acquire(
+                    current.as_ref(),
+                    &resource_id,
+                    &resource_type,
+                    &holder,
+                    ttl_ms,
+                    now_ms,
+                ) {
+                    Ok((lease, kind)) => {
+                        sql::put_lease(tx, &lease)?;
+                        fx.leases.push(lease.clone());
+                        Ok(Ok((lease, kind)))
+                    }
+                    // A refused acquire writes nothing.
+                    Err(e) => Ok(Err(e)),
+                }
+            });
+            defer(reply, result, fx)
+        }
+        StoreRequest::RenewLease {
+            resource_id,
+            holder,
+            ttl_ms,
+            now_ms,
+            reply,
+        } => {
+            let (result, fx) = isolated(tx, |fx| {
+                let current = sql::get_lease(tx, &resource_id)?;
+                match leases::renew(current.as_ref(), &holder, ttl_ms, now_ms) {
+                    Ok(lease) => {
+                        sql::put_lease(tx, &lease)?;
+                        fx.leases.push(lease.clone());
+                        Ok(Ok(lease))
+                    }
+                    Err(e) => Ok(Err(e)),
+                }
+            });
+            defer(reply, result, fx)
+        }
+        StoreRequest::ReleaseLease {
+            resource_id,
+            holder,
+            now_ms,
+            reply,
+        } => {
+            let (result, fx) = isolated(tx, |fx| {
+                let current = sql::get_lease(tx, &resource_id)?;
+                match leases::release(current.as_ref(), &holder, now_ms) {
+                    Ok(lease) => {
+                        sql::put_lease(tx, &lease)?;
+                        fx.leases.push(lease.clone());
+                        Ok(Ok(lease))
+                    }
+                    Err(e) => Ok(Err(e)),
+                }
+            });
+            defer(reply, result, fx)
+        }
+        StoreRequest::GetLease { resource_id, reply } => {
+            defer(reply, sql::get_lease(tx, &resource_id), none())
+        }
+        StoreRequest::ListLeases { reply } => defer(reply, sql::list_leases(tx), none()),
+        StoreRequest::RenewSandboxLeases {
+            holder,
+            ttl_ms,
+            now_ms,
+            reply,
+        } => {
+            let (result, fx) = isolated_write(tx, |fx| {
+                let renewed = sql::renew_live_sandbox_leases(tx, &holder, ttl_ms, now_ms)?;
+                for (resource_id, expires_at_ms) in &renewed {
+                    // Only holder and expiry matter to the tallies.
+                    fx.leases.push(Lease {
+                        resource_id: resource_id.clone(),
+                        resource_type: String::new(),
+                        holder_id: holder.clone(),
+                        generation: 1,
+                        acquired_at_ms: 0,
+                        renewed_at_ms: now_ms,
+                        expires_at_ms: *expires_at_ms,
+                        transitions: 0,
+                    });
+                }
+                Ok(renewed.len())
+            });
+            defer(reply, result, fx)
+        }
+        StoreRequest::Ping { reply } => defer(reply, Ok(()), none()),
     }
 }
 
-/// The reply slot of a request that was never applied.
-fn apply_nothing(request: StoreRequest) -> Pending {
-    fn none<T>() -> StoreResult<T> {
-        Err(StoreError::Unavailable("not applied".into()))
+/// Destroyed or lost: the state change and the lease release commit together.
+fn end_sandbox(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    holder: &str,
+    state: SandboxState,
+    now_ms: i64,
+) -> (Outcome<Sandbox>, Effects) {
+    use sandbox_statements as sql;
+    isolated(tx, |fx| {
+        let Some(before) = sql::get_sandbox(tx, id)? else {
+            return Ok(Err(SandboxRefusal::NotFound));
+        };
+        let current = sql::get_lease(tx, id)?;
+        if let Err(e) = leases::check_holder(current.as_ref(), holder, now_ms) {
+            return Ok(Err(SandboxRefusal::Lease(e)));
+        }
+        let Some(after) = sql::set_sandbox_state(tx, id, state, now_ms)? else {
+            return Ok(Err(SandboxRefusal::NotFound));
+        };
+        release_if_held(tx, fx, id, holder, now_ms)?;
+        fx.sandboxes.push((Some(before), after.clone()));
+        Ok(Ok(after))
+    })
+}
+
+fn release_if_held(
+    tx: &rusqlite::Transaction<'_>,
+    fx: &mut Effects,
+    id: &str,
+    holder: &str,
+    now_ms: i64,
+) -> StoreResult<()> {
+    let current = sandbox_statements::get_lease(tx, id)?;
+    if let Ok(released) = leases::release(current.as_ref(), holder, now_ms) {
+        sandbox_statements::put_lease(tx, &released)?;
+        fx.leases.push(released);
+    }
+    Ok(())
+}
+
+/// Answers a request that was never applied with `error`.
+fn reply_only(request: StoreRequest, error: &StoreError) -> Deferred {
+    fn fail<T: Send + 'static>(reply: Sender<StoreResult<T>>, error: &StoreError) -> Deferred {
+        defer(reply, Err(error.clone()), Effects::default())
     }
     match request {
-        StoreRequest::SaveHeartbeat { reply, .. } => Pending::Worker(reply, none()),
+        StoreRequest::SaveHeartbeat { reply, .. } => fail(reply, error),
         StoreRequest::SetWorkerStatus { reply, .. } | StoreRequest::GetWorker { reply, .. } => {
-            Pending::MaybeWorker(reply, none())
+            fail(reply, error)
         }
-        StoreRequest::DeleteWorker { reply, .. } => Pending::Deleted(reply, none()),
+        StoreRequest::DeleteWorker { reply, .. } => fail(reply, error),
         StoreRequest::RecordAudit { reply, .. } | StoreRequest::Ping { reply } => {
-            Pending::Unit(reply, none())
+            fail(reply, error)
         }
-        StoreRequest::ListWorkers { reply } => Pending::Workers(reply, none()),
+        StoreRequest::ListWorkers { reply } => fail(reply, error),
+        StoreRequest::StartSpawn { reply, .. } => fail(reply, error),
+        StoreRequest::FinishSpawn { reply, .. }
+        | StoreRequest::FinishDestroy { reply, .. }
+        | StoreRequest::Extend { reply, .. }
+        | StoreRequest::MarkLost { reply, .. } => fail(reply, error),
+        StoreRequest::StartDestroy { reply, .. } => fail(reply, error),
+        StoreRequest::GetSandbox { reply, .. } | StoreRequest::FindIdempotent { reply, .. } => {
+            fail(reply, error)
+        }
+        StoreRequest::ListSandboxes { reply }
+        | StoreRequest::ListExpired { reply, .. }
+        | StoreRequest::LiveSandboxesOf { reply, .. } => fail(reply, error),
+        StoreRequest::LiveCounts { reply } => fail(reply, error),
+        StoreRequest::AcquireLease { reply, .. } => fail(reply, error),
+        StoreRequest::RenewLease { reply, .. } | StoreRequest::ReleaseLease { reply, .. } => {
+            fail(reply, error)
+        }
+        StoreRequest::GetLease { reply, .. } => fail(reply, error),
+        StoreRequest::ListLeases { reply } => fail(reply, error),
+        StoreRequest::RenewSandboxLeases { reply, .. } => fail(reply, error),
     }
 }
 

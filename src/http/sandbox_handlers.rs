@@ -1,0 +1,174 @@
+//! Handlers for sandboxes, providers and leases; the lifecycle work itself
+//! is in `crate::lifecycle`, shared with every other caller.
+
+use serde_json::json;
+
+use super::Ctx;
+use super::api::{
+    ApiError, LeaseJson, SandboxJson, parse_lease_body, parse_spawn, parse_ttl, to_json,
+};
+use super::handlers::{Incoming, Reply};
+use super::router::LeaseVerb;
+use crate::leases::LeaseError;
+use crate::lifecycle::SpawnRequest;
+use crate::sandboxes::MAX_IDEMPOTENCY_KEY_LEN;
+use crate::time::{format_duration, now_ms};
+
+fn spawn_request(incoming: &Incoming<'_>, body: &[u8]) -> Result<SpawnRequest, ApiError> {
+    let mut req = parse_spawn(body)?;
+    // StacyVM: the X-User-ID header names the owner, over the body.
+    if let Some(user) = incoming.user_id {
+        req.owner_id = user.to_owned();
+    }
+    if let Some(key) = incoming.idempotency_key {
+        if key.is_empty()
+            || key.len() > MAX_IDEMPOTENCY_KEY_LEN
+            || key.chars().any(char::is_control)
+        {
+            return Err(ApiError::bad_request(format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable characters"
+            )));
+        }
+        req.idempotency_key = Some(key.to_owned());
+    }
+    Ok(req)
+}
+
+pub fn spawn(ctx: &Ctx, incoming: &Incoming<'_>, body: &[u8]) -> Result<Reply, ApiError> {
+    let req = spawn_request(incoming, body)?;
+    let (sandbox, replayed) = ctx.lifecycle.spawn(&req)?;
+    if replayed {
+        log::debug!(
+            "spawn replayed {} for idempotency key (request {})",
+            sandbox.id,
+            incoming.request_id
+        );
+    }
+    Ok(Reply::json(201, to_json(&SandboxJson::from(&sandbox))))
+}
+
+pub fn admission(ctx: &Ctx, incoming: &Incoming<'_>, body: &[u8]) -> Result<Reply, ApiError> {
+    let req = spawn_request(incoming, body)?;
+    let a = ctx.lifecycle.admission(&req)?;
+    let config = ctx.live.get();
+    let limits = &config.sandboxes;
+    let mut out = json!({
+        "allowed": a.denial.is_none(),
+        "queueable": false,
+        "active_sandboxes": a.active_sandboxes,
+        "max_sandboxes": limits.max_sandboxes,
+        "max_ttl": format_duration(limits.max_ttl),
+        "worker_reason": a.worker_reason,
+        "rejections": a.rejections,
+    });
+    let fields = out.as_object_mut().expect("json! object");
+    if let Some(denial) = a.denial {
+        fields.insert("reason".into(), denial.as_str().into());
+    }
+    if !req.owner_id.is_empty() {
+        fields.insert(
+            "active_owner_sandboxes".into(),
+            a.active_owner_sandboxes.into(),
+        );
+    }
+    if limits.max_per_owner > 0 {
+        fields.insert("max_owner_sandboxes".into(), limits.max_per_owner.into());
+    }
+    if let Some(id) = a.selected_worker_id {
+        fields.insert("selected_worker_id".into(), id.into());
+    }
+    if let Some(n) = a.eligible_workers {
+        fields.insert("eligible_workers".into(), n.into());
+    }
+    Ok(Reply::json(200, to_json(&out)))
+}
+
+pub fn list(ctx: &Ctx) -> Result<Reply, ApiError> {
+    let all = ctx.lifecycle.list()?;
+    let items: Vec<SandboxJson<'_>> = all.iter().map(SandboxJson::from).collect();
+    Ok(Reply::json(200, to_json(&items)))
+}
+
+pub fn get(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
+    let sandbox = ctx.lifecycle.get(id)?;
+    Ok(Reply::json(200, to_json(&SandboxJson::from(&sandbox))))
+}
+
+pub fn destroy(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
+    ctx.lifecycle.destroy(id)?;
+    Ok(Reply::json(200, br#"{"status":"destroyed"}"#.to_vec()))
+}
+
+pub fn prune(ctx: &Ctx) -> Result<Reply, ApiError> {
+    let pruned = ctx.lifecycle.prune()?;
+    Ok(Reply::json(200, to_json(&json!({ "pruned": pruned }))))
+}
+
+pub fn extend(ctx: &Ctx, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
+    let ttl_ms = parse_ttl(body)?;
+    let sandbox = ctx.lifecycle.extend(id, ttl_ms)?;
+    Ok(Reply::json(200, to_json(&SandboxJson::from(&sandbox))))
+}
+
+pub fn providers(ctx: &Ctx) -> Result<Reply, ApiError> {
+    let registry = ctx.lifecycle.providers();
+    let items: Vec<serde_json::Value> = registry
+        .all()
+        .map(|p| {
+            let health = p.health();
+            json!({
+                "name": p.name(),
+                "healthy": health.is_ok(),
+                "error": health.err().map(|e| e.to_string()),
+                "default": p.name() == registry.default_name(),
+                "capabilities": p.capabilities(),
+                "runtimes": p.list_runtimes().map(|r| r.len()).unwrap_or(0),
+                "limits": "none (mock provider)",
+            })
+        })
+        .collect();
+    Ok(Reply::json(200, to_json(&items)))
+}
+
+pub fn list_leases(ctx: &Ctx) -> Result<Reply, ApiError> {
+    let all = ctx.store.list_leases()?;
+    let now = now_ms();
+    let items: Vec<LeaseJson<'_>> = all.iter().map(|l| LeaseJson::new(l, now)).collect();
+    Ok(Reply::json(200, to_json(&items)))
+}
+
+pub fn get_lease(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
+    match ctx.store.get_lease(id)? {
+        Some(lease) => Ok(Reply::json(200, to_json(&LeaseJson::new(&lease, now_ms())))),
+        None => Err(ApiError::not_found(format!("no lease for {id}"))),
+    }
+}
+
+fn lease_error(id: &str, e: LeaseError) -> ApiError {
+    match e {
+        LeaseError::NotFound => ApiError::not_found(format!("no lease for {id}")),
+        LeaseError::Invalid(m) => ApiError::bad_request(m),
+        other => ApiError::conflict(format!("lease on {id}: {other}")),
+    }
+}
+
+/// Admin lease actions, for operators and for fencing tests.
+pub fn lease_action(ctx: &Ctx, id: &str, verb: LeaseVerb, body: &[u8]) -> Result<Reply, ApiError> {
+    if id.is_empty() || id.len() > 255 || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ApiError::bad_request("invalid resource id"));
+    }
+    let b = parse_lease_body(body)?;
+    let now = now_ms();
+    let default_ttl = ctx.live.get().leases.ttl.as_millis() as i64;
+    let ttl = b.ttl_ms.unwrap_or(default_ttl);
+    let lease = match verb {
+        LeaseVerb::Acquire => ctx
+            .store
+            .acquire_lease(id, &b.resource_type, &b.holder_id, ttl, now)?
+            .map(|(l, _)| l),
+        LeaseVerb::Renew => ctx.store.renew_lease(id, &b.holder_id, ttl, now)?,
+        LeaseVerb::Release => ctx.store.release_lease(id, &b.holder_id, now)?,
+    }
+    .map_err(|e| lease_error(id, e))?;
+    Ok(Reply::json(200, to_json(&LeaseJson::new(&lease, now))))
+}

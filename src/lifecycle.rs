@@ -1,0 +1,564 @@
+//! Sandbox lifecycle: spawn, destroy, extend, reap, renew and reconcile.
+//! One code path for every caller (REST now, the admin socket later).
+//!
+//! Runs on the caller's thread (an HTTP handler, the `reaper` thread, or the
+//! supervisor during startup) and talks to the store, the scheduler and the
+//! local worker's executor through their handles.
+//!
+//! Invariants:
+//! - every mutating step takes or renews the sandbox lease first, and this
+//!   worker checks holder, expiry and generation (its fence) before it acts;
+//! - a spawn persists its lease and `creating` record together before the
+//!   provider runs, and any failure after that destroys the runtime, marks
+//!   the record `error` and releases the lease: nothing half-done remains;
+//! - a destroy refused because another worker holds the lease changes
+//!   nothing;
+//! - scheduler counts follow the store: a reservation is settled exactly
+//!   once, a live sandbox that ends is subtracted exactly once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::config::LiveConfig;
+use crate::leases::{Lease, LeaseError};
+use crate::providers::{ExecError, ExecutorHandle, Registry, RuntimeSpec};
+use crate::sandboxes::{Sandbox, SandboxIds, SandboxState, SpawnSpec, validate_owner_id};
+use crate::scheduler::{Admission, AdmissionQuery, Limits, SchedulerError, SchedulerHandle};
+use crate::store::{SandboxRefusal, SpawnStart, StoreError, StoreHandle};
+use crate::time::now_ms;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum LifecycleError {
+    Invalid(String),
+    NotFound(String),
+    /// Another worker holds the lease, or the state forbids the change.
+    Conflict(String),
+    Denied(Box<Admission>),
+    /// The provider failed; nothing is left behind.
+    Provider(String),
+    /// A component (store, scheduler, executor, provider) did not answer.
+    Unavailable(String),
+    Internal(String),
+}
+
+impl std::fmt::Display for LifecycleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LifecycleError::Invalid(m)
+            | LifecycleError::NotFound(m)
+            | LifecycleError::Conflict(m)
+            | LifecycleError::Provider(m)
+            | LifecycleError::Unavailable(m)
+            | LifecycleError::Internal(m) => f.write_str(m),
+            LifecycleError::Denied(a) => {
+                write!(
+                    f,
+                    "admission denied: {}",
+                    a.denial.map_or("unknown", |d| d.as_str())
+                )
+            }
+        }
+    }
+}
+
+impl From<StoreError> for LifecycleError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => LifecycleError::Unavailable(e.to_string()),
+            StoreError::Database(_) => LifecycleError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<SchedulerError> for LifecycleError {
+    fn from(e: SchedulerError) -> Self {
+        LifecycleError::Unavailable(e.to_string())
+    }
+}
+
+fn refusal(id: &str, r: SandboxRefusal) -> LifecycleError {
+    match r {
+        SandboxRefusal::NotFound | SandboxRefusal::NotLive(SandboxState::Destroyed) => {
+            LifecycleError::NotFound(format!("sandbox {id} not found"))
+        }
+        SandboxRefusal::NotLive(state) => {
+            LifecycleError::Conflict(format!("sandbox {id} is {}", state.as_str()))
+        }
+        SandboxRefusal::Lease(e) => LifecycleError::Conflict(format!("sandbox {id}: {e}")),
+    }
+}
+
+/// A spawn as asked, before defaults and limits.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpawnRequest {
+    pub image: Option<String>,
+    pub provider: Option<String>,
+    pub memory_mb: Option<u64>,
+    pub vcpus: Option<u64>,
+    pub ttl_ms: Option<i64>,
+    pub owner_id: String,
+    pub metadata: BTreeMap<String, String>,
+    pub idempotency_key: Option<String>,
+}
+
+pub struct Lifecycle {
+    live: LiveConfig,
+    store: StoreHandle,
+    scheduler: SchedulerHandle,
+    executor: ExecutorHandle,
+    providers: Registry,
+    ids: SandboxIds,
+    /// Highest lease generation this worker has seen per sandbox.
+    fence: Mutex<HashMap<String, u64>>,
+}
+
+impl Lifecycle {
+    pub fn new(
+        live: LiveConfig,
+        store: StoreHandle,
+        scheduler: SchedulerHandle,
+        executor: ExecutorHandle,
+        providers: Registry,
+    ) -> Lifecycle {
+        Lifecycle {
+            live,
+            store,
+            scheduler,
+            executor,
+            providers,
+            ids: SandboxIds::new(),
+            fence: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn providers(&self) -> &Registry {
+        &self.providers
+    }
+
+    fn me(&self) -> String {
+        self.live.get().worker.id.clone()
+    }
+
+    fn lease_ttl_ms(&self) -> i64 {
+        self.live.get().leases.ttl.as_millis() as i64
+    }
+
+    /// The acting worker's check before it mutates under `lease`: it must
+    /// hold it, unexpired, with a generation not older than any it has seen.
+    fn fenced(&self, lease: &Lease, now: i64) -> Result<(), LifecycleError> {
+        let me = self.me();
+        if lease.holder_id != me {
+            return Err(LifecycleError::Conflict(format!(
+                "lease on {} is held by {}",
+                lease.resource_id, lease.holder_id
+            )));
+        }
+        if lease.expires_at_ms <= now {
+            return Err(LifecycleError::Conflict(format!(
+                "lease on {} expired",
+                lease.resource_id
+            )));
+        }
+        let mut seen = self.fence.lock().unwrap_or_else(|e| e.into_inner());
+        let highest = seen.entry(lease.resource_id.clone()).or_insert(0);
+        crate::leases::check_generation(lease.generation, *highest).map_err(|e| {
+            LifecycleError::Conflict(format!("lease on {}: {e}", lease.resource_id))
+        })?;
+        *highest = lease.generation;
+        Ok(())
+    }
+
+    fn forget_fence(&self, id: &str) {
+        self.fence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// Applies defaults and limits. An unknown provider is `NotFound`.
+    pub fn resolve(&self, req: &SpawnRequest) -> Result<SpawnSpec, LifecycleError> {
+        let config = self.live.get();
+        let c = &config.sandboxes;
+        let provider = req
+            .provider
+            .clone()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| self.providers.default_name().to_owned());
+        if self.providers.get(&provider).is_none() {
+            return Err(LifecycleError::NotFound(format!(
+                "unknown provider {provider:?} (configured: {})",
+                self.providers.names().join(", ")
+            )));
+        }
+        let image = req
+            .image
+            .clone()
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(|| c.default_image.clone());
+        crate::workers::validate_name("image", &image).map_err(LifecycleError::Invalid)?;
+        let memory_mb = req.memory_mb.unwrap_or(u64::from(c.default_memory_mb));
+        if memory_mb == 0 || memory_mb > u64::from(c.max_memory_mb) {
+            return Err(LifecycleError::Invalid(format!(
+                "field `memory_mb` must be from 1 to {}",
+                c.max_memory_mb
+            )));
+        }
+        let vcpus = req.vcpus.unwrap_or(u64::from(c.default_vcpus));
+        if vcpus == 0 || vcpus > u64::from(c.max_vcpus) {
+            return Err(LifecycleError::Invalid(format!(
+                "field `vcpus` must be from 1 to {}",
+                c.max_vcpus
+            )));
+        }
+        let ttl_ms = req.ttl_ms.unwrap_or(c.default_ttl.as_millis() as i64);
+        if ttl_ms <= 0 {
+            return Err(LifecycleError::Invalid(
+                "field `ttl` must be positive".into(),
+            ));
+        }
+        validate_owner_id(&req.owner_id).map_err(LifecycleError::Invalid)?;
+        Ok(SpawnSpec {
+            image,
+            provider,
+            memory_mb: memory_mb as u32,
+            vcpus: vcpus as u32,
+            ttl_ms,
+            owner_id: req.owner_id.clone(),
+            metadata: req.metadata.clone(),
+        })
+    }
+
+    fn query(&self, spec: &SpawnSpec, reserve: bool) -> AdmissionQuery {
+        let config = self.live.get();
+        AdmissionQuery {
+            provider: spec.provider.clone(),
+            owner_id: spec.owner_id.clone(),
+            ttl_ms: spec.ttl_ms,
+            limits: Limits {
+                max_ttl_ms: config.sandboxes.max_ttl.as_millis() as i64,
+                max_sandboxes: config.sandboxes.max_sandboxes,
+                max_per_owner: config.sandboxes.max_per_owner,
+            },
+            reserve,
+        }
+    }
+
+    /// Preflight: what a spawn would be told now, creating nothing.
+    pub fn admission(&self, req: &SpawnRequest) -> Result<Admission, LifecycleError> {
+        let spec = self.resolve(req)?;
+        Ok(self.scheduler.admit(self.query(&spec, false), true)?)
+    }
+
+    /// Spawns a sandbox. Returns it and whether it is an idempotent replay.
+    pub fn spawn(&self, req: &SpawnRequest) -> Result<(Sandbox, bool), LifecycleError> {
+        let spec = self.resolve(req)?;
+        let key = req
+            .idempotency_key
+            .as_ref()
+            .map(|k| format!("{}\n{k}", spec.owner_id));
+        if let Some(key) = &key {
+            if let Some(existing) = self.store.find_idempotent(key)? {
+                return Ok((existing, true));
+            }
+        }
+        let admission = self.scheduler.admit(self.query(&spec, true), false)?;
+        let Some(reservation) = admission.reservation.clone() else {
+            return Err(LifecycleError::Denied(Box::new(admission)));
+        };
+        let result = self.spawn_reserved(&spec, key, &reservation.worker_id);
+        let created = matches!(result, Ok((_, false)));
+        if let Err(e) = self.scheduler.settle(reservation, created) {
+            log::error!("could not settle a reservation: {e}");
+        }
+        result
+    }
+
+    fn spawn_reserved(
+        &self,
+        spec: &SpawnSpec,
+        key: Option<String>,
+        worker_id: &str,
+    ) -> Result<(Sandbox, bool), LifecycleError> {
+        let now = now_ms();
+        let sandbox = Sandbox {
+            id: self.ids.next(),
+            state: SandboxState::Creating,
+            provider: spec.provider.clone(),
+            image: spec.image.clone(),
+            memory_mb: spec.memory_mb,
+            vcpus: spec.vcpus,
+            owner_id: spec.owner_id.clone(),
+            metadata: spec.metadata.clone(),
+            worker_id: worker_id.to_owned(),
+            created_at_ms: now,
+            expires_at_ms: now.saturating_add(spec.ttl_ms),
+            updated_at_ms: now,
+        };
+        let id = sandbox.id.clone();
+        let (sandbox, lease) = match self.store.start_spawn(sandbox, self.lease_ttl_ms(), key)? {
+            Ok(SpawnStart::Started { sandbox, lease }) => (sandbox, lease),
+            Ok(SpawnStart::Replayed(existing)) => return Ok((existing, true)),
+            Err(r) => return Err(refusal(&id, r)),
+        };
+        self.fenced(&lease, now)?;
+        let provider = self
+            .providers
+            .get(&sandbox.provider)
+            .expect("resolve checked the provider")
+            .clone();
+        let runtime = RuntimeSpec {
+            sandbox_id: id.clone(),
+            image: sandbox.image.clone(),
+            memory_mb: sandbox.memory_mb,
+            vcpus: sandbox.vcpus,
+        };
+        let timeout = self.live.get().sandboxes.provider_timeout;
+        let started = self.executor.spawn(&provider, runtime, timeout);
+        let failure = match started {
+            Ok(()) => match self.store.finish_spawn(&id, worker_id, true, now_ms()) {
+                Ok(Ok(running)) => {
+                    log::info!("sandbox {id} running on {worker_id} ({})", running.provider);
+                    return Ok((running, false));
+                }
+                Ok(Err(r)) => refusal(&id, r),
+                Err(e) => LifecycleError::from(e),
+            },
+            Err(ExecError::Provider(e)) => {
+                LifecycleError::Provider(format!("spawn of {id} failed: {e}"))
+            }
+            Err(e @ (ExecError::Timeout | ExecError::Unavailable(_))) => {
+                LifecycleError::Unavailable(format!("spawn of {id}: {e}"))
+            }
+        };
+        // Undo: no runtime, record `error`, lease released.
+        if let Err(e) = self.executor.destroy(&provider, &id, timeout) {
+            log::error!("cleanup of failed spawn {id}: destroying its runtime failed: {e}");
+        }
+        match self.store.finish_spawn(&id, worker_id, false, now_ms()) {
+            Ok(Ok(_)) => {}
+            Ok(Err(r)) => log::error!("cleanup of failed spawn {id}: {}", refusal(&id, r)),
+            Err(e) => log::error!("cleanup of failed spawn {id}: {e}"),
+        }
+        self.forget_fence(&id);
+        log::warn!("{failure}");
+        Err(failure)
+    }
+
+    /// Destroys a sandbox: lease first, then provider, then record and lease
+    /// release together.
+    pub fn destroy(&self, id: &str) -> Result<Sandbox, LifecycleError> {
+        let me = self.me();
+        let now = now_ms();
+        let (sandbox, lease) = match self
+            .store
+            .start_destroy(id, &me, self.lease_ttl_ms(), now)?
+        {
+            Ok(pair) => pair,
+            Err(r) => return Err(refusal(id, r)),
+        };
+        self.fenced(&lease, now)?;
+        if sandbox.worker_id != me {
+            let _ = self.store.release_lease(id, &me, now_ms());
+            return Err(LifecycleError::Conflict(format!(
+                "sandbox {id} is owned by worker {}; remote worker RPC is not available",
+                sandbox.worker_id
+            )));
+        }
+        match self.providers.get(&sandbox.provider) {
+            Some(provider) => {
+                let timeout = self.live.get().sandboxes.provider_timeout;
+                if let Err(e) = self.executor.destroy(provider, id, timeout) {
+                    let _ = self.store.release_lease(id, &me, now_ms());
+                    return Err(match e {
+                        ExecError::Provider(e) => {
+                            LifecycleError::Provider(format!("destroy of {id} failed: {e}"))
+                        }
+                        other => LifecycleError::Unavailable(format!("destroy of {id}: {other}")),
+                    });
+                }
+            }
+            None => log::warn!(
+                "sandbox {id}: provider {} is no longer configured; marking destroyed",
+                sandbox.provider
+            ),
+        }
+        let destroyed = match self.store.finish_destroy(id, &me, now_ms())? {
+            Ok(s) => s,
+            Err(r) => return Err(refusal(id, r)),
+        };
+        if sandbox.state.is_live() {
+            self.scheduler
+                .sandbox_count(&sandbox.worker_id, &sandbox.owner_id, -1)?;
+        }
+        self.forget_fence(id);
+        log::info!("sandbox {id} destroyed");
+        Ok(destroyed)
+    }
+
+    pub fn extend(&self, id: &str, ttl_ms: i64) -> Result<Sandbox, LifecycleError> {
+        let max = self.live.get().sandboxes.max_ttl.as_millis() as i64;
+        if ttl_ms <= 0 || ttl_ms > max {
+            return Err(LifecycleError::Invalid(format!(
+                "field `ttl` must be positive and at most sandboxes.max_ttl ({})",
+                crate::time::format_duration(Duration::from_millis(max as u64))
+            )));
+        }
+        let now = now_ms();
+        match self.store.extend(
+            id,
+            &self.me(),
+            now.saturating_add(ttl_ms),
+            self.lease_ttl_ms(),
+            now,
+        )? {
+            Ok(s) => Ok(s),
+            Err(r) => Err(refusal(id, r)),
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<Sandbox, LifecycleError> {
+        match self.store.get_sandbox(id)? {
+            Some(s) if s.state != SandboxState::Destroyed => Ok(s),
+            _ => Err(LifecycleError::NotFound(format!("sandbox {id} not found"))),
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<Sandbox>, LifecycleError> {
+        Ok(self.store.list_sandboxes()?)
+    }
+
+    /// Destroys every sandbox whose TTL passed. Returns how many.
+    pub fn prune(&self) -> Result<usize, LifecycleError> {
+        let mut pruned = 0;
+        loop {
+            let expired = self.store.list_expired(now_ms(), 256)?;
+            if expired.is_empty() {
+                return Ok(pruned);
+            }
+            let mut progress = false;
+            for s in expired {
+                match self.destroy(&s.id) {
+                    Ok(_) => {
+                        pruned += 1;
+                        progress = true;
+                    }
+                    Err(e) => log::warn!("could not reap expired sandbox {}: {e}", s.id),
+                }
+            }
+            if !progress {
+                return Ok(pruned);
+            }
+        }
+    }
+
+    /// Keeps the leases of this worker's live sandboxes from lapsing.
+    pub fn renew_leases(&self) {
+        match self
+            .store
+            .renew_sandbox_leases(&self.me(), self.lease_ttl_ms(), now_ms())
+        {
+            Ok(n) if n > 0 => log::trace!("renewed {n} sandbox leases"),
+            Ok(_) => {}
+            Err(e) => log::warn!("lease renewal failed: {e}"),
+        }
+    }
+
+    /// Startup reconciliation of provider runtimes against the store.
+    /// Every step is logged. Returns (kept, adopted, lost, reaped).
+    pub fn reconcile(&self) -> Result<(usize, usize, usize, usize), LifecycleError> {
+        let me = self.me();
+        let ttl = self.lease_ttl_ms();
+        let timeout = self.live.get().sandboxes.provider_timeout;
+        let (mut kept, mut adopted, mut lost, mut reaped) = (0, 0, 0, 0);
+        let records = self.store.live_sandboxes_of(&me)?;
+        for provider in self.providers.all() {
+            let runtimes = provider
+                .list_runtimes()
+                .map_err(|e| LifecycleError::Provider(e.to_string()))?;
+            let running: std::collections::HashSet<&str> =
+                runtimes.iter().map(String::as_str).collect();
+            for record in records.iter().filter(|r| r.provider == provider.name()) {
+                // Lease first: a record whose lease another worker holds is
+                // not ours to change.
+                match self
+                    .store
+                    .acquire_lease(&record.id, "sandbox", &me, ttl, now_ms())?
+                {
+                    Ok(_) => {}
+                    Err(LeaseError::Conflict { holder_id, .. }) => {
+                        log::warn!(
+                            "reconcile: sandbox {} is leased by {holder_id}; leaving it",
+                            record.id
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        log::warn!("reconcile: sandbox {}: {e}; leaving it", record.id);
+                        continue;
+                    }
+                }
+                if running.contains(record.id.as_str()) {
+                    if record.state == SandboxState::Creating {
+                        match self.store.finish_spawn(&record.id, &me, true, now_ms())? {
+                            Ok(_) => {
+                                adopted += 1;
+                                log::info!(
+                                    "reconcile: adopted runtime of half-finished spawn {}",
+                                    record.id
+                                );
+                            }
+                            Err(r) => log::warn!("reconcile: {}", refusal(&record.id, r)),
+                        }
+                    } else {
+                        kept += 1;
+                    }
+                } else {
+                    match self.store.mark_lost(&record.id, &me, now_ms())? {
+                        Ok(_) => {
+                            lost += 1;
+                            self.scheduler.sandbox_count(
+                                &record.worker_id,
+                                &record.owner_id,
+                                -1,
+                            )?;
+                            log::warn!(
+                                "reconcile: sandbox {} has no runtime; marked lost",
+                                record.id
+                            );
+                        }
+                        Err(r) => log::warn!("reconcile: {}", refusal(&record.id, r)),
+                    }
+                }
+            }
+            for runtime in &runtimes {
+                if records.iter().any(|r| &r.id == runtime) {
+                    continue;
+                }
+                // A runtime with no live record of ours: lease first, then reap.
+                match self
+                    .store
+                    .acquire_lease(runtime, "sandbox", &me, ttl, now_ms())?
+                {
+                    Ok(_) => {
+                        match self.executor.destroy(provider, runtime, timeout) {
+                            Ok(()) => {
+                                reaped += 1;
+                                log::warn!(
+                                    "reconcile: reaped runtime {runtime} that has no live record"
+                                );
+                            }
+                            Err(e) => {
+                                log::error!("reconcile: could not reap runtime {runtime}: {e}")
+                            }
+                        }
+                        let _ = self.store.release_lease(runtime, &me, now_ms());
+                    }
+                    Err(e) => log::warn!("reconcile: runtime {runtime} skipped: {e}"),
+                }
+            }
+        }
+        log::info!("reconcile: {kept} kept, {adopted} adopted, {lost} lost, {reaped} reaped");
+        Ok((kept, adopted, lost, reaped))
+    }
+}

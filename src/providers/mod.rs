@@ -1,0 +1,237 @@
+//! Providers run sandbox runtimes (mock now; process, microVM later), and the
+//! local worker's executor that calls them.
+//!
+//! Provider calls may be slow or hang, so they never run on an HTTP or store
+//! thread: the `worker-N` executor threads take jobs from a bounded queue and
+//! the caller waits with a deadline. A spawn whose caller gave up is undone
+//! by the executor when the provider finally returns, so a late runtime is
+//! never left behind.
+
+pub mod mock;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+
+/// What a provider needs to start a runtime. The runtime is named by the
+/// sandbox id, so reconciliation can match runtimes to records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeSpec {
+    pub sandbox_id: String,
+    pub image: String,
+    pub memory_mb: u32,
+    pub vcpus: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderError(pub String);
+
+impl std::fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub trait Provider: Send + Sync {
+    fn name(&self) -> &str;
+    fn capabilities(&self) -> Vec<String>;
+    /// Starts the runtime; returns when it runs.
+    fn spawn(&self, spec: &RuntimeSpec) -> Result<(), ProviderError>;
+    /// Stops the runtime and removes its state. Destroying a runtime that
+    /// does not exist succeeds (destroy is retried after failures).
+    fn destroy(&self, sandbox_id: &str) -> Result<(), ProviderError>;
+    fn is_running(&self, sandbox_id: &str) -> Result<bool, ProviderError>;
+    /// Every runtime the provider has, for reconciliation.
+    fn list_runtimes(&self) -> Result<Vec<String>, ProviderError>;
+    fn health(&self) -> Result<(), ProviderError>;
+}
+
+/// The configured providers, by name, and the default one.
+#[derive(Clone)]
+pub struct Registry {
+    providers: BTreeMap<String, Arc<dyn Provider>>,
+    default: String,
+}
+
+impl Registry {
+    pub fn new(providers: Vec<Arc<dyn Provider>>, default: &str) -> Registry {
+        let providers = providers
+            .into_iter()
+            .map(|p| (p.name().to_owned(), p))
+            .collect();
+        Registry {
+            providers,
+            default: default.to_owned(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Provider>> {
+        self.providers.get(name)
+    }
+
+    pub fn default_name(&self) -> &str {
+        &self.default
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.providers.keys().cloned().collect()
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Provider>> {
+        self.providers.values()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecError {
+    Provider(ProviderError),
+    /// The provider did not answer within the deadline.
+    Timeout,
+    /// The executor queue is full or its threads are gone.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for ExecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExecError::Provider(e) => write!(f, "provider failed: {e}"),
+            ExecError::Timeout => write!(f, "provider did not answer in time"),
+            ExecError::Unavailable(why) => write!(f, "executor unavailable: {why}"),
+        }
+    }
+}
+
+enum JobKind {
+    Spawn(RuntimeSpec),
+    Destroy(String),
+}
+
+struct Job {
+    provider: Arc<dyn Provider>,
+    kind: JobKind,
+    reply: Sender<Result<(), ProviderError>>,
+    /// Set by the caller when it stopped waiting.
+    abandoned: Arc<AtomicBool>,
+}
+
+#[derive(Clone)]
+pub struct ExecutorHandle {
+    jobs: Sender<Job>,
+}
+
+impl ExecutorHandle {
+    fn run(
+        &self,
+        provider: &Arc<dyn Provider>,
+        kind: JobKind,
+        deadline: Duration,
+    ) -> Result<(), ExecError> {
+        let (reply, answer) = bounded(1);
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let job = Job {
+            provider: provider.clone(),
+            kind,
+            reply,
+            abandoned: abandoned.clone(),
+        };
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(ExecError::Unavailable("job queue is full".into()));
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(ExecError::Unavailable("executor stopped".into()));
+            }
+        }
+        match answer.recv_timeout(deadline) {
+            Ok(result) => result.map_err(ExecError::Provider),
+            Err(_) => {
+                abandoned.store(true, Ordering::SeqCst);
+                Err(ExecError::Timeout)
+            }
+        }
+    }
+
+    pub fn spawn(
+        &self,
+        provider: &Arc<dyn Provider>,
+        spec: RuntimeSpec,
+        deadline: Duration,
+    ) -> Result<(), ExecError> {
+        self.run(provider, JobKind::Spawn(spec), deadline)
+    }
+
+    pub fn destroy(
+        &self,
+        provider: &Arc<dyn Provider>,
+        sandbox_id: &str,
+        deadline: Duration,
+    ) -> Result<(), ExecError> {
+        self.run(provider, JobKind::Destroy(sandbox_id.to_owned()), deadline)
+    }
+}
+
+pub struct Executor {
+    pub handle: ExecutorHandle,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Executor {
+    pub fn start(
+        threads: usize,
+        on_exit: &crate::daemon::ExitNotifier,
+    ) -> std::io::Result<Executor> {
+        let (jobs, queue) = bounded::<Job>(1024);
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let queue = queue.clone();
+            let on_exit = on_exit.clone();
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("worker-{i}"))
+                    .spawn(move || {
+                        let _exit = on_exit.guard("worker");
+                        run_jobs(&queue);
+                    })?,
+            );
+        }
+        Ok(Executor {
+            handle: ExecutorHandle { jobs },
+            threads: handles,
+        })
+    }
+
+    /// Waits for the jobs in hand; the queue closes when every handle is gone.
+    pub fn join(self) {
+        drop(self.handle);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run_jobs(queue: &Receiver<Job>) {
+    while let Ok(job) = queue.recv() {
+        let result = match &job.kind {
+            JobKind::Spawn(spec) => {
+                let result = job.provider.spawn(spec);
+                if result.is_ok() && job.abandoned.load(Ordering::SeqCst) {
+                    log::warn!(
+                        "spawn of {} finished after its caller gave up; destroying the runtime",
+                        spec.sandbox_id
+                    );
+                    if let Err(e) = job.provider.destroy(&spec.sandbox_id) {
+                        log::error!("could not destroy late runtime {}: {e}", spec.sandbox_id);
+                    }
+                }
+                result
+            }
+            JobKind::Destroy(id) => job.provider.destroy(id),
+        };
+        let _ = job.reply.send(result);
+    }
+}

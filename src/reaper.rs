@@ -1,0 +1,50 @@
+//! The `reaper` thread: destroys sandboxes whose TTL passed (every
+//! `sandboxes.reap_interval`) and renews the leases of this worker's live
+//! sandboxes (every `leases.renew_interval`), both through `Lifecycle`.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Sender, bounded, select, tick};
+
+use crate::daemon::ExitNotifier;
+use crate::lifecycle::Lifecycle;
+
+pub struct Reaper {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Reaper {
+    pub fn start(
+        lifecycle: Arc<Lifecycle>,
+        reap_every: std::time::Duration,
+        renew_every: std::time::Duration,
+        on_exit: ExitNotifier,
+    ) -> std::io::Result<Reaper> {
+        let (stop, stopped) = bounded::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || {
+                let _exit = on_exit.guard("reaper");
+                let (reap, renew) = (tick(reap_every), tick(renew_every));
+                loop {
+                    select! {
+                        recv(stopped) -> _ => break,
+                        recv(reap) -> _ => match lifecycle.prune() {
+                            Ok(0) => {}
+                            Ok(n) => log::info!("reaped {n} expired sandboxes"),
+                            Err(e) => log::warn!("reaping failed: {e}"),
+                        },
+                        recv(renew) -> _ => lifecycle.renew_leases(),
+                    }
+                }
+            })?;
+        Ok(Reaper { stop, thread })
+    }
+
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}

@@ -1,0 +1,259 @@
+//! Statements for sandboxes, leases and idempotency keys, and their row
+//! conversions. Only the store thread calls these, inside its transaction.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{OptionalExtension, Row, Transaction, params};
+
+use super::{StoreError, StoreResult};
+use crate::leases::Lease;
+use crate::sandboxes::{Sandbox, SandboxState};
+
+const SANDBOX_COLUMNS: &str = "id, state, provider, image, memory_mb, vcpus, owner_id, metadata, worker_id, created_at, expires_at, updated_at";
+const LIVE: &str = "state IN ('creating', 'running')";
+
+pub fn insert_sandbox(tx: &Transaction<'_>, s: &Sandbox) -> StoreResult<()> {
+    let metadata =
+        serde_json::to_string(&s.metadata).map_err(|e| StoreError::Database(e.to_string()))?;
+    tx.prepare_cached(&format!(
+        "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+    ))?
+    .execute(params![
+        s.id,
+        s.state.as_str(),
+        s.provider,
+        s.image,
+        s.memory_mb,
+        s.vcpus,
+        s.owner_id,
+        metadata,
+        s.worker_id,
+        s.created_at_ms,
+        s.expires_at_ms,
+        s.updated_at_ms
+    ])?;
+    Ok(())
+}
+
+pub fn get_sandbox(tx: &Transaction<'_>, id: &str) -> StoreResult<Option<Sandbox>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"
+    ))?;
+    Ok(stmt.query_row(params![id], sandbox_from_row).optional()?)
+}
+
+pub fn set_sandbox_state(
+    tx: &Transaction<'_>,
+    id: &str,
+    state: SandboxState,
+    now_ms: i64,
+) -> StoreResult<Option<Sandbox>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "UPDATE sandboxes SET state = ?2, updated_at = ?3 WHERE id = ?1 RETURNING {SANDBOX_COLUMNS}"
+    ))?;
+    Ok(stmt
+        .query_row(params![id, state.as_str(), now_ms], sandbox_from_row)
+        .optional()?)
+}
+
+pub fn set_sandbox_expiry(
+    tx: &Transaction<'_>,
+    id: &str,
+    expires_at_ms: i64,
+    now_ms: i64,
+) -> StoreResult<Option<Sandbox>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "UPDATE sandboxes SET expires_at = ?2, updated_at = ?3 WHERE id = ?1 RETURNING {SANDBOX_COLUMNS}"
+    ))?;
+    Ok(stmt
+        .query_row(params![id, expires_at_ms, now_ms], sandbox_from_row)
+        .optional()?)
+}
+
+/// Every sandbox not destroyed, newest first.
+pub fn list_sandboxes(tx: &Transaction<'_>) -> StoreResult<Vec<Sandbox>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state <> 'destroyed' ORDER BY created_at DESC, id DESC"
+    ))?;
+    let rows = stmt.query_map([], sandbox_from_row)?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(StoreError::from)
+}
+
+/// Live sandboxes whose TTL passed, oldest expiry first.
+pub fn list_expired(tx: &Transaction<'_>, now_ms: i64, limit: usize) -> StoreResult<Vec<Sandbox>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE {LIVE} AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map(params![now_ms, limit as i64], sandbox_from_row)?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(StoreError::from)
+}
+
+pub fn live_sandboxes_of_worker(
+    tx: &Transaction<'_>,
+    worker_id: &str,
+) -> StoreResult<Vec<Sandbox>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE {LIVE} AND worker_id = ?1"
+    ))?;
+    let rows = stmt.query_map(params![worker_id], sandbox_from_row)?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(StoreError::from)
+}
+
+/// (worker, owner, live count) for the scheduler's view at start.
+pub fn live_counts(tx: &Transaction<'_>) -> StoreResult<Vec<(String, String, u32)>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT worker_id, owner_id, count(*) FROM sandboxes WHERE {LIVE} GROUP BY worker_id, owner_id"
+    ))?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u32))
+    })?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(StoreError::from)
+}
+
+/// (state, provider, worker, count) for the in-memory tallies at start.
+pub fn sandbox_tally(
+    tx: &Transaction<'_>,
+) -> StoreResult<Vec<(SandboxState, String, String, u64)>> {
+    let mut stmt =
+        tx.prepare_cached("SELECT state, provider, worker_id, count(*) FROM sandboxes GROUP BY state, provider, worker_id")?;
+    let rows = stmt.query_map([], |r| {
+        let state: String = r.get(0)?;
+        Ok((
+            SandboxState::parse(&state),
+            r.get(1)?,
+            r.get(2)?,
+            r.get::<_, i64>(3)? as u64,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (state, provider, worker, n) = row?;
+        let state =
+            state.ok_or_else(|| StoreError::Database("corrupt sandboxes.state column".into()))?;
+        out.push((state, provider, worker, n));
+    }
+    Ok(out)
+}
+
+pub fn get_idempotent(tx: &Transaction<'_>, key: &str) -> StoreResult<Option<String>> {
+    let mut stmt = tx.prepare_cached("SELECT sandbox_id FROM idempotency_keys WHERE key = ?1")?;
+    Ok(stmt.query_row(params![key], |r| r.get(0)).optional()?)
+}
+
+pub fn put_idempotent(
+    tx: &Transaction<'_>,
+    key: &str,
+    sandbox_id: &str,
+    now_ms: i64,
+) -> StoreResult<()> {
+    tx.prepare_cached(
+        "INSERT INTO idempotency_keys (key, sandbox_id, created_at) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![key, sandbox_id, now_ms])?;
+    Ok(())
+}
+
+const LEASE_COLUMNS: &str = "resource_id, resource_type, holder_id, generation, acquired_at, renewed_at, expires_at, transitions";
+
+pub fn get_lease(tx: &Transaction<'_>, resource_id: &str) -> StoreResult<Option<Lease>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {LEASE_COLUMNS} FROM leases WHERE resource_id = ?1"
+    ))?;
+    Ok(stmt
+        .query_row(params![resource_id], lease_from_row)
+        .optional()?)
+}
+
+pub fn put_lease(tx: &Transaction<'_>, l: &Lease) -> StoreResult<()> {
+    tx.prepare_cached(&format!(
+        "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (resource_id) DO UPDATE SET
+             resource_type = ?2, holder_id = ?3, generation = ?4, acquired_at = ?5,
+             renewed_at = ?6, expires_at = ?7, transitions = ?8"
+    ))?
+    .execute(params![
+        l.resource_id,
+        l.resource_type,
+        l.holder_id,
+        l.generation as i64,
+        l.acquired_at_ms,
+        l.renewed_at_ms,
+        l.expires_at_ms,
+        l.transitions as i64
+    ])?;
+    Ok(())
+}
+
+pub fn list_leases(tx: &Transaction<'_>) -> StoreResult<Vec<Lease>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {LEASE_COLUMNS} FROM leases ORDER BY resource_id"
+    ))?;
+    let rows = stmt.query_map([], lease_from_row)?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(StoreError::from)
+}
+
+/// Extends every unexpired lease `holder` has on a live sandbox of its own.
+/// Returns the renewed (resource_id, expires_at) pairs.
+pub fn renew_live_sandbox_leases(
+    tx: &Transaction<'_>,
+    holder: &str,
+    ttl_ms: i64,
+    now_ms: i64,
+) -> StoreResult<Vec<(String, i64)>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "UPDATE leases SET renewed_at = ?2, expires_at = max(expires_at, ?2 + ?3)
+         WHERE holder_id = ?1 AND expires_at > ?2
+           AND resource_id IN (SELECT id FROM sandboxes WHERE {LIVE} AND worker_id = ?1)
+         RETURNING resource_id, expires_at"
+    ))?;
+    let rows = stmt.query_map(params![holder, now_ms, ttl_ms], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(StoreError::from)
+}
+
+fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Sandbox> {
+    let bad = |column: usize, what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(
+            column,
+            rusqlite::types::Type::Text,
+            format!("corrupt sandboxes.{what} column").into(),
+        )
+    };
+    let state: String = row.get(1)?;
+    let metadata: String = row.get(7)?;
+    Ok(Sandbox {
+        id: row.get(0)?,
+        state: SandboxState::parse(&state).ok_or_else(|| bad(1, "state"))?,
+        provider: row.get(2)?,
+        image: row.get(3)?,
+        memory_mb: row.get(4)?,
+        vcpus: row.get(5)?,
+        owner_id: row.get(6)?,
+        metadata: serde_json::from_str::<BTreeMap<String, String>>(&metadata)
+            .map_err(|_| bad(7, "metadata"))?,
+        worker_id: row.get(8)?,
+        created_at_ms: row.get(9)?,
+        expires_at_ms: row.get(10)?,
+        updated_at_ms: row.get(11)?,
+    })
+}
+
+fn lease_from_row(row: &Row<'_>) -> rusqlite::Result<Lease> {
+    Ok(Lease {
+        resource_id: row.get(0)?,
+        resource_type: row.get(1)?,
+        holder_id: row.get(2)?,
+        generation: row.get::<_, i64>(3)? as u64,
+        acquired_at_ms: row.get(4)?,
+        renewed_at_ms: row.get(5)?,
+        expires_at_ms: row.get(6)?,
+        transitions: row.get::<_, i64>(7)? as u64,
+    })
+}
