@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::http::router::RouteId;
 use crate::scheduler::Denial;
+use crate::store::TallyFigures;
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
@@ -329,14 +330,99 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Leases, sandboxes, admissions and reservations.
+fn render_fleet(out: &mut String, workers: &WorkerFigures, t: &TallyFigures) {
+    family(
+        out,
+        "stacyvmd_leases",
+        "gauge",
+        "Leases by status: total, active (held, unexpired), expired (lapsed or released).",
+    );
+    for (status, n) in [
+        ("total", t.leases_total),
+        ("active", t.leases_active),
+        ("expired", t.leases_expired),
+    ] {
+        let _ = writeln!(out, "stacyvmd_leases{{status=\"{status}\"}} {n}");
+    }
+    family(
+        out,
+        "stacyvmd_leases_by_holder",
+        "gauge",
+        "Active leases by holder.",
+    );
+    for (holder, n) in &t.leases_by_holder {
+        let _ = writeln!(
+            out,
+            "stacyvmd_leases_by_holder{{holder=\"{}\"}} {n}",
+            label(holder)
+        );
+    }
+    family(
+        out,
+        "stacyvmd_sandboxes",
+        "gauge",
+        "Sandbox records by state, provider and owner worker.",
+    );
+    for (state, provider, worker, n) in &t.sandboxes {
+        let _ = writeln!(
+            out,
+            "stacyvmd_sandboxes{{state=\"{}\",provider=\"{}\",worker=\"{}\"}} {n}",
+            state.as_str(),
+            label(provider),
+            label(worker)
+        );
+    }
+    family(
+        out,
+        "stacyvmd_sandboxes_by_worker",
+        "gauge",
+        "Live sandboxes (creating or running) owned by each worker.",
+    );
+    for (worker, n) in &workers.sandboxes_by_worker {
+        let _ = writeln!(
+            out,
+            "stacyvmd_sandboxes_by_worker{{worker=\"{}\"}} {n}",
+            label(worker)
+        );
+    }
+    family(
+        out,
+        "stacyvmd_scheduler_reservations",
+        "gauge",
+        "Spawns in flight holding a slot on a worker.",
+    );
+    let _ = writeln!(
+        out,
+        "stacyvmd_scheduler_reservations {}",
+        workers.reservations
+    );
+    family(
+        out,
+        "stacyvmd_admissions_total",
+        "counter",
+        "Admission decisions, by outcome: allowed or the denial reason.",
+    );
+    for (outcome, n) in METRICS.admission.outcomes() {
+        let _ = writeln!(
+            out,
+            "stacyvmd_admissions_total{{outcome=\"{outcome}\"}} {n}"
+        );
+    }
+}
+
 /// Renders the text exposition format 0.0.4.
 pub fn render_prometheus(
     workers: &WorkerFigures,
+    tallies: &TallyFigures,
     process: &ProcessFigures,
     store_wal_bytes: u64,
 ) -> String {
     let m = &*METRICS;
-    let mut out = String::with_capacity(8192 + workers.heartbeat_ages.len() * 80);
+    let mut out = String::with_capacity(
+        8192 + workers.heartbeat_ages.len() * 160 + tallies.sandboxes.len() * 120,
+    );
+    render_fleet(&mut out, workers, tallies);
 
     family(
         &mut out,
@@ -612,7 +698,12 @@ mod tests {
             heartbeat_ages: vec![("w\"1".into(), 1.5)],
             ..Default::default()
         };
-        let text = render_prometheus(&figures, &ProcessFigures::read(), 0);
+        let text = render_prometheus(
+            &figures,
+            &TallyFigures::default(),
+            &ProcessFigures::read(),
+            0,
+        );
         let mut typed = std::collections::HashSet::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {

@@ -265,8 +265,19 @@ fn delete_worker(
         })?;
         return Err(error);
     }
-    // No worker owns sandboxes before the placement milestone, so there is
-    // nothing for `force` to override yet.
+    // A worker that still owns live sandboxes keeps its record unless the
+    // operator insists: its sandboxes would otherwise point at nothing.
+    let live = ctx.scheduler.get(id)?.map_or(0, |v| v.active_sandboxes);
+    if live > 0 && !force {
+        let error = ApiError::conflict(format!(
+            "worker {id} still owns {live} live sandboxes; destroy them or use ?force=true"
+        ));
+        ctx.store.record_audit(AuditEntry {
+            outcome: error.code.into(),
+            ..audit
+        })?;
+        return Err(error);
+    }
     match ctx.store.delete_worker(id, audit)? {
         Deleted::Yes => {
             ctx.scheduler.forget(id)?;
@@ -340,7 +351,21 @@ fn diagnostics(ctx: &Ctx) -> Result<Reply, ApiError> {
     let views = ctx.scheduler.list()?;
     let figures = ctx.scheduler.figures()?;
     let items: Vec<WorkerJson<'_>> = views.iter().map(WorkerJson::from).collect();
-    let body = json!({
+    let providers: Vec<serde_json::Value> = ctx
+        .lifecycle
+        .providers()
+        .all()
+        .map(|p| {
+            let health = p.health();
+            json!({
+                "name": p.name(),
+                "healthy": health.is_ok(),
+                "error": health.err().map(|e| e.to_string()),
+                "runtimes": p.list_runtimes().map(|r| r.len()).unwrap_or(0),
+            })
+        })
+        .collect();
+    let mut body = json!({
         "generated_at": rfc3339(now_ms()),
         "build": build_json(),
         "process": process_json(),
@@ -351,13 +376,17 @@ fn diagnostics(ctx: &Ctx) -> Result<Reply, ApiError> {
             "http_threads": config.server.http_threads,
             "idle_timeout": format_duration(config.server.idle_timeout),
             "local_max_sandboxes": config.worker.max_sandboxes,
+            "max_sandboxes": config.sandboxes.max_sandboxes,
+            "max_per_owner": config.sandboxes.max_per_owner,
+            "max_ttl": format_duration(config.sandboxes.max_ttl),
+            "lease_ttl": format_duration(config.leases.ttl),
         },
         "http": {
             "connections_open": ctx.connections.open(),
             "requests": crate::metrics::METRICS.http.total_requests(),
         },
         "scheduler": scheduler_json(ctx)?,
-        "providers": { "configured": config.worker.providers },
+        "providers": providers,
         "workers": {
             "total": figures.total,
             "online": figures.online,
@@ -367,13 +396,62 @@ fn diagnostics(ctx: &Ctx) -> Result<Reply, ApiError> {
             "items": items,
         },
     });
+    merge(&mut body, fleet_json(ctx, &figures));
     Ok(Reply::json(200, to_json(&body)))
+}
+
+/// Adds the fields of `extra` (an object) to `body` (an object).
+fn merge(body: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(b), serde_json::Value::Object(e)) = (body.as_object_mut(), extra) {
+        b.extend(e);
+    }
+}
+
+/// Leases, sandboxes and admissions for diagnostics and JSON metrics, from
+/// the in-memory tallies.
+fn fleet_json(ctx: &Ctx, figures: &crate::metrics::WorkerFigures) -> serde_json::Value {
+    let t = ctx.store.tallies(now_ms());
+    let mut by_state = std::collections::BTreeMap::<&str, u64>::new();
+    let mut by_provider = std::collections::BTreeMap::<&str, u64>::new();
+    let mut total = 0;
+    for (state, provider, _, n) in &t.sandboxes {
+        *by_state.entry(state.as_str()).or_default() += n;
+        *by_provider.entry(provider.as_str()).or_default() += n;
+        total += n;
+    }
+    let by_worker: std::collections::BTreeMap<&str, u32> = figures
+        .sandboxes_by_worker
+        .iter()
+        .map(|(w, n)| (w.as_str(), *n))
+        .collect();
+    let active: u32 = by_worker.values().sum();
+    let admissions: std::collections::BTreeMap<&str, u64> = crate::metrics::METRICS
+        .admission
+        .outcomes()
+        .into_iter()
+        .collect();
+    json!({
+        "leases": {
+            "total": t.leases_total,
+            "active": t.leases_active,
+            "expired": t.leases_expired,
+            "by_holder": t.leases_by_holder,
+        },
+        "sandboxes": {
+            "total": total,
+            "active": active,
+            "by_state": by_state,
+            "by_provider": by_provider,
+            "by_worker": by_worker,
+        },
+        "admissions": admissions,
+    })
 }
 
 fn metrics_json(ctx: &Ctx) -> Result<Reply, ApiError> {
     let f = ctx.scheduler.figures()?;
     let m = &crate::metrics::METRICS;
-    let body = json!({
+    let mut body = json!({
         "generated_at": rfc3339(now_ms()),
         "build": build_json(),
         "process": process_json(),
@@ -389,12 +467,19 @@ fn metrics_json(ctx: &Ctx) -> Result<Reply, ApiError> {
         },
         "store": store_json(ctx),
     });
+    merge(&mut body, fleet_json(ctx, &f));
     Ok(Reply::json(200, to_json(&body)))
 }
 
 fn prometheus(ctx: &Ctx) -> Result<Reply, ApiError> {
     let figures = ctx.scheduler.figures()?;
-    let text = render_prometheus(&figures, &ProcessFigures::read(), ctx.store.wal_bytes());
+    let tallies = ctx.store.tallies(now_ms());
+    let text = render_prometheus(
+        &figures,
+        &tallies,
+        &ProcessFigures::read(),
+        ctx.store.wal_bytes(),
+    );
     Ok(Reply {
         status: 200,
         content_type: "text/plain; version=0.0.4; charset=utf-8",
