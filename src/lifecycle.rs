@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::config::LiveConfig;
-use crate::leases::{Lease, LeaseError};
+use crate::leases::Lease;
 use crate::providers::{ExecError, ExecutorHandle, Registry, RuntimeSpec};
 use crate::sandboxes::{Sandbox, SandboxIds, SandboxState, SpawnSpec, validate_owner_id};
 use crate::scheduler::{Admission, AdmissionQuery, Limits, SchedulerError, SchedulerHandle};
@@ -465,13 +465,28 @@ impl Lifecycle {
     }
 
     /// Startup reconciliation of provider runtimes against the store.
-    /// Every step is logged. Returns (kept, adopted, lost, reaped).
+    /// Leases first: this worker takes back the leases of its live
+    /// sandboxes in one statement, and leaves alone any sandbox another
+    /// holder has. Then records without a runtime are marked `lost`, a
+    /// half-finished spawn whose runtime exists is adopted, and runtimes
+    /// without a live record are reaped (under a lease). Every step is
+    /// logged. Returns (kept, adopted, lost, reaped).
     pub fn reconcile(&self) -> Result<(usize, usize, usize, usize), LifecycleError> {
         let me = self.me();
         let ttl = self.lease_ttl_ms();
         let timeout = self.live.get().sandboxes.provider_timeout;
         let (mut kept, mut adopted, mut lost, mut reaped) = (0, 0, 0, 0);
+        let conflicts: HashMap<String, String> = self
+            .store
+            .reclaim_sandbox_leases(&me, ttl, now_ms())?
+            .into_iter()
+            .collect();
+        for (id, holder) in &conflicts {
+            log::warn!("reconcile: sandbox {id} is leased by {holder}; leaving it");
+        }
         let records = self.store.live_sandboxes_of(&me)?;
+        let recorded: std::collections::HashSet<&str> =
+            records.iter().map(|r| r.id.as_str()).collect();
         for provider in self.providers.all() {
             let runtimes = provider
                 .list_runtimes()
@@ -479,39 +494,22 @@ impl Lifecycle {
             let running: std::collections::HashSet<&str> =
                 runtimes.iter().map(String::as_str).collect();
             for record in records.iter().filter(|r| r.provider == provider.name()) {
-                // Lease first: a record whose lease another worker holds is
-                // not ours to change.
-                match self
-                    .store
-                    .acquire_lease(&record.id, "sandbox", &me, ttl, now_ms())?
-                {
-                    Ok(_) => {}
-                    Err(LeaseError::Conflict { holder_id, .. }) => {
-                        log::warn!(
-                            "reconcile: sandbox {} is leased by {holder_id}; leaving it",
-                            record.id
-                        );
-                        continue;
-                    }
-                    Err(e) => {
-                        log::warn!("reconcile: sandbox {}: {e}; leaving it", record.id);
-                        continue;
-                    }
+                if conflicts.contains_key(&record.id) {
+                    continue;
                 }
-                if running.contains(record.id.as_str()) {
-                    if record.state == SandboxState::Creating {
-                        match self.store.finish_spawn(&record.id, &me, true, now_ms())? {
-                            Ok(_) => {
-                                adopted += 1;
-                                log::info!(
-                                    "reconcile: adopted runtime of half-finished spawn {}",
-                                    record.id
-                                );
-                            }
-                            Err(r) => log::warn!("reconcile: {}", refusal(&record.id, r)),
+                let has_runtime = running.contains(record.id.as_str());
+                if has_runtime && record.state == SandboxState::Running {
+                    kept += 1;
+                } else if has_runtime {
+                    match self.store.finish_spawn(&record.id, &me, true, now_ms())? {
+                        Ok(_) => {
+                            adopted += 1;
+                            log::info!(
+                                "reconcile: adopted the runtime of half-finished spawn {}",
+                                record.id
+                            );
                         }
-                    } else {
-                        kept += 1;
+                        Err(r) => log::warn!("reconcile: {}", refusal(&record.id, r)),
                     }
                 } else {
                     match self.store.mark_lost(&record.id, &me, now_ms())? {
@@ -531,11 +529,8 @@ impl Lifecycle {
                     }
                 }
             }
-            for runtime in &runtimes {
-                if records.iter().any(|r| &r.id == runtime) {
-                    continue;
-                }
-                // A runtime with no live record of ours: lease first, then reap.
+            for runtime in runtimes.iter().filter(|r| !recorded.contains(r.as_str())) {
+                // No live record of ours: lease first, then reap.
                 match self
                     .store
                     .acquire_lease(runtime, "sandbox", &me, ttl, now_ms())?
@@ -545,16 +540,18 @@ impl Lifecycle {
                             Ok(()) => {
                                 reaped += 1;
                                 log::warn!(
-                                    "reconcile: reaped runtime {runtime} that has no live record"
+                                    "reconcile: reaped runtime {runtime}, which has no live record"
                                 );
                             }
                             Err(e) => {
                                 log::error!("reconcile: could not reap runtime {runtime}: {e}")
                             }
                         }
-                        let _ = self.store.release_lease(runtime, &me, now_ms());
+                        if let Err(e) = self.store.release_lease(runtime, &me, now_ms())? {
+                            log::warn!("reconcile: releasing the lease on {runtime}: {e}");
+                        }
                     }
-                    Err(e) => log::warn!("reconcile: runtime {runtime} skipped: {e}"),
+                    Err(e) => log::warn!("reconcile: runtime {runtime} left alone: {e}"),
                 }
             }
         }

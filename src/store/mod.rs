@@ -190,6 +190,14 @@ pub enum StoreRequest {
         limit: usize,
         reply: Sender<StoreResult<Vec<Sandbox>>>,
     },
+    /// Startup: take back the leases of this worker's live sandboxes in
+    /// one statement; answers the ones another holder has.
+    ReclaimSandboxLeases {
+        holder: String,
+        ttl_ms: i64,
+        now_ms: i64,
+        reply: Sender<StoreResult<Vec<(String, String)>>>,
+    },
     LiveSandboxesOf {
         worker_id: String,
         reply: Sender<StoreResult<Vec<Sandbox>>>,
@@ -413,6 +421,20 @@ impl StoreHandle {
         self.call(|reply| StoreRequest::ListExpired {
             now_ms,
             limit,
+            reply,
+        })
+    }
+
+    pub fn reclaim_sandbox_leases(
+        &self,
+        holder: &str,
+        ttl_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<Vec<(String, String)>> {
+        self.call(|reply| StoreRequest::ReclaimSandboxLeases {
+            holder: holder.to_owned(),
+            ttl_ms,
+            now_ms,
             reply,
         })
     }
@@ -1030,6 +1052,23 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             limit,
             reply,
         } => defer(reply, sql::list_expired(tx, now_ms, limit), none()),
+        StoreRequest::ReclaimSandboxLeases {
+            holder,
+            ttl_ms,
+            now_ms,
+            reply,
+        } => {
+            let (result, fx) = isolated_write(tx, |fx| {
+                let (conflicts, changed) =
+                    sql::reclaim_sandbox_leases(tx, &holder, ttl_ms, now_ms)?;
+                for (resource_id, expires_at_ms) in changed {
+                    fx.leases
+                        .push(tally_lease(resource_id, &holder, expires_at_ms));
+                }
+                Ok(conflicts)
+            });
+            defer(reply, result, fx)
+        }
         StoreRequest::LiveSandboxesOf { worker_id, reply } => {
             defer(reply, sql::live_sandboxes_of_worker(tx, &worker_id), none())
         }
@@ -1115,23 +1154,28 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             let (result, fx) = isolated_write(tx, |fx| {
                 let renewed = sql::renew_live_sandbox_leases(tx, &holder, ttl_ms, now_ms)?;
                 for (resource_id, expires_at_ms) in &renewed {
-                    // Only holder and expiry matter to the tallies.
-                    fx.leases.push(Lease {
-                        resource_id: resource_id.clone(),
-                        resource_type: String::new(),
-                        holder_id: holder.clone(),
-                        generation: 1,
-                        acquired_at_ms: 0,
-                        renewed_at_ms: now_ms,
-                        expires_at_ms: *expires_at_ms,
-                        transitions: 0,
-                    });
+                    fx.leases
+                        .push(tally_lease(resource_id.clone(), &holder, *expires_at_ms));
                 }
                 Ok(renewed.len())
             });
             defer(reply, result, fx)
         }
         StoreRequest::Ping { reply } => defer(reply, Ok(()), none()),
+    }
+}
+
+/// A lease as far as the tallies care: who holds it until when.
+fn tally_lease(resource_id: String, holder: &str, expires_at_ms: i64) -> Lease {
+    Lease {
+        resource_id,
+        resource_type: String::new(),
+        holder_id: holder.to_owned(),
+        generation: 1,
+        acquired_at_ms: 0,
+        renewed_at_ms: 0,
+        expires_at_ms,
+        transitions: 0,
     }
 }
 
@@ -1203,6 +1247,7 @@ fn reply_only(request: StoreRequest, error: &StoreError) -> Deferred {
         StoreRequest::ListSandboxes { reply }
         | StoreRequest::ListExpired { reply, .. }
         | StoreRequest::LiveSandboxesOf { reply, .. } => fail(reply, error),
+        StoreRequest::ReclaimSandboxLeases { reply, .. } => fail(reply, error),
         StoreRequest::LiveCounts { reply } => fail(reply, error),
         StoreRequest::AcquireLease { reply, .. } => fail(reply, error),
         StoreRequest::RenewLease { reply, .. } | StoreRequest::ReleaseLease { reply, .. } => {

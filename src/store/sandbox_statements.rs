@@ -257,3 +257,54 @@ fn lease_from_row(row: &Row<'_>) -> rusqlite::Result<Lease> {
         transitions: row.get::<_, i64>(7)? as u64,
     })
 }
+
+/// (resource_id, other holder) left alone, and (resource_id, expires_at)
+/// taken back.
+pub type Reclaimed = (Vec<(String, String)>, Vec<(String, i64)>);
+
+/// Startup: takes back the leases on `holder`'s live sandboxes in bulk.
+/// Leases it still holds are extended; lapsed or released ones are taken
+/// with a new generation; missing ones are created. Leases another holder
+/// has unexpired are left alone and returned as (resource_id, holder).
+/// Also returns the changed (resource_id, expires_at) for the tallies.
+pub fn reclaim_sandbox_leases(
+    tx: &Transaction<'_>,
+    holder: &str,
+    ttl_ms: i64,
+    now_ms: i64,
+) -> StoreResult<Reclaimed> {
+    let ours = "holder_id = ?1 AND expires_at > ?2";
+    let mut changed: Vec<(String, i64)> = tx
+        .prepare_cached(&format!(
+            "UPDATE leases SET
+                 generation = CASE WHEN {ours} THEN generation ELSE generation + 1 END,
+                 transitions = CASE WHEN {ours} THEN transitions ELSE transitions + 1 END,
+                 acquired_at = CASE WHEN {ours} THEN acquired_at ELSE ?2 END,
+                 holder_id = ?1, renewed_at = ?2, expires_at = max(expires_at, ?2 + ?3)
+             WHERE resource_id IN (SELECT id FROM sandboxes WHERE {LIVE} AND worker_id = ?1)
+               AND (holder_id = ?1 OR holder_id = '' OR expires_at <= ?2)
+             RETURNING resource_id, expires_at"
+        ))?
+        .query_map(params![holder, now_ms, ttl_ms], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let created: Vec<(String, i64)> = tx
+        .prepare_cached(&format!(
+            "INSERT INTO leases (resource_id, resource_type, holder_id, generation, acquired_at, renewed_at, expires_at, transitions)
+             SELECT id, 'sandbox', ?1, 1, ?2, ?2, ?2 + ?3, 1 FROM sandboxes
+             WHERE {LIVE} AND worker_id = ?1 AND id NOT IN (SELECT resource_id FROM leases)
+             RETURNING resource_id, expires_at"
+        ))?
+        .query_map(params![holder, now_ms, ttl_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    changed.extend(created);
+    let conflicts: Vec<(String, String)> = tx
+        .prepare_cached(&format!(
+            "SELECT l.resource_id, l.holder_id FROM leases l JOIN sandboxes s ON s.id = l.resource_id
+             WHERE s.{LIVE} AND s.worker_id = ?1 AND l.holder_id <> ?1 AND l.holder_id <> '' AND l.expires_at > ?2"
+        ))?
+        .query_map(params![holder, now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok((conflicts, changed))
+}
