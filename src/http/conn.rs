@@ -17,8 +17,10 @@
 //! a `GET /-/handoff` probe and waits for its answer, under one process-wide
 //! lock. Internal connections are therefore opened strictly one at a time,
 //! each only after the previous one has a tiny_http thread of its own, so the
-//! pool never sees a burst and the race cannot happen. Then two threads copy
-//! bytes, one per direction.
+//! pool never sees a burst and the race cannot happen. The `http-spare`
+//! thread keeps a few handed-off connections ready, so a burst of new clients
+//! is served from those instead of queueing on handoffs. Then two threads
+//! copy bytes, one per direction.
 //!
 //! This layer also enforces what tiny_http lacks: `server.max_connections`
 //! (the next client gets a 503 and is closed), and `server.idle_timeout` (a
@@ -80,18 +82,86 @@ pub struct Connections {
     /// Client sockets, to close them all at the end of a graceful stop.
     clients: Mutex<std::collections::HashMap<u64, TcpStream>>,
     next_id: AtomicUsize,
+    /// Internal connections already handed off and waiting for a client, so
+    /// a burst of new clients does not wait on one handoff after another.
+    spares: Mutex<Vec<UnixStream>>,
+    /// Rings the `http-spare` thread to top the spares up.
+    doorbell: crossbeam_channel::Sender<()>,
 }
 
+/// How many handed-off internal connections wait for clients. Each pins an
+/// idle tiny_http thread, which costs a small stack and nothing else.
+const SPARES: usize = 64;
+
 impl Connections {
-    pub fn new(internal: PathBuf) -> Arc<Connections> {
-        Arc::new(Connections {
+    pub fn new(internal: PathBuf) -> std::io::Result<Arc<Connections>> {
+        let (doorbell, rings) = crossbeam_channel::bounded::<()>(1);
+        let connections = Arc::new(Connections {
             internal,
             open: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             handoff: Mutex::new(()),
             clients: Mutex::new(Default::default()),
             next_id: AtomicUsize::new(0),
-        })
+            spares: Mutex::new(Vec::with_capacity(SPARES)),
+            doorbell,
+        });
+        let weak = Arc::downgrade(&connections);
+        std::thread::Builder::new()
+            .name("http-spare".into())
+            .stack_size(RELAY_STACK)
+            .spawn(move || {
+                // Ends when the last `Connections` is dropped (the doorbell's
+                // sender goes with it).
+                while rings.recv().is_ok() {
+                    let Some(connections) = weak.upgrade() else {
+                        break;
+                    };
+                    connections.top_up_spares();
+                }
+            })?;
+        connections.ring();
+        Ok(connections)
+    }
+
+    fn ring(&self) {
+        let _ = self.doorbell.try_send(());
+    }
+
+    fn top_up_spares(&self) {
+        let started = std::time::Instant::now();
+        let before = self.spares().len();
+        while !self.stopping.load(Ordering::SeqCst) && self.spares().len() < SPARES {
+            match handoff(self) {
+                Ok(spare) => self.spares().push(spare),
+                Err(e) => {
+                    log::warn!("could not prepare a spare internal connection: {e}");
+                    return;
+                }
+            }
+        }
+        let added = self.spares().len().saturating_sub(before);
+        if added > 0 {
+            log::debug!(
+                "{added} spare internal connections ready in {:?}",
+                started.elapsed()
+            );
+        }
+    }
+
+    fn spares(&self) -> std::sync::MutexGuard<'_, Vec<UnixStream>> {
+        self.spares.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A handed-off internal connection: a spare if one is ready, else a
+    /// fresh handoff.
+    fn internal_connection(&self) -> std::io::Result<UnixStream> {
+        let spare = self.spares().pop();
+        self.ring();
+        match spare {
+            Some(s) => Ok(s),
+            None => handoff(self),
+        }
     }
 
     pub fn open(&self) -> usize {
@@ -100,6 +170,7 @@ impl Connections {
 
     /// Closes every client connection (both directions), ending their relays.
     pub fn close_all(&self) {
+        self.spares().clear();
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         for stream in clients.values() {
             let _ = stream.shutdown(Shutdown::Both);
@@ -229,7 +300,7 @@ fn relay(
     idle: Duration,
     max_body: u64,
 ) {
-    let upstream = match open_internal(connections) {
+    let upstream = match connections.internal_connection() {
         Ok(s) => s,
         Err(e) => {
             log::error!("internal handoff for {peer} failed: {e}");
@@ -291,7 +362,7 @@ fn relay(
 }
 
 /// Opens an internal connection and waits until tiny_http has picked it up.
-fn open_internal(connections: &Connections) -> std::io::Result<UnixStream> {
+fn handoff(connections: &Connections) -> std::io::Result<UnixStream> {
     let _one_at_a_time = connections
         .handoff
         .lock()

@@ -83,7 +83,8 @@ impl HttpServer {
         );
         let public = conn::bind_public(config.server.listen)
             .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
-        let connections = Connections::new(internal.clone());
+        let connections = Connections::new(internal.clone())
+            .map_err(|e| format!("cannot start the connection layer: {e}"))?;
         let ctx = Arc::new(Ctx {
             live: live.clone(),
             store,
