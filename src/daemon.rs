@@ -119,6 +119,7 @@ pub fn run(
         config.worker.id.clone(),
         windows,
         config.scheduler.policy,
+        store.handle.clone(),
         on_exit.clone(),
     )
     .map_err(|e| format!("cannot start the scheduler: {e}"))?;

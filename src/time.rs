@@ -17,17 +17,71 @@ pub fn now_ms() -> i64 {
 
 /// Renders epoch milliseconds as `2026-05-09T10:30:00.123Z`.
 pub fn rfc3339(ms: i64) -> String {
+    let mut buf = [0u8; RFC3339_LEN];
+    match write_rfc3339(ms, &mut buf) {
+        Some(text) => text.to_owned(),
+        None => {
+            // Outside four-digit years; not reachable from real clocks.
+            let (secs, millis) = (ms.div_euclid(1000), ms.rem_euclid(1000));
+            let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+            let sod = secs.rem_euclid(86_400);
+            format!(
+                "{y}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+                sod / 3600,
+                (sod % 3600) / 60,
+                sod % 60
+            )
+        }
+    }
+}
+
+const RFC3339_LEN: usize = 24;
+
+/// Writes the RFC 3339 form into `buf` without allocating (lists render
+/// three times per item). `None` for years outside 0..=9999.
+fn write_rfc3339(ms: i64, buf: &mut [u8; RFC3339_LEN]) -> Option<&str> {
     let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        sod / 3600,
-        (sod % 3600) / 60,
-        sod % 60
-    )
+    let millis = ms.rem_euclid(1000) as u32;
+    let sod = secs.rem_euclid(86_400) as u32;
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    if !(0..=9999).contains(&y) {
+        return None;
+    }
+    let fields = [
+        (y as u32, 4, b'-'),
+        (m, 2, b'-'),
+        (d, 2, b'T'),
+        (sod / 3600, 2, b':'),
+        ((sod % 3600) / 60, 2, b':'),
+        (sod % 60, 2, b'.'),
+        (millis, 3, b'Z'),
+    ];
+    let mut at = 0;
+    for (value, width, then) in fields {
+        let mut v = value;
+        for slot in buf[at..at + width].iter_mut().rev() {
+            *slot = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        buf[at + width] = then;
+        at += width + 1;
+    }
+    std::str::from_utf8(&buf[..at]).ok()
+}
+
+/// An epoch-milliseconds time that serializes as RFC 3339 without
+/// allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rfc3339(pub i64);
+
+impl serde::Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut buf = [0u8; RFC3339_LEN];
+        match write_rfc3339(self.0, &mut buf) {
+            Some(text) => serializer.serialize_str(text),
+            None => serializer.serialize_str(&rfc3339(self.0)),
+        }
+    }
 }
 
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian

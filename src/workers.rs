@@ -79,6 +79,25 @@ pub struct Heartbeat {
     pub capacity: Option<Capacity>,
 }
 
+impl Heartbeat {
+    /// Whether this heartbeat declares something other than `known` has
+    /// stored: a registration change (durable and audited) rather than a
+    /// liveness refresh (soft state). An absent status means `online`.
+    pub fn changes(&self, known: &Worker) -> bool {
+        self.hostname.as_ref().is_some_and(|h| *h != known.hostname)
+            || self.status.unwrap_or(WorkerStatus::Online) != known.status
+            || self
+                .providers
+                .as_ref()
+                .is_some_and(|p| *p != known.providers)
+            || self
+                .capabilities
+                .as_ref()
+                .is_some_and(|c| *c != known.capabilities)
+            || self.capacity.is_some_and(|c| c != known.capacity)
+    }
+}
+
 pub const MAX_WORKER_ID_LEN: usize = 128;
 pub const MAX_NAME_LEN: usize = 255;
 pub const MAX_LIST_ITEMS: usize = 64;

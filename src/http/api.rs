@@ -5,9 +5,9 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::scheduler::{SchedulerError, WorkerView};
+use crate::scheduler::{SchedulerError, WorkerRef, WorkerView};
 use crate::store::StoreError;
-use crate::time::rfc3339;
+use crate::time::Rfc3339;
 use crate::workers::{Capacity, Heartbeat, MAX_LIST_ITEMS, WorkerStatus, validate_name};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,9 +108,9 @@ pub struct WorkerJson<'a> {
     providers: &'a [String],
     capabilities: &'a [String],
     capacity: CapacityJson,
-    last_heartbeat: String,
-    created_at: String,
-    updated_at: String,
+    last_heartbeat: Rfc3339,
+    created_at: Rfc3339,
+    updated_at: Rfc3339,
     stale: bool,
     health: &'static str,
     eligible: bool,
@@ -122,7 +122,13 @@ pub struct WorkerJson<'a> {
 
 impl<'a> From<&'a WorkerView> for WorkerJson<'a> {
     fn from(v: &'a WorkerView) -> WorkerJson<'a> {
-        let w = &v.worker;
+        WorkerJson::from(v.as_ref())
+    }
+}
+
+impl<'a> From<WorkerRef<'a>> for WorkerJson<'a> {
+    fn from(v: WorkerRef<'a>) -> WorkerJson<'a> {
+        let w = v.worker;
         WorkerJson {
             id: &w.id,
             hostname: &w.hostname,
@@ -132,9 +138,9 @@ impl<'a> From<&'a WorkerView> for WorkerJson<'a> {
             capacity: CapacityJson {
                 max_sandboxes: w.capacity.max_sandboxes,
             },
-            last_heartbeat: rfc3339(w.last_heartbeat_ms),
-            created_at: rfc3339(w.created_at_ms),
-            updated_at: rfc3339(w.updated_at_ms),
+            last_heartbeat: Rfc3339(w.last_heartbeat_ms),
+            created_at: Rfc3339(w.created_at_ms),
+            updated_at: Rfc3339(w.updated_at_ms),
             stale: v.stale,
             health: v.health.as_str(),
             eligible: v.ineligible.is_none(),
@@ -357,8 +363,8 @@ pub struct SandboxJson<'a> {
     #[serde(skip_serializing_if = "str::is_empty")]
     owner_id: &'a str,
     worker_id: &'a str,
-    created_at: String,
-    expires_at: String,
+    created_at: Rfc3339,
+    expires_at: Rfc3339,
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     metadata: &'a std::collections::BTreeMap<String, String>,
 }
@@ -374,8 +380,8 @@ impl<'a> From<&'a crate::sandboxes::Sandbox> for SandboxJson<'a> {
             vcpus: s.vcpus,
             owner_id: &s.owner_id,
             worker_id: &s.worker_id,
-            created_at: rfc3339(s.created_at_ms),
-            expires_at: rfc3339(s.expires_at_ms),
+            created_at: Rfc3339(s.created_at_ms),
+            expires_at: Rfc3339(s.expires_at_ms),
             metadata: &s.metadata,
         }
     }
@@ -387,9 +393,9 @@ pub struct LeaseJson<'a> {
     resource_type: &'a str,
     holder_id: &'a str,
     generation: u64,
-    acquired_at: String,
-    renewed_at: String,
-    expires_at: String,
+    acquired_at: Rfc3339,
+    renewed_at: Rfc3339,
+    expires_at: Rfc3339,
     expired: bool,
     transitions: u64,
 }
@@ -401,9 +407,9 @@ impl<'a> LeaseJson<'a> {
             resource_type: &l.resource_type,
             holder_id: &l.holder_id,
             generation: l.generation,
-            acquired_at: rfc3339(l.acquired_at_ms),
-            renewed_at: rfc3339(l.renewed_at_ms),
-            expires_at: rfc3339(l.expires_at_ms),
+            acquired_at: Rfc3339(l.acquired_at_ms),
+            renewed_at: Rfc3339(l.renewed_at_ms),
+            expires_at: Rfc3339(l.expires_at_ms),
             expired: !l.is_active(now_ms),
             transitions: l.transitions,
         }

@@ -41,7 +41,7 @@ use crate::metrics::METRICS;
 
 /// Relay threads copy bytes only; a small stack keeps many connections cheap.
 const RELAY_STACK: usize = 128 * 1024;
-const RELAY_BUFFER: usize = 16 * 1024;
+const RELAY_BUFFER: usize = 64 * 1024;
 /// How long a relay waits for tiny_http to answer the pickup probe.
 const HANDOFF_DEADLINE: Duration = Duration::from_secs(5);
 const PROBE: &[u8] = b"GET /-/handoff HTTP/1.1\r\nHost: stacyvmd\r\n\r\n";

@@ -13,6 +13,7 @@ use super::auth::{Presented, Principal, authorize};
 use super::router::{Route, RouteError, RouteId, query_pairs, route};
 use super::sandbox_handlers;
 use crate::metrics::{ProcessFigures, render_prometheus};
+use crate::scheduler::Refresh;
 use crate::store::{AuditEntry, Deleted};
 use crate::time::{format_duration, now_ms, rfc3339};
 use crate::workers::validate_worker_id;
@@ -167,9 +168,11 @@ fn ready(ctx: &Ctx) -> Result<Reply, ApiError> {
 }
 
 fn list_workers(ctx: &Ctx) -> Result<Reply, ApiError> {
-    let views = ctx.scheduler.list()?;
-    let items: Vec<WorkerJson<'_>> = views.iter().map(WorkerJson::from).collect();
-    Ok(Reply::json(200, to_json(&items)))
+    let body = ctx.scheduler.render_workers(Box::new(|workers| {
+        let items: Vec<WorkerJson<'_>> = workers.iter().map(|w| WorkerJson::from(*w)).collect();
+        to_json(&items)
+    }))?;
+    Ok(Reply::json(200, body))
 }
 
 fn get_worker(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
@@ -189,33 +192,25 @@ fn heartbeat(
 ) -> Result<Reply, ApiError> {
     valid_id(id)?;
     let hb = parse_heartbeat(id, body)?;
-    // Routine refreshes are not audited; a registration or a change of what
-    // the worker declares is.
-    let audit = match ctx.scheduler.get(id)? {
-        None => Some("registered"),
-        Some(known) => {
-            let w = &known.worker;
-            let changed = hb.hostname.as_ref().is_some_and(|h| *h != w.hostname)
-                || hb.status.unwrap_or(crate::workers::WorkerStatus::Online) != w.status
-                || hb.providers.as_ref().is_some_and(|p| *p != w.providers)
-                || hb
-                    .capabilities
-                    .as_ref()
-                    .is_some_and(|c| *c != w.capabilities)
-                || hb.capacity.is_some_and(|c| c != w.capacity);
-            changed.then_some("changed")
+    // A refresh that declares nothing new is soft state: the scheduler
+    // takes it in memory and persists receive times in batches. A
+    // registration or a change is stored durably, and audited.
+    let detail = match ctx.scheduler.refresh(&hb, incoming.received, now_ms())? {
+        Refresh::Done(view) => {
+            crate::metrics::METRICS.workers.heartbeats.inc();
+            return Ok(Reply::json(200, to_json(&WorkerJson::from(&view))));
         }
-    }
-    .map(|detail| {
-        AuditEntry::new(
-            now_ms(),
-            &who.actor(),
-            incoming.request_id,
-            "worker.heartbeat",
-            id,
-            detail,
-        )
-    });
+        Refresh::Unknown => "registered",
+        Refresh::Changed => "changed",
+    };
+    let audit = Some(AuditEntry::new(
+        now_ms(),
+        &who.actor(),
+        incoming.request_id,
+        "worker.heartbeat",
+        id,
+        detail,
+    ));
     let worker = ctx.store.save_heartbeat(hb, now_ms(), audit)?;
     crate::metrics::METRICS.workers.heartbeats.inc();
     let view = ctx.scheduler.observe(worker, incoming.received)?;

@@ -21,7 +21,8 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select, tick};
 
 use crate::config::PlacementPolicy;
 use crate::metrics::{METRICS, WorkerFigures};
-use crate::workers::{Worker, WorkerStatus};
+use crate::store::StoreHandle;
+use crate::workers::{Heartbeat, Worker, WorkerStatus};
 use health::{Health, Ineligible, Windows};
 
 const REPLY_DEADLINE: Duration = Duration::from_secs(5);
@@ -39,6 +40,47 @@ pub struct WorkerView {
     pub active_sandboxes: u32,
     pub last_seen: Duration,
 }
+
+/// A borrowed [`WorkerView`], for rendering every worker without copying
+/// them out of the scheduler (see [`SchedulerHandle::render_workers`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WorkerRef<'a> {
+    pub worker: &'a Worker,
+    pub health: Health,
+    pub stale: bool,
+    pub ineligible: Option<Ineligible>,
+    pub active_sandboxes: u32,
+    pub last_seen: Duration,
+}
+
+impl WorkerRef<'_> {
+    pub fn to_owned(self) -> WorkerView {
+        WorkerView {
+            worker: self.worker.clone(),
+            health: self.health,
+            stale: self.stale,
+            ineligible: self.ineligible,
+            active_sandboxes: self.active_sandboxes,
+            last_seen: self.last_seen,
+        }
+    }
+}
+
+impl WorkerView {
+    pub fn as_ref(&self) -> WorkerRef<'_> {
+        WorkerRef {
+            worker: &self.worker,
+            health: self.health,
+            stale: self.stale,
+            ineligible: self.ineligible,
+            active_sandboxes: self.active_sandboxes,
+            last_seen: self.last_seen,
+        }
+    }
+}
+
+/// Renders borrowed worker views into bytes, on the scheduler thread.
+pub type RenderWorkers = Box<dyn for<'a> FnOnce(&[WorkerRef<'a>]) -> Vec<u8> + Send>;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerStatus {
@@ -138,12 +180,30 @@ pub struct Reservation {
     pub owner_id: String,
 }
 
+/// What the scheduler did with a heartbeat offered as a refresh.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refresh {
+    /// Taken in memory; its receive time is persisted with the next batch.
+    Done(WorkerView),
+    /// Not known here: a registration, to be stored durably first.
+    Unknown,
+    /// It declares a change: to be stored durably first.
+    Changed,
+}
+
 pub enum SchedulerRequest {
     /// A heartbeat was stored; `received` is when it arrived here.
     Observe {
         worker: Worker,
         received: Instant,
         reply: Sender<WorkerView>,
+    },
+    /// A heartbeat that may be a plain refresh (see [`Refresh`]).
+    Refresh {
+        heartbeat: Heartbeat,
+        received: Instant,
+        now_ms: i64,
+        reply: Sender<Refresh>,
     },
     Forget {
         id: String,
@@ -155,6 +215,11 @@ pub enum SchedulerRequest {
     },
     List {
         reply: Sender<Vec<WorkerView>>,
+    },
+    /// Every worker, ordered by id, handed to the caller's renderer.
+    Render {
+        render: RenderWorkers,
+        reply: Sender<Vec<u8>>,
     },
     Figures {
         reply: Sender<WorkerFigures>,
@@ -222,6 +287,20 @@ impl SchedulerHandle {
             reply,
         })
     }
+    pub fn refresh(
+        &self,
+        heartbeat: &Heartbeat,
+        received: Instant,
+        now_ms: i64,
+    ) -> Result<Refresh, SchedulerError> {
+        let heartbeat = heartbeat.clone();
+        self.call(|reply| SchedulerRequest::Refresh {
+            heartbeat,
+            received,
+            now_ms,
+            reply,
+        })
+    }
     pub fn forget(&self, id: &str) -> Result<bool, SchedulerError> {
         self.call(|reply| SchedulerRequest::Forget {
             id: id.to_owned(),
@@ -233,6 +312,11 @@ impl SchedulerHandle {
             id: id.to_owned(),
             reply,
         })
+    }
+    /// Renders every worker (ordered by id) on the scheduler thread: the
+    /// edge's renderer sees borrowed views, so nothing is copied out.
+    pub fn render_workers(&self, render: RenderWorkers) -> Result<Vec<u8>, SchedulerError> {
+        self.call(|reply| SchedulerRequest::Render { render, reply })
     }
     pub fn list(&self) -> Result<Vec<WorkerView>, SchedulerError> {
         self.call(|reply| SchedulerRequest::List { reply })
@@ -315,6 +399,8 @@ struct ClusterView {
     total_live: u32,
     reservations: HashMap<u64, Reservation>,
     next_reservation: u64,
+    /// Workers refreshed in memory since the last flush to the store.
+    dirty: BTreeSet<String>,
 }
 
 impl ClusterView {
@@ -329,14 +415,19 @@ impl ClusterView {
             total_live: 0,
             reservations: HashMap::new(),
             next_reservation: 1,
+            dirty: BTreeSet::new(),
         }
     }
 
     fn view(&self, entry: &Entry, now: Instant) -> WorkerView {
+        self.view_ref(entry, now).to_owned()
+    }
+
+    fn view_ref<'e>(&self, entry: &'e Entry, now: Instant) -> WorkerRef<'e> {
         let last_seen = now.saturating_duration_since(entry.last_seen);
         let health = health::health(last_seen, self.windows);
-        WorkerView {
-            worker: entry.worker.clone(),
+        WorkerRef {
+            worker: &entry.worker,
             health,
             stale: last_seen > self.windows.stale_after,
             ineligible: health::ineligibility(&entry.worker, health, entry.load()),
@@ -403,7 +494,35 @@ impl ClusterView {
         view
     }
 
+    fn refresh(&mut self, hb: &Heartbeat, received: Instant, now_ms: i64, now: Instant) -> Refresh {
+        let Some(entry) = self.workers.get_mut(&hb.id) else {
+            return Refresh::Unknown;
+        };
+        if hb.changes(&entry.worker) {
+            return Refresh::Changed;
+        }
+        entry.worker.last_heartbeat_ms = now_ms;
+        entry.worker.updated_at_ms = now_ms;
+        let worker = entry.worker.clone();
+        self.dirty.insert(hb.id.clone());
+        Refresh::Done(self.observe(worker, received, now))
+    }
+
+    /// The receive times refreshed in memory since the last call.
+    fn take_dirty(&mut self) -> Vec<(String, i64)> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty
+            .into_iter()
+            .filter_map(|id| {
+                self.workers
+                    .get(&id)
+                    .map(|e| (id, e.worker.last_heartbeat_ms))
+            })
+            .collect()
+    }
+
     fn forget(&mut self, id: &str) -> bool {
+        self.dirty.remove(id);
         match self.workers.remove(id) {
             Some(entry) => {
                 if let Some(load) = entry.filed {
@@ -615,6 +734,7 @@ pub fn start(
     local_worker_id: String,
     windows: Windows,
     policy: PlacementPolicy,
+    store: StoreHandle,
     on_exit: crate::daemon::ExitNotifier,
 ) -> std::io::Result<(SchedulerHandle, JoinHandle<()>)> {
     let now = Instant::now();
@@ -645,12 +765,12 @@ pub fn start(
         .name("scheduler".into())
         .spawn(move || {
             let _exit = on_exit.guard("scheduler");
-            run(view, requests);
+            run(view, requests, &store);
         })?;
     Ok((SchedulerHandle { inbox }, thread))
 }
 
-fn run(mut view: ClusterView, requests: Receiver<SchedulerRequest>) {
+fn run(mut view: ClusterView, requests: Receiver<SchedulerRequest>, store: &StoreHandle) {
     let ticks = tick(HEALTH_TICK);
     loop {
         select! {
@@ -658,10 +778,25 @@ fn run(mut view: ClusterView, requests: Receiver<SchedulerRequest>) {
                 Ok(request) => handle(&mut view, request),
                 Err(_) => break,
             },
-            recv(ticks) -> _ => view.evaluate(Instant::now()),
+            recv(ticks) -> _ => {
+                view.evaluate(Instant::now());
+                flush(&mut view, store);
+            }
         }
     }
+    flush(&mut view, store);
     log::debug!("scheduler thread: inbox closed, exiting");
+}
+
+/// Persists refreshed receive times in one batch, without waiting: they are
+/// soft state, and the scheduler never blocks on the disk.
+fn flush(view: &mut ClusterView, store: &StoreHandle) {
+    let updates = view.take_dirty();
+    if !updates.is_empty() {
+        if let Err(e) = store.touch_workers(updates) {
+            log::warn!("heartbeat times not persisted this round: {e}");
+        }
+    }
 }
 
 fn handle(view: &mut ClusterView, request: SchedulerRequest) {
@@ -676,6 +811,14 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest) {
         } => {
             let _ = reply.send(view.observe(worker, received, now));
         }
+        SchedulerRequest::Refresh {
+            heartbeat,
+            received,
+            now_ms,
+            reply,
+        } => {
+            let _ = reply.send(view.refresh(&heartbeat, received, now_ms, now));
+        }
         SchedulerRequest::Forget { id, reply } => {
             let removed = view.forget(&id);
             if removed {
@@ -688,6 +831,14 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest) {
         }
         SchedulerRequest::List { reply } => {
             let _ = reply.send(view.workers.values().map(|e| view.view(e, now)).collect());
+        }
+        SchedulerRequest::Render { render, reply } => {
+            let refs: Vec<WorkerRef<'_>> = view
+                .workers
+                .values()
+                .map(|e| view.view_ref(e, now))
+                .collect();
+            let _ = reply.send(render(&refs));
         }
         SchedulerRequest::Figures { reply } => {
             let _ = reply.send(view.figures(now));

@@ -103,6 +103,11 @@ pub enum StoreRequest {
         audit: Option<AuditEntry>,
         reply: Sender<StoreResult<Worker>>,
     },
+    /// Refreshed heartbeat receive times, persisted in a batch (soft state).
+    TouchWorkers {
+        updates: Vec<(String, i64)>,
+        reply: Sender<StoreResult<()>>,
+    },
     SetWorkerStatus {
         id: String,
         status: WorkerStatus,
@@ -298,6 +303,20 @@ impl StoreHandle {
             now_ms,
             reply,
         })
+    }
+
+    /// Queues refreshed heartbeat times and returns at once: the caller (the
+    /// scheduler) must not wait on the disk, and the times are soft state.
+    pub fn touch_workers(&self, updates: Vec<(String, i64)>) -> StoreResult<()> {
+        let (reply, _ignored) = bounded(1);
+        self.inbox
+            .try_send(StoreRequest::TouchWorkers { updates, reply })
+            .map_err(|e| match e {
+                TrySendError::Full(_) => StoreError::Unavailable("write queue is full".into()),
+                TrySendError::Disconnected(_) => {
+                    StoreError::Unavailable("store thread stopped".into())
+                }
+            })
     }
 
     pub fn delete_worker(&self, id: &str, audit: AuditEntry) -> StoreResult<Deleted> {
@@ -839,6 +858,15 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
     use sandbox_statements as sql;
     let none = Effects::default;
     match request {
+        StoreRequest::TouchWorkers { updates, reply } => {
+            let (result, fx) = isolated_write(tx, |_| {
+                for (id, at_ms) in &updates {
+                    statements::touch_worker(tx, id, *at_ms)?;
+                }
+                Ok(())
+            });
+            defer(reply, result, fx)
+        }
         StoreRequest::SaveHeartbeat {
             heartbeat,
             now_ms,
@@ -1231,6 +1259,7 @@ fn reply_only(request: StoreRequest, error: &StoreError) -> Deferred {
             fail(reply, error)
         }
         StoreRequest::DeleteWorker { reply, .. } => fail(reply, error),
+        StoreRequest::TouchWorkers { reply, .. } => fail(reply, error),
         StoreRequest::RecordAudit { reply, .. } | StoreRequest::Ping { reply } => {
             fail(reply, error)
         }

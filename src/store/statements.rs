@@ -91,6 +91,15 @@ pub fn set_worker_status(
         .optional()?)
 }
 
+/// A heartbeat refresh: later receive times only (batches may overlap).
+pub fn touch_worker(tx: &Transaction<'_>, id: &str, at_ms: i64) -> StoreResult<()> {
+    tx.prepare_cached(
+        "UPDATE workers SET last_heartbeat = max(last_heartbeat, ?2), updated_at = max(updated_at, ?2) WHERE id = ?1",
+    )?
+    .execute(params![id, at_ms])?;
+    Ok(())
+}
+
 pub fn delete_worker(tx: &Transaction<'_>, id: &str) -> StoreResult<Deleted> {
     let n = tx
         .prepare_cached("DELETE FROM workers WHERE id = ?1")?
