@@ -35,6 +35,7 @@ pub struct Config {
     pub leases: LeaseConfig,
     pub scheduler: SchedulerConfig,
     pub providers: ProvidersConfig,
+    pub admin: AdminConfig,
     /// The file this configuration was read from, if any (re-read on SIGHUP).
     pub source: Option<PathBuf>,
 }
@@ -152,6 +153,24 @@ pub struct MockConfig {
     pub failure_rate: f64,
 }
 
+/// The admin socket (see stacyvmd-admin(7)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    /// Empty in the file means the default: `$RUNTIME_DIRECTORY/admin.sock`
+    /// under systemd, else `<data_dir>/admin.sock`.
+    pub socket: PathBuf,
+    /// When set, the socket is 0660 and owned by this group.
+    pub socket_gid: Option<u32>,
+    pub admin_uids: Vec<u32>,
+    pub admin_gids: Vec<u32>,
+    pub read_uids: Vec<u32>,
+    pub read_gids: Vec<u32>,
+    pub max_connections: usize,
+    pub max_line_bytes: usize,
+    pub idle_timeout: Duration,
+}
+
 /// Provider kinds this build can run.
 pub const KNOWN_PROVIDERS: &[&str] = &["mock"];
 
@@ -195,7 +214,12 @@ impl Config {
         };
         apply_overrides(&mut table, flags, env);
         let state_directory = env("STATE_DIRECTORY").filter(|v| !v.is_empty());
-        let mut config = Config::from_table(&table, state_directory.as_deref())?;
+        let runtime_directory = env("RUNTIME_DIRECTORY").filter(|v| !v.is_empty());
+        let mut config = Config::from_table_in(
+            &table,
+            state_directory.as_deref(),
+            runtime_directory.as_deref(),
+        )?;
         config.source = source;
         Ok(config)
     }
@@ -204,6 +228,16 @@ impl Config {
     pub fn from_table(
         table: &toml::Table,
         state_directory: Option<&str>,
+    ) -> Result<Config, Vec<ConfigProblem>> {
+        Config::from_table_in(table, state_directory, None)
+    }
+
+    /// As `from_table`, with systemd's `RUNTIME_DIRECTORY` (the admin
+    /// socket's default home).
+    pub fn from_table_in(
+        table: &toml::Table,
+        state_directory: Option<&str>,
+        runtime_directory: Option<&str>,
     ) -> Result<Config, Vec<ConfigProblem>> {
         let mut r = Reader {
             problems: Vec::new(),
@@ -220,6 +254,7 @@ impl Config {
                 "leases",
                 "scheduler",
                 "providers",
+                "admin",
             ],
         );
 
@@ -572,8 +607,61 @@ impl Config {
             }
         }
 
+        let ad = r.section(table, "admin");
+        r.only_keys(
+            "admin",
+            ad,
+            &[
+                "enabled",
+                "socket",
+                "socket_gid",
+                "admin_uids",
+                "admin_gids",
+                "read_uids",
+                "read_gids",
+                "max_connections",
+                "max_line_bytes",
+                "idle_timeout",
+            ],
+        );
+        let socket_text = r.string(ad, "admin", "socket", "");
+        let socket = if socket_text.is_empty() {
+            match runtime_directory {
+                Some(dir) => PathBuf::from(dir).join("admin.sock"),
+                None => store.data_dir.join("admin.sock"),
+            }
+        } else {
+            PathBuf::from(socket_text)
+        };
+        if socket.as_os_str().len() > 100 {
+            r.problem(
+                "admin.socket",
+                format!("{} is too long for a Unix socket path", socket.display()),
+            );
+        }
+        let gid = r.integer(ad, "admin", "socket_gid", -1, -1, i64::from(u32::MAX));
+        let admin = AdminConfig {
+            enabled: r.boolean(ad, "admin", "enabled", true),
+            socket,
+            socket_gid: u32::try_from(gid).ok(),
+            admin_uids: r.id_list(ad, "admin", "admin_uids"),
+            admin_gids: r.id_list(ad, "admin", "admin_gids"),
+            read_uids: r.id_list(ad, "admin", "read_uids"),
+            read_gids: r.id_list(ad, "admin", "read_gids"),
+            max_connections: r.integer(ad, "admin", "max_connections", 64, 1, 4096) as usize,
+            max_line_bytes: r.integer(ad, "admin", "max_line_bytes", 1 << 20, 64, 1 << 26) as usize,
+            idle_timeout: r.duration(
+                ad,
+                "admin",
+                "idle_timeout",
+                "5m",
+                Duration::from_millis(100),
+            ),
+        };
+
         if r.problems.is_empty() {
             Ok(Config {
+                admin,
                 server,
                 store,
                 worker,
@@ -605,7 +693,8 @@ impl Config {
         merged.sandboxes = new.sandboxes.clone();
         merged.scheduler = new.scheduler.clone();
         let mut ignored = Vec::new();
-        let checks: [(&'static str, bool); 16] = [
+        let checks: [(&'static str, bool); 17] = [
+            ("admin", self.admin != new.admin),
             ("leases.ttl", self.leases.ttl != new.leases.ttl),
             (
                 "leases.renew_interval",
@@ -875,6 +964,34 @@ impl Reader {
             Err(e) => {
                 self.problem(&format!("{section}.{key}"), e);
                 fallback
+            }
+        }
+    }
+
+    fn id_list(&mut self, t: &toml::Table, section: &str, key: &str) -> Vec<u32> {
+        match t.get(key) {
+            None => Vec::new(),
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .filter_map(
+                    |item| match item.as_integer().and_then(|i| u32::try_from(i).ok()) {
+                        Some(id) => Some(id),
+                        None => {
+                            self.problem(
+                                &format!("{section}.{key}"),
+                                "items must be numeric uids or gids".into(),
+                            );
+                            None
+                        }
+                    },
+                )
+                .collect(),
+            Some(other) => {
+                self.problem(
+                    &format!("{section}.{key}"),
+                    format!("must be an array of numbers, found {}", other.type_str()),
+                );
+                Vec::new()
             }
         }
     }

@@ -14,8 +14,9 @@ use crossbeam_channel::{Sender, bounded, select, tick};
 
 use crate::config::{Config, LiveConfig};
 use crate::daemon::ExitNotifier;
-use crate::scheduler::SchedulerHandle;
-use crate::store::{StoreError, StoreHandle};
+use crate::lifecycle::LifecycleError;
+use crate::scheduler::{Refresh, SchedulerHandle, WorkerView};
+use crate::store::{AuditEntry, StoreError, StoreHandle};
 use crate::time::now_ms;
 use crate::workers::{Capacity, Heartbeat, Worker, WorkerStatus};
 
@@ -37,6 +38,39 @@ pub fn local_heartbeat(config: &Config) -> Heartbeat {
 /// Registers the local worker durably; called before the daemon is ready.
 pub fn register_local(store: &StoreHandle, config: &Config) -> Result<Worker, StoreError> {
     store.save_heartbeat(local_heartbeat(config), now_ms(), None)
+}
+
+/// Takes a heartbeat from any worker (REST or admin socket). A refresh that
+/// declares nothing new is soft state: the scheduler takes it in memory and
+/// persists receive times in batches. A registration or a change is stored
+/// durably first, with an audit row naming `actor`.
+pub fn receive(
+    store: &StoreHandle,
+    scheduler: &SchedulerHandle,
+    hb: Heartbeat,
+    received: Instant,
+    actor: &str,
+    request_id: &str,
+) -> Result<WorkerView, LifecycleError> {
+    let detail = match scheduler.refresh(&hb, received, now_ms())? {
+        Refresh::Done(view) => {
+            crate::metrics::METRICS.workers.heartbeats.inc();
+            return Ok(view);
+        }
+        Refresh::Unknown => "registered",
+        Refresh::Changed => "changed",
+    };
+    let audit = AuditEntry::new(
+        now_ms(),
+        actor,
+        request_id,
+        "worker.heartbeat",
+        &hb.id,
+        detail,
+    );
+    let worker = store.save_heartbeat(hb, now_ms(), Some(audit))?;
+    crate::metrics::METRICS.workers.heartbeats.inc();
+    Ok(scheduler.observe(worker, received)?)
 }
 
 pub struct HeartbeatThread {

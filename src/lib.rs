@@ -21,6 +21,8 @@
 
 pub mod config;
 pub mod daemon;
+pub mod diagnostics;
+pub mod events;
 pub mod heartbeat;
 pub mod http;
 pub mod leases;
@@ -34,4 +36,5 @@ pub mod scheduler;
 pub mod signals;
 pub mod store;
 pub mod time;
+pub mod workerproto;
 pub mod workers;

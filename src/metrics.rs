@@ -214,6 +214,8 @@ impl AdmissionMetrics {
 }
 
 pub struct Metrics {
+    /// Admin-socket events dropped because subscribers fell behind.
+    pub events_dropped: Counter,
     pub http: HttpMetrics,
     pub admission: AdmissionMetrics,
     pub store: StoreMetrics,
@@ -234,6 +236,7 @@ impl Metrics {
                 connections_timed_out: Counter::default(),
                 auth_failures: Counter::default(),
             },
+            events_dropped: Counter::default(),
             admission: AdmissionMetrics {
                 allowed: Counter::default(),
                 denied: Default::default(),

@@ -84,6 +84,66 @@ impl serde::Serialize for Rfc3339 {
     }
 }
 
+/// Parses RFC 3339 UTC (`2026-05-09T10:31:00Z`, optional fraction, `Z`
+/// or `+00:00`) into epoch milliseconds.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let s = text.get(r)?;
+        s.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| s.parse().ok())?
+    };
+    let (y, mo, d, h, mi, se) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    let mut rest = &text[19..];
+    let mut millis = 0;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let padded = format!("{:0<3}", &frac[..digits.min(3)]);
+        millis = padded.parse::<i64>().ok()?;
+        rest = &frac[digits..];
+    }
+    if !matches!(rest, "Z" | "z" | "+00:00" | "-00:00") {
+        return None;
+    }
+    let days = days_from_civil(y, mo as u32, d as u32);
+    Some(((days * 86_400 + h * 3600 + mi * 60 + se) * 1000) + millis)
+}
+
+/// (year, month, day) to days since 1970-01-01 (inverse of
+/// `civil_from_days`).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian
 /// calendar (Howard Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -171,6 +231,31 @@ mod tests {
         assert_eq!(rfc3339(1_778_322_600_123), "2026-05-09T10:30:00.123Z");
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn parses_rfc3339() {
+        for ms in [0i64, 1_778_322_600_123, 951_782_400_000, 4_102_444_799_999] {
+            assert_eq!(parse_rfc3339(&rfc3339(ms)), Some(ms));
+        }
+        assert_eq!(
+            parse_rfc3339("2026-05-09T10:31:00Z"),
+            Some(1_778_322_660_000)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-05-09T10:31:00.5+00:00"),
+            Some(1_778_322_660_500)
+        );
+        for bad in [
+            "",
+            "2026-05-09",
+            "2026-13-01T00:00:00Z",
+            "2026-05-09T10:31:00+02:00",
+            "2026-05-09T10:31:00.Z",
+            "x026-05-09T10:31:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
     }
 
     #[test]

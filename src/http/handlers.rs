@@ -13,9 +13,8 @@ use super::auth::{Presented, Principal, authorize};
 use super::router::{Route, RouteError, RouteId, query_pairs, route};
 use super::sandbox_handlers;
 use crate::metrics::{ProcessFigures, render_prometheus};
-use crate::scheduler::Refresh;
 use crate::store::{AuditEntry, Deleted};
-use crate::time::{format_duration, now_ms, rfc3339};
+use crate::time::now_ms;
 use crate::workers::validate_worker_id;
 
 pub struct Reply {
@@ -192,28 +191,14 @@ fn heartbeat(
 ) -> Result<Reply, ApiError> {
     valid_id(id)?;
     let hb = parse_heartbeat(id, body)?;
-    // A refresh that declares nothing new is soft state: the scheduler
-    // takes it in memory and persists receive times in batches. A
-    // registration or a change is stored durably, and audited.
-    let detail = match ctx.scheduler.refresh(&hb, incoming.received, now_ms())? {
-        Refresh::Done(view) => {
-            crate::metrics::METRICS.workers.heartbeats.inc();
-            return Ok(Reply::json(200, to_json(&WorkerJson::from(&view))));
-        }
-        Refresh::Unknown => "registered",
-        Refresh::Changed => "changed",
-    };
-    let audit = Some(AuditEntry::new(
-        now_ms(),
+    let view = crate::heartbeat::receive(
+        &ctx.store,
+        &ctx.scheduler,
+        hb,
+        incoming.received,
         &who.actor(),
         incoming.request_id,
-        "worker.heartbeat",
-        id,
-        detail,
-    ));
-    let worker = ctx.store.save_heartbeat(hb, now_ms(), audit)?;
-    crate::metrics::METRICS.workers.heartbeats.inc();
-    let view = ctx.scheduler.observe(worker, incoming.received)?;
+    )?;
     Ok(Reply::json(200, to_json(&WorkerJson::from(&view))))
 }
 
@@ -287,183 +272,35 @@ fn delete_worker(
     }
 }
 
-fn scheduler_json(ctx: &Ctx) -> Result<serde_json::Value, ApiError> {
-    let s = ctx.scheduler.status()?;
-    Ok(json!({
-        "admission_control": true,
-        "policy": s.policy,
-        "worker_id": s.local_worker_id,
-        "selected_worker_id": s.selected_worker_id,
-        "eligible_workers": s.eligible_workers,
-        "reservations": s.reservations,
-        "stale_after": format_duration(s.windows.stale_after),
-        "down_after": format_duration(s.windows.down_after),
-    }))
+fn sources(ctx: &Ctx) -> crate::diagnostics::Sources<'_> {
+    crate::diagnostics::Sources {
+        live: &ctx.live,
+        store: &ctx.store,
+        scheduler: &ctx.scheduler,
+        lifecycle: &ctx.lifecycle,
+        http_connections: ctx.connections.open(),
+    }
 }
 
 fn scheduler(ctx: &Ctx) -> Result<Reply, ApiError> {
-    Ok(Reply::json(200, to_json(&scheduler_json(ctx)?)))
-}
-
-fn store_json(ctx: &Ctx) -> serde_json::Value {
-    let m = &crate::metrics::METRICS.store;
-    let ping = ctx.store.ping();
-    json!({
-        "healthy": ping.is_ok(),
-        "error": ping.as_ref().err().map(ToString::to_string),
-        "latency_ms": ping.as_ref().map(|d| d.as_secs_f64() * 1000.0).unwrap_or(-1.0),
-        "path": ctx.store.path().display().to_string(),
-        "wal_bytes": ctx.store.wal_bytes(),
-        "commits": m.commit_seconds.count(),
-        "commit_batch_mean": m.batch_size.mean(),
-        "commit_seconds_mean": m.commit_seconds.mean(),
-        "commit_failures": m.commit_failures.get(),
-        "checkpoints": m.checkpoints.get(),
-    })
-}
-
-fn process_json() -> serde_json::Value {
-    let p = ProcessFigures::read();
-    json!({
-        "pid": std::process::id(),
-        "uptime_seconds": crate::metrics::METRICS.started.elapsed().as_secs_f64(),
-        "threads": p.threads,
-        "rss_bytes": p.resident_bytes,
-        "open_fds": p.open_fds,
-        "cpu_seconds": p.cpu_seconds,
-    })
-}
-
-fn build_json() -> serde_json::Value {
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "target": format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
-    })
+    Ok(Reply::json(
+        200,
+        to_json(&crate::diagnostics::scheduler_json(&sources(ctx))?),
+    ))
 }
 
 fn diagnostics(ctx: &Ctx) -> Result<Reply, ApiError> {
-    let config = ctx.live.get();
-    let views = ctx.scheduler.list()?;
-    let figures = ctx.scheduler.figures()?;
-    let items: Vec<WorkerJson<'_>> = views.iter().map(WorkerJson::from).collect();
-    let providers: Vec<serde_json::Value> = ctx
-        .lifecycle
-        .providers()
-        .all()
-        .map(|p| {
-            let health = p.health();
-            json!({
-                "name": p.name(),
-                "healthy": health.is_ok(),
-                "error": health.err().map(|e| e.to_string()),
-                "runtimes": p.list_runtimes().map(|r| r.len()).unwrap_or(0),
-            })
-        })
-        .collect();
-    let mut body = json!({
-        "generated_at": rfc3339(now_ms()),
-        "build": build_json(),
-        "process": process_json(),
-        "store": store_json(ctx),
-        "limits": {
-            "max_body_bytes": config.server.max_body_bytes,
-            "max_connections": config.server.max_connections,
-            "http_threads": config.server.http_threads,
-            "idle_timeout": format_duration(config.server.idle_timeout),
-            "local_max_sandboxes": config.worker.max_sandboxes,
-            "max_sandboxes": config.sandboxes.max_sandboxes,
-            "max_per_owner": config.sandboxes.max_per_owner,
-            "max_ttl": format_duration(config.sandboxes.max_ttl),
-            "lease_ttl": format_duration(config.leases.ttl),
-        },
-        "http": {
-            "connections_open": ctx.connections.open(),
-            "requests": crate::metrics::METRICS.http.total_requests(),
-        },
-        "scheduler": scheduler_json(ctx)?,
-        "providers": providers,
-        "workers": {
-            "total": figures.total,
-            "online": figures.online,
-            "stale": figures.stale,
-            "unhealthy": figures.unhealthy,
-            "eligible": figures.eligible,
-            "items": items,
-        },
-    });
-    merge(&mut body, fleet_json(ctx, &figures));
-    Ok(Reply::json(200, to_json(&body)))
-}
-
-/// Adds the fields of `extra` (an object) to `body` (an object).
-fn merge(body: &mut serde_json::Value, extra: serde_json::Value) {
-    if let (Some(b), serde_json::Value::Object(e)) = (body.as_object_mut(), extra) {
-        b.extend(e);
-    }
-}
-
-/// Leases, sandboxes and admissions for diagnostics and JSON metrics, from
-/// the in-memory tallies.
-fn fleet_json(ctx: &Ctx, figures: &crate::metrics::WorkerFigures) -> serde_json::Value {
-    let t = ctx.store.tallies(now_ms());
-    let mut by_state = std::collections::BTreeMap::<&str, u64>::new();
-    let mut by_provider = std::collections::BTreeMap::<&str, u64>::new();
-    let mut total = 0;
-    for (state, provider, _, n) in &t.sandboxes {
-        *by_state.entry(state.as_str()).or_default() += n;
-        *by_provider.entry(provider.as_str()).or_default() += n;
-        total += n;
-    }
-    let by_worker: std::collections::BTreeMap<&str, u32> = figures
-        .sandboxes_by_worker
-        .iter()
-        .map(|(w, n)| (w.as_str(), *n))
-        .collect();
-    let active: u32 = by_worker.values().sum();
-    let admissions: std::collections::BTreeMap<&str, u64> = crate::metrics::METRICS
-        .admission
-        .outcomes()
-        .into_iter()
-        .collect();
-    json!({
-        "leases": {
-            "total": t.leases_total,
-            "active": t.leases_active,
-            "expired": t.leases_expired,
-            "by_holder": t.leases_by_holder,
-        },
-        "sandboxes": {
-            "total": total,
-            "active": active,
-            "by_state": by_state,
-            "by_provider": by_provider,
-            "by_worker": by_worker,
-        },
-        "admissions": admissions,
-    })
+    Ok(Reply::json(
+        200,
+        to_json(&crate::diagnostics::diagnostics(&sources(ctx))?),
+    ))
 }
 
 fn metrics_json(ctx: &Ctx) -> Result<Reply, ApiError> {
-    let f = ctx.scheduler.figures()?;
-    let m = &crate::metrics::METRICS;
-    let mut body = json!({
-        "generated_at": rfc3339(now_ms()),
-        "build": build_json(),
-        "process": process_json(),
-        "workers": {"total": f.total, "online": f.online, "stale": f.stale, "unhealthy": f.unhealthy, "eligible": f.eligible},
-        "heartbeats_total": m.workers.heartbeats.get(),
-        "worker_health_changes_total": m.workers.health_changes.get(),
-        "http": {
-            "requests_total": m.http.total_requests(),
-            "connections_open": m.http.connections_open.get(),
-            "connections_accepted_total": m.http.connections_accepted.get(),
-            "connections_rejected_total": m.http.connections_rejected.get(),
-            "auth_failures_total": m.http.auth_failures.get(),
-        },
-        "store": store_json(ctx),
-    });
-    merge(&mut body, fleet_json(ctx, &f));
-    Ok(Reply::json(200, to_json(&body)))
+    Ok(Reply::json(
+        200,
+        to_json(&crate::diagnostics::metrics_json(&sources(ctx))?),
+    ))
 }
 
 fn prometheus(ctx: &Ctx) -> Result<Reply, ApiError> {

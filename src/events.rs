@@ -1,0 +1,46 @@
+//! Events for `events.subscribe` on the admin socket: worker health
+//! changes, lease transitions, sandbox lifecycle and admission denials.
+//!
+//! Publishing never blocks: events go into a bounded queue (dropped when it
+//! is full or when nobody listens). The admin server's `admin-events`
+//! thread takes them and writes one line per event to each subscriber.
+
+use std::sync::OnceLock;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use serde_json::Value;
+
+/// The topics a subscriber may ask for.
+pub const TOPICS: [&str; 4] = ["worker", "lease", "sandbox", "admission"];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// One of [`TOPICS`].
+    pub topic: &'static str,
+    /// e.g. `worker.health`, `sandbox.destroyed`, `lease.acquired`.
+    pub name: &'static str,
+    pub at_ms: i64,
+    pub data: Value,
+}
+
+static BUS: OnceLock<Sender<Event>> = OnceLock::new();
+
+/// Starts the bus; the receiver goes to the admin server. Called once.
+pub fn open() -> Option<Receiver<Event>> {
+    let (tx, rx) = bounded(4096);
+    BUS.set(tx).ok().map(|()| rx)
+}
+
+pub fn publish(topic: &'static str, name: &'static str, data: Value) {
+    if let Some(bus) = BUS.get() {
+        let event = Event {
+            topic,
+            name,
+            at_ms: crate::time::now_ms(),
+            data,
+        };
+        if let Err(TrySendError::Full(_)) = bus.try_send(event) {
+            crate::metrics::METRICS.events_dropped.inc();
+        }
+    }
+}
