@@ -690,10 +690,17 @@ impl Config {
         merged.worker.max_sandboxes = new.worker.max_sandboxes;
         merged.worker.stale_after = new.worker.stale_after;
         merged.worker.down_after = new.worker.down_after;
-        merged.sandboxes = new.sandboxes.clone();
+        merged.sandboxes = SandboxConfig {
+            reap_interval: self.sandboxes.reap_interval,
+            ..new.sandboxes.clone()
+        };
         merged.scheduler = new.scheduler.clone();
         let mut ignored = Vec::new();
-        let checks: [(&'static str, bool); 17] = [
+        let checks: [(&'static str, bool); 18] = [
+            (
+                "sandboxes.reap_interval",
+                self.sandboxes.reap_interval != new.sandboxes.reap_interval,
+            ),
             ("admin", self.admin != new.admin),
             ("leases.ttl", self.leases.ttl != new.leases.ttl),
             (

@@ -18,7 +18,9 @@ use crossbeam_channel::{Receiver, Sender, select, tick, unbounded};
 
 use std::sync::Arc;
 
+use crate::admin::AdminServer;
 use crate::config::{Config, LiveConfig, Overrides};
+use crate::heartbeat::Draining;
 use crate::heartbeat::{self, HeartbeatThread};
 use crate::http::HttpServer;
 use crate::lifecycle;
@@ -90,6 +92,7 @@ pub fn run(
     let notifier = Notifier::from_env();
     let (events_tx, events) = unbounded::<Lifecycle>();
     let on_exit = ExitNotifier(events_tx.clone());
+    let supervisor = events_tx.clone();
     let signals = SignalThread::start(events_tx)
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
 
@@ -148,10 +151,12 @@ pub fn run(
     sandboxes
         .reconcile()
         .map_err(|e| format!("startup reconciliation failed: {e}"))?;
+    let draining = Draining::default();
     let heartbeat = HeartbeatThread::start(
         live.clone(),
         store.handle.clone(),
         scheduler.clone(),
+        draining.clone(),
         on_exit.clone(),
     )
     .map_err(|e| format!("cannot start the heartbeat thread: {e}"))?;
@@ -165,6 +170,20 @@ pub fn run(
         )
         .map_err(|e| format!("cannot start the reaper: {e}"))?
     };
+    let admin = if live.get().admin.enabled {
+        Some(AdminServer::start(
+            live.clone(),
+            store.handle.clone(),
+            scheduler.clone(),
+            sandboxes.clone(),
+            supervisor,
+            draining,
+            crate::events::open(),
+            on_exit.clone(),
+        )?)
+    } else {
+        None
+    };
     let http = HttpServer::start(
         live.clone(),
         store.handle.clone(),
@@ -174,7 +193,7 @@ pub fn run(
     )?;
 
     let config = live.get();
-    let ready_line = format!(
+    let mut ready_line = format!(
         "stacyvmd ready http={} worker_id={} db={}",
         http.local_addr(),
         config.worker.id,
@@ -182,6 +201,9 @@ pub fn run(
             .unwrap_or_else(|_| config.store.path.clone())
             .display()
     );
+    if let Some(admin) = &admin {
+        ready_line.push_str(&format!(" admin={}", admin.path().display()));
+    }
     {
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "{ready_line}");
@@ -207,6 +229,9 @@ pub fn run(
     notifier.send("STOPPING=1\nSTATUS=stopping");
     log::info!("stopping: {outcome:?}");
     http.shutdown(live.get().server.shutdown_timeout);
+    if let Some(admin) = admin {
+        admin.stop();
+    }
     reaper.stop();
     heartbeat.stop();
     drop(sandboxes);

@@ -20,13 +20,22 @@ use crate::store::{AuditEntry, StoreError, StoreHandle};
 use crate::time::now_ms;
 use crate::workers::{Capacity, Heartbeat, Worker, WorkerStatus};
 
+/// Whether the local worker is draining (set by `worker.shutdown` or
+/// `worker.drain` on the admin socket): its heartbeats then say so, and
+/// placement stops choosing it.
+pub type Draining = std::sync::Arc<std::sync::atomic::AtomicBool>;
+
 /// The local worker's heartbeat as the config describes it.
-pub fn local_heartbeat(config: &Config) -> Heartbeat {
+pub fn local_heartbeat(config: &Config, draining: bool) -> Heartbeat {
     let w = &config.worker;
     Heartbeat {
         id: w.id.clone(),
         hostname: Some(w.hostname.clone()),
-        status: Some(WorkerStatus::Online),
+        status: Some(if draining {
+            WorkerStatus::Draining
+        } else {
+            WorkerStatus::Online
+        }),
         providers: Some(w.providers.clone()),
         capabilities: Some(w.capabilities.clone()),
         capacity: Some(Capacity {
@@ -37,7 +46,7 @@ pub fn local_heartbeat(config: &Config) -> Heartbeat {
 
 /// Registers the local worker durably; called before the daemon is ready.
 pub fn register_local(store: &StoreHandle, config: &Config) -> Result<Worker, StoreError> {
-    store.save_heartbeat(local_heartbeat(config), now_ms(), None)
+    store.save_heartbeat(local_heartbeat(config, false), now_ms(), None)
 }
 
 /// Takes a heartbeat from any worker (REST or admin socket). A refresh that
@@ -83,6 +92,7 @@ impl HeartbeatThread {
         live: LiveConfig,
         store: StoreHandle,
         scheduler: SchedulerHandle,
+        draining: Draining,
         on_exit: ExitNotifier,
     ) -> std::io::Result<HeartbeatThread> {
         let (stop, stopped) = bounded::<()>(1);
@@ -95,7 +105,10 @@ impl HeartbeatThread {
                 loop {
                     select! {
                         recv(stopped) -> _ => break,
-                        recv(ticks) -> _ => beat(&live.get(), &store, &scheduler),
+                        recv(ticks) -> _ => {
+                        let draining = draining.load(std::sync::atomic::Ordering::SeqCst);
+                        beat(&live.get(), draining, &store, &scheduler);
+                    }
                     }
                 }
                 let id = live.get().worker.id.clone();
@@ -118,9 +131,9 @@ impl HeartbeatThread {
     }
 }
 
-fn beat(config: &Config, store: &StoreHandle, scheduler: &SchedulerHandle) {
+fn beat(config: &Config, draining: bool, store: &StoreHandle, scheduler: &SchedulerHandle) {
     let received = Instant::now();
-    match store.save_heartbeat(local_heartbeat(config), now_ms(), None) {
+    match store.save_heartbeat(local_heartbeat(config, draining), now_ms(), None) {
         Ok(worker) => {
             crate::metrics::METRICS.workers.heartbeats.inc();
             if let Err(e) = scheduler.observe(worker, received) {

@@ -19,6 +19,7 @@
 //! the invariants.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod diagnostics;

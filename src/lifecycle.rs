@@ -27,6 +27,15 @@ use crate::sandboxes::{Sandbox, SandboxIds, SandboxState, SpawnSpec, validate_ow
 use crate::scheduler::{Admission, AdmissionQuery, Limits, SchedulerError, SchedulerHandle};
 use crate::store::{SandboxRefusal, SpawnStart, StoreError, StoreHandle};
 use crate::time::now_ms;
+use serde_json::json;
+
+fn publish_lease(name: &'static str, lease: &Lease) {
+    crate::events::publish(
+        "lease",
+        name,
+        json!({"resource_id": lease.resource_id, "holder_id": lease.holder_id, "generation": lease.generation}),
+    );
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum LifecycleError {
@@ -100,6 +109,9 @@ pub struct SpawnRequest {
     pub owner_id: String,
     pub metadata: BTreeMap<String, String>,
     pub idempotency_key: Option<String>,
+    /// The id to create (worker.spawn names the sandbox by its lease);
+    /// `None` makes a fresh one.
+    pub sandbox_id: Option<String>,
 }
 
 pub struct Lifecycle {
@@ -167,6 +179,16 @@ impl Lifecycle {
         })?;
         *highest = lease.generation;
         Ok(())
+    }
+
+    /// The highest lease generation this worker has seen for `id`.
+    pub fn highest_generation(&self, id: &str) -> u64 {
+        self.fence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn forget_fence(&self, id: &str) {
@@ -266,7 +288,29 @@ impl Lifecycle {
         let Some(reservation) = admission.reservation.clone() else {
             return Err(LifecycleError::Denied(Box::new(admission)));
         };
-        let result = self.spawn_reserved(&spec, key, &reservation.worker_id);
+        if let Some(id) = &req.sandbox_id {
+            if !crate::sandboxes::is_sandbox_id(id) {
+                let _ = self.scheduler.settle(reservation, false);
+                return Err(LifecycleError::Invalid(format!(
+                    "{id:?} is not a sandbox id (sb- and 16 hex digits)"
+                )));
+            }
+            match self.store.get_sandbox(id) {
+                Ok(None) => {}
+                Ok(Some(_)) => {
+                    let _ = self.scheduler.settle(reservation, false);
+                    return Err(LifecycleError::Conflict(format!(
+                        "sandbox {id} already exists"
+                    )));
+                }
+                Err(e) => {
+                    let _ = self.scheduler.settle(reservation, false);
+                    return Err(e.into());
+                }
+            }
+        }
+        let result =
+            self.spawn_reserved(&spec, key, &reservation.worker_id, req.sandbox_id.clone());
         let created = matches!(result, Ok((_, false)));
         if let Err(e) = self.scheduler.settle(reservation, created) {
             log::error!("could not settle a reservation: {e}");
@@ -279,10 +323,11 @@ impl Lifecycle {
         spec: &SpawnSpec,
         key: Option<String>,
         worker_id: &str,
+        requested_id: Option<String>,
     ) -> Result<(Sandbox, bool), LifecycleError> {
         let now = now_ms();
         let sandbox = Sandbox {
-            id: self.ids.next(),
+            id: requested_id.unwrap_or_else(|| self.ids.next()),
             state: SandboxState::Creating,
             provider: spec.provider.clone(),
             image: spec.image.clone(),
@@ -319,6 +364,12 @@ impl Lifecycle {
             Ok(()) => match self.store.finish_spawn(&id, worker_id, true, now_ms()) {
                 Ok(Ok(running)) => {
                     log::info!("sandbox {id} running on {worker_id} ({})", running.provider);
+                    publish_lease("lease.acquired", &lease);
+                    crate::events::publish(
+                        "sandbox",
+                        "sandbox.running",
+                        json!({"id": id, "worker_id": worker_id}),
+                    );
                     return Ok((running, false));
                 }
                 Ok(Err(r)) => refusal(&id, r),
@@ -341,6 +392,11 @@ impl Lifecycle {
             Err(e) => log::error!("cleanup of failed spawn {id}: {e}"),
         }
         self.forget_fence(&id);
+        crate::events::publish(
+            "sandbox",
+            "sandbox.error",
+            json!({"id": id, "error": failure.to_string()}),
+        );
         log::warn!("{failure}");
         Err(failure)
     }
@@ -393,6 +449,8 @@ impl Lifecycle {
         }
         self.forget_fence(id);
         log::info!("sandbox {id} destroyed");
+        publish_lease("lease.released", &lease);
+        crate::events::publish("sandbox", "sandbox.destroyed", json!({"id": id}));
         Ok(destroyed)
     }
 

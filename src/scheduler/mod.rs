@@ -205,6 +205,18 @@ pub enum SchedulerRequest {
         now_ms: i64,
         reply: Sender<Refresh>,
     },
+    /// Per-worker reasons for `scheduler.explain`.
+    ExplainWorkers {
+        provider: String,
+        reply: Sender<Vec<(String, Option<&'static str>)>>,
+    },
+    /// An operator changed a worker's status (drain/undrain): keeps its
+    /// heartbeat freshness as it is.
+    SetStatus {
+        id: String,
+        status: WorkerStatus,
+        reply: Sender<Option<WorkerView>>,
+    },
     Forget {
         id: String,
         reply: Sender<bool>,
@@ -298,6 +310,26 @@ impl SchedulerHandle {
             heartbeat,
             received,
             now_ms,
+            reply,
+        })
+    }
+    pub fn explain_workers(
+        &self,
+        provider: &str,
+    ) -> Result<Vec<(String, Option<&'static str>)>, SchedulerError> {
+        self.call(|reply| SchedulerRequest::ExplainWorkers {
+            provider: provider.to_owned(),
+            reply,
+        })
+    }
+    pub fn set_status(
+        &self,
+        id: &str,
+        status: WorkerStatus,
+    ) -> Result<Option<WorkerView>, SchedulerError> {
+        self.call(|reply| SchedulerRequest::SetStatus {
+            id: id.to_owned(),
+            status,
             reply,
         })
     }
@@ -472,9 +504,21 @@ impl ClusterView {
         };
         let view = self.view(&entry, now);
         match previous {
-            None => log::info!("worker {id} registered (status {})", entry.worker.status),
+            None => {
+                log::info!("worker {id} registered (status {})", entry.worker.status);
+                crate::events::publish(
+                    "worker",
+                    "worker.registered",
+                    serde_json::json!({"id": id}),
+                );
+            }
             Some((old, _, _, _)) if old != view.health => {
                 METRICS.workers.health_changes.inc();
+                crate::events::publish(
+                    "worker",
+                    "worker.health",
+                    serde_json::json!({"id": id, "from": old.as_str(), "to": view.health.as_str()}),
+                );
                 log::info!(
                     "worker {id} health {} -> {} (heartbeat received)",
                     old.as_str(),
@@ -550,6 +594,15 @@ impl ClusterView {
                     current.as_str(),
                     age.as_secs_f64()
                 );
+                crate::events::publish(
+                    "worker",
+                    if current == Health::Ready {
+                        "worker.health"
+                    } else {
+                        "worker.stale"
+                    },
+                    serde_json::json!({"id": id, "from": entry.health.as_str(), "to": current.as_str(), "last_seen_seconds": age.as_secs_f64()}),
+                );
                 entry.health = current;
                 changed.push(id.clone());
             }
@@ -596,6 +649,21 @@ impl ClusterView {
             PlacementPolicy::Binpack => self.eligible.iter().rev().find(fits),
         };
         found.map(|(_, id)| id.as_str())
+    }
+
+    /// Each worker with why it cannot take a sandbox for `provider` now.
+    fn reasons(&self, provider: &str, now: Instant) -> Vec<(String, Option<&'static str>)> {
+        self.workers
+            .iter()
+            .map(|(id, entry)| {
+                let reason = if health::supports(&entry.worker, provider) {
+                    self.view_ref(entry, now).ineligible
+                } else {
+                    Some(health::Ineligible::ProviderUnsupported)
+                };
+                (id.clone(), reason.map(|r| r.as_str()))
+            })
+            .collect()
     }
 
     /// Per-worker reasons, for explanations and for "nothing fits" answers.
@@ -681,6 +749,13 @@ impl ClusterView {
             answer.reservation = Some(reservation);
         }
         METRICS.admission.observe(answer.denial);
+        if let Some(denial) = answer.denial.filter(|_| q.reserve) {
+            crate::events::publish(
+                "admission",
+                "admission.denied",
+                serde_json::json!({"reason": denial.as_str(), "provider": q.provider, "owner_id": q.owner_id, "rejections": answer.rejections}),
+            );
+        }
         answer
     }
 
@@ -818,6 +893,21 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest) {
             reply,
         } => {
             let _ = reply.send(view.refresh(&heartbeat, received, now_ms, now));
+        }
+        SchedulerRequest::ExplainWorkers { provider, reply } => {
+            let _ = reply.send(view.reasons(&provider, now));
+        }
+        SchedulerRequest::SetStatus { id, status, reply } => {
+            let updated = view
+                .workers
+                .get_mut(&id)
+                .map(|e| e.worker.status = status)
+                .is_some();
+            if updated {
+                view.refile(&id, now);
+                log::info!("worker {id} status set to {status}");
+            }
+            let _ = reply.send(view.workers.get(&id).map(|e| view.view(e, now)));
         }
         SchedulerRequest::Forget { id, reply } => {
             let removed = view.forget(&id);
