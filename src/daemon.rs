@@ -242,10 +242,12 @@ pub fn run(
         handle,
         thread,
         checkpointer,
+        lock,
     } = store;
     drop(handle);
     let _ = thread.join();
     checkpointer.stop();
+    drop(lock);
     signals.stop();
     log::info!("stopped");
     Ok(outcome)

@@ -483,6 +483,9 @@ fn copy_responses(
     let _ = client.shutdown(Shutdown::Both);
 }
 
+/// Ids for answers the relay gives itself when the client sent none.
+static RELAY_IDS: AtomicUsize = AtomicUsize::new(0);
+
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD: usize = 16 * 1024;
 
@@ -509,11 +512,20 @@ struct Refusal {
 impl Refusal {
     fn response(&self, request_id: Option<&str>) -> Vec<u8> {
         let body = serde_json::json!({"code": self.code, "message": self.message}).to_string();
-        let id = request_id
-            .map(|id| format!("X-Request-ID: {id}\r\n"))
-            .unwrap_or_default();
+        let id = match request_id {
+            Some(id) => format!("X-Request-ID: {id}\r\n"),
+            None => format!(
+                "X-Request-ID: relay-{:x}\r\n",
+                RELAY_IDS.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
+        let retry = if self.status == 503 {
+            "Retry-After: 1\r\n"
+        } else {
+            ""
+        };
         format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{id}Connection: close\r\n\r\n{body}",
+            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{id}{retry}Connection: close\r\n\r\n{body}",
             self.status,
             self.reason,
             body.len()

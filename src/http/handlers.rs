@@ -117,8 +117,9 @@ pub fn handle(
         Route::Providers => sandbox_handlers::providers(ctx),
         Route::ListLeases => sandbox_handlers::list_leases(ctx),
         Route::GetLease { id } => sandbox_handlers::get_lease(ctx, &id),
-        Route::LeaseAction { id, action } => read_body(body, body_length, limit)
-            .and_then(|b| sandbox_handlers::lease_action(ctx, &id, action, &b)),
+        Route::LeaseAction { id, action } => read_body(body, body_length, limit).and_then(|b| {
+            sandbox_handlers::lease_action(ctx, incoming, principal, &id, action, &b)
+        }),
     };
     (id, result)
 }

@@ -7,11 +7,13 @@ use super::Ctx;
 use super::api::{
     ApiError, LeaseJson, SandboxJson, parse_lease_body, parse_spawn, parse_ttl, to_json,
 };
+use super::auth::Principal;
 use super::handlers::{Incoming, Reply};
 use super::router::LeaseVerb;
 use crate::leases::LeaseError;
 use crate::lifecycle::SpawnRequest;
 use crate::sandboxes::MAX_IDEMPOTENCY_KEY_LEN;
+use crate::store::AuditEntry;
 use crate::time::{format_duration, now_ms};
 
 fn spawn_request(incoming: &Incoming<'_>, body: &[u8]) -> Result<SpawnRequest, ApiError> {
@@ -152,8 +154,38 @@ fn lease_error(id: &str, e: LeaseError) -> ApiError {
     }
 }
 
-/// Admin lease actions, for operators and for fencing tests.
-pub fn lease_action(ctx: &Ctx, id: &str, verb: LeaseVerb, body: &[u8]) -> Result<Reply, ApiError> {
+/// Admin lease actions, for operators and for fencing tests. Audited.
+pub fn lease_action(
+    ctx: &Ctx,
+    incoming: &Incoming<'_>,
+    who: Principal,
+    id: &str,
+    verb: LeaseVerb,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
+    let result = lease_action_inner(ctx, id, verb, body);
+    let action = match verb {
+        LeaseVerb::Acquire => "lease.acquire",
+        LeaseVerb::Renew => "lease.renew",
+        LeaseVerb::Release => "lease.release",
+    };
+    let outcome = result.as_ref().map_or_else(|e| e.code, |_| "ok");
+    let entry = AuditEntry {
+        outcome: outcome.into(),
+        ..AuditEntry::new(now_ms(), &who.actor(), incoming.request_id, action, id, "")
+    };
+    if let Err(e) = ctx.store.record_audit(entry) {
+        log::error!("could not audit {action} on {id}: {e}");
+    }
+    result
+}
+
+fn lease_action_inner(
+    ctx: &Ctx,
+    id: &str,
+    verb: LeaseVerb,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
     if id.is_empty() || id.len() > 255 || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(ApiError::bad_request("invalid resource id"));
     }

@@ -647,6 +647,33 @@ pub struct Store {
     pub handle: StoreHandle,
     pub thread: JoinHandle<()>,
     pub checkpointer: Checkpointer,
+    /// Held for the life of the process: one daemon per database.
+    pub lock: std::fs::File,
+}
+
+/// Takes `<database>.lock` (flock, exclusive, non-blocking). A second daemon
+/// on the same database would fight the first over its sockets and rows; it
+/// is refused instead. The kernel drops the lock when the process ends,
+/// however it ends.
+fn lock_database(db: &Path) -> Result<std::fs::File, String> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open lock file {}: {e}", path.display()))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(format!(
+            "another stacyvmd is using {} (its lock {} is held); refusing to start",
+            db.display(),
+            path.display()
+        )),
+        Err(e) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
 }
 
 /// Opens (creating if needed) the database, applies migrations on the
@@ -657,6 +684,7 @@ pub fn open(config: &StoreConfig, on_exit: crate::daemon::ExitNotifier) -> Resul
         create_private_dir(dir)
             .map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
     }
+    let lock = lock_database(&config.path)?;
     let mut conn = Connection::open(&config.path)
         .map_err(|e| format!("cannot open {}: {e}", config.path.display()))?;
     configure_writer(&conn, config.wal_size_limit)
@@ -685,6 +713,7 @@ pub fn open(config: &StoreConfig, on_exit: crate::daemon::ExitNotifier) -> Resul
         },
         thread,
         checkpointer,
+        lock,
     })
 }
 
@@ -1311,7 +1340,7 @@ impl Checkpointer {
                         recv(ticks) -> _ => checkpoint(&conn),
                     }
                 }
-                // A last full checkpoint at shutdown leaves a small WAL behind.
+                // One more PASSIVE checkpoint at shutdown, after the last commits.
                 checkpoint(&conn);
             })
             .map_err(|e| format!("cannot start the checkpoint thread: {e}"))?;
