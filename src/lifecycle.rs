@@ -22,12 +22,30 @@ use std::time::Duration;
 
 use crate::config::LiveConfig;
 use crate::leases::Lease;
-use crate::providers::{ExecError, ExecutorHandle, Registry, RuntimeSpec};
+use crate::providers::{ExecError, ExecutorHandle, Late, Registry, RuntimeSpec};
 use crate::sandboxes::{Sandbox, SandboxIds, SandboxState, SpawnSpec, validate_owner_id};
 use crate::scheduler::{Admission, AdmissionQuery, Limits, SchedulerError, SchedulerHandle};
 use crate::store::{SandboxRefusal, SpawnStart, StoreError, StoreHandle};
 use crate::time::now_ms;
 use serde_json::json;
+
+/// Marks `sandbox` destroyed and releases its lease (one transaction), then
+/// updates the scheduler's counts.
+fn finish_destroy(
+    store: &StoreHandle,
+    scheduler: &SchedulerHandle,
+    sandbox: &Sandbox,
+    holder: &str,
+) -> Result<Sandbox, LifecycleError> {
+    let destroyed = match store.finish_destroy(&sandbox.id, holder, now_ms())? {
+        Ok(s) => s,
+        Err(r) => return Err(refusal(&sandbox.id, r)),
+    };
+    if sandbox.state.is_live() {
+        scheduler.sandbox_count(&sandbox.worker_id, &sandbox.owner_id, -1)?;
+    }
+    Ok(destroyed)
+}
 
 fn publish_lease(name: &'static str, lease: &Lease) {
     crate::events::publish(
@@ -281,7 +299,7 @@ impl Lifecycle {
             .map(|k| format!("{}\n{k}", spec.owner_id));
         if let Some(key) = &key {
             if let Some(existing) = self.store.find_idempotent(key)? {
-                return Ok((existing, true));
+                return self.replayed(existing);
             }
         }
         let admission = self.scheduler.admit(self.query(&spec, true), false)?;
@@ -343,7 +361,7 @@ impl Lifecycle {
         let id = sandbox.id.clone();
         let (sandbox, lease) = match self.store.start_spawn(sandbox, self.lease_ttl_ms(), key)? {
             Ok(SpawnStart::Started { sandbox, lease }) => (sandbox, lease),
-            Ok(SpawnStart::Replayed(existing)) => return Ok((existing, true)),
+            Ok(SpawnStart::Replayed(existing)) => return self.replayed(existing),
             Err(r) => return Err(refusal(&id, r)),
         };
         self.fenced(&lease, now)?;
@@ -383,7 +401,7 @@ impl Lifecycle {
             }
         };
         // Undo: no runtime, record `error`, lease released.
-        if let Err(e) = self.executor.destroy(&provider, &id, timeout) {
+        if let Err(e) = self.executor.destroy(&provider, &id, timeout, None) {
             log::error!("cleanup of failed spawn {id}: destroying its runtime failed: {e}");
         }
         match self.store.finish_spawn(&id, worker_id, false, now_ms()) {
@@ -399,6 +417,41 @@ impl Lifecycle {
         );
         log::warn!("{failure}");
         Err(failure)
+    }
+
+    /// The answer to a retried spawn: the first result. A retry that arrives
+    /// while the first spawn is still in progress waits for it (bounded by
+    /// the provider deadline); a first spawn that failed is a conflict to
+    /// retry (its key is released, so the retry after that spawns anew).
+    fn replayed(&self, mut existing: Sandbox) -> Result<(Sandbox, bool), LifecycleError> {
+        let deadline = std::time::Instant::now()
+            + self.live.get().sandboxes.provider_timeout
+            + Duration::from_secs(1);
+        while existing.state == SandboxState::Creating && std::time::Instant::now() < deadline {
+            // A bounded wait on another request's progress; the record is the
+            // only signal there is.
+            std::thread::sleep(Duration::from_millis(10));
+            existing = match self.store.get_sandbox(&existing.id)? {
+                Some(s) => s,
+                None => {
+                    return Err(LifecycleError::Conflict(format!(
+                        "the spawn of {} vanished; retry",
+                        existing.id
+                    )));
+                }
+            };
+        }
+        match existing.state {
+            SandboxState::Creating => Err(LifecycleError::Conflict(format!(
+                "the spawn with this Idempotency-Key ({}) is still in progress; retry",
+                existing.id
+            ))),
+            SandboxState::Error => Err(LifecycleError::Conflict(format!(
+                "the spawn with this Idempotency-Key ({}) failed; retry",
+                existing.id
+            ))),
+            _ => Ok((existing, true)),
+        }
     }
 
     /// Destroys a sandbox: lease first, then provider, then record and lease
@@ -424,14 +477,47 @@ impl Lifecycle {
         match self.providers.get(&sandbox.provider) {
             Some(provider) => {
                 let timeout = self.live.get().sandboxes.provider_timeout;
-                if let Err(e) = self.executor.destroy(provider, id, timeout) {
-                    let _ = self.store.release_lease(id, &me, now_ms());
-                    return Err(match e {
-                        ExecError::Provider(e) => {
-                            LifecycleError::Provider(format!("destroy of {id} failed: {e}"))
+                // If the provider answers after the deadline, finish the
+                // destroy then (the lease is still ours), or give the lease
+                // back if it failed: the record never claims a runtime that
+                // is gone.
+                let (store, scheduler, late_id, late_me, late_sandbox) = (
+                    self.store.clone(),
+                    self.scheduler.clone(),
+                    id.to_owned(),
+                    me.clone(),
+                    sandbox.clone(),
+                );
+                let late: Late = Box::new(move |result| match result {
+                    Ok(()) => match finish_destroy(&store, &scheduler, &late_sandbox, &late_me) {
+                        Ok(_) => {
+                            log::info!("sandbox {late_id} destroyed (the provider answered late)")
                         }
-                        other => LifecycleError::Unavailable(format!("destroy of {id}: {other}")),
-                    });
+                        Err(e) => log::error!("late destroy of {late_id}: {e}"),
+                    },
+                    Err(e) => {
+                        log::error!("late destroy of {late_id} failed: {e}");
+                        let _ = store.release_lease(&late_id, &late_me, now_ms());
+                    }
+                });
+                match self.executor.destroy(provider, id, timeout, Some(late)) {
+                    Ok(()) => {}
+                    Err(ExecError::Timeout) => {
+                        return Err(LifecycleError::Unavailable(format!(
+                            "destroy of {id}: the provider did not answer in time; it completes in the background"
+                        )));
+                    }
+                    Err(e) => {
+                        let _ = self.store.release_lease(id, &me, now_ms());
+                        return Err(match e {
+                            ExecError::Provider(e) => {
+                                LifecycleError::Provider(format!("destroy of {id} failed: {e}"))
+                            }
+                            other => {
+                                LifecycleError::Unavailable(format!("destroy of {id}: {other}"))
+                            }
+                        });
+                    }
                 }
             }
             None => log::warn!(
@@ -439,14 +525,7 @@ impl Lifecycle {
                 sandbox.provider
             ),
         }
-        let destroyed = match self.store.finish_destroy(id, &me, now_ms())? {
-            Ok(s) => s,
-            Err(r) => return Err(refusal(id, r)),
-        };
-        if sandbox.state.is_live() {
-            self.scheduler
-                .sandbox_count(&sandbox.worker_id, &sandbox.owner_id, -1)?;
-        }
+        let destroyed = finish_destroy(&self.store, &self.scheduler, &sandbox, &me)?;
         self.forget_fence(id);
         log::info!("sandbox {id} destroyed");
         publish_lease("lease.released", &lease);
@@ -594,7 +673,7 @@ impl Lifecycle {
                     .acquire_lease(runtime, "sandbox", &me, ttl, now_ms())?
                 {
                     Ok(_) => {
-                        match self.executor.destroy(provider, runtime, timeout) {
+                        match self.executor.destroy(provider, runtime, timeout, None) {
                             Ok(()) => {
                                 reaped += 1;
                                 log::warn!(

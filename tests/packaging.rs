@@ -15,10 +15,15 @@ fn man_pages_are_lint_clean() {
     let mut pages: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
         .map(|entry| entry.expect("read man/ entry").path())
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("8" | "5")))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("8" | "7" | "5")
+            )
+        })
         .collect();
     pages.sort();
-    for wanted in ["stacyvmd.8", "stacyvmd.toml.5"] {
+    for wanted in ["stacyvmd.8", "stacyvmd-admin.7", "stacyvmd.toml.5"] {
         assert!(
             pages.iter().any(|p| p.ends_with(wanted)),
             "man/{wanted} is missing: {pages:?}"

@@ -10,8 +10,7 @@
 pub mod mock;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -110,12 +109,33 @@ enum JobKind {
     Destroy(String),
 }
 
+/// What a late provider result should do once its caller gave up.
+pub type Late = Box<dyn FnOnce(Result<(), ProviderError>) + Send>;
+
+/// The hand-off between a caller waiting with a deadline and the executor:
+/// whichever comes second decides who handles the result, under one lock,
+/// so a result is never lost between "timed out" and "finished".
+#[derive(Default)]
+struct Handoff {
+    state: Mutex<HandoffState>,
+}
+
+#[derive(Default, PartialEq, Eq)]
+enum HandoffState {
+    #[default]
+    Waiting,
+    /// The caller stopped waiting: the executor handles the result.
+    Abandoned,
+    /// The result was sent to the caller.
+    Answered,
+}
+
 struct Job {
     provider: Arc<dyn Provider>,
     kind: JobKind,
     reply: Sender<Result<(), ProviderError>>,
-    /// Set by the caller when it stopped waiting.
-    abandoned: Arc<AtomicBool>,
+    handoff: Arc<Handoff>,
+    late: Option<Late>,
 }
 
 #[derive(Clone)]
@@ -129,14 +149,16 @@ impl ExecutorHandle {
         provider: &Arc<dyn Provider>,
         kind: JobKind,
         deadline: Duration,
+        late: Option<Late>,
     ) -> Result<(), ExecError> {
         let (reply, answer) = bounded(1);
-        let abandoned = Arc::new(AtomicBool::new(false));
+        let handoff = Arc::new(Handoff::default());
         let job = Job {
             provider: provider.clone(),
             kind,
             reply,
-            abandoned: abandoned.clone(),
+            handoff: handoff.clone(),
+            late,
         };
         match self.jobs.try_send(job) {
             Ok(()) => {}
@@ -147,31 +169,47 @@ impl ExecutorHandle {
                 return Err(ExecError::Unavailable("executor stopped".into()));
             }
         }
-        match answer.recv_timeout(deadline) {
-            Ok(result) => result.map_err(ExecError::Provider),
-            Err(_) => {
-                abandoned.store(true, Ordering::SeqCst);
-                Err(ExecError::Timeout)
-            }
+        if let Ok(result) = answer.recv_timeout(deadline) {
+            return result.map_err(ExecError::Provider);
         }
+        let mut state = handoff.state.lock().unwrap_or_else(|e| e.into_inner());
+        if *state == HandoffState::Answered {
+            // Finished just as the deadline passed: the answer is there.
+            return answer
+                .recv()
+                .map_err(|_| ExecError::Timeout)?
+                .map_err(ExecError::Provider);
+        }
+        *state = HandoffState::Abandoned;
+        Err(ExecError::Timeout)
     }
 
+    /// Starts a runtime. A spawn that finishes after its caller gave up is
+    /// destroyed, so a late runtime is never left behind.
     pub fn spawn(
         &self,
         provider: &Arc<dyn Provider>,
         spec: RuntimeSpec,
         deadline: Duration,
     ) -> Result<(), ExecError> {
-        self.run(provider, JobKind::Spawn(spec), deadline)
+        self.run(provider, JobKind::Spawn(spec), deadline, None)
     }
 
+    /// Destroys a runtime; `late` runs with the result if it arrives after
+    /// the deadline (the caller has answered "timeout" by then).
     pub fn destroy(
         &self,
         provider: &Arc<dyn Provider>,
         sandbox_id: &str,
         deadline: Duration,
+        late: Option<Late>,
     ) -> Result<(), ExecError> {
-        self.run(provider, JobKind::Destroy(sandbox_id.to_owned()), deadline)
+        self.run(
+            provider,
+            JobKind::Destroy(sandbox_id.to_owned()),
+            deadline,
+            late,
+        )
     }
 }
 
@@ -217,21 +255,32 @@ impl Executor {
 fn run_jobs(queue: &Receiver<Job>) {
     while let Ok(job) = queue.recv() {
         let result = match &job.kind {
-            JobKind::Spawn(spec) => {
-                let result = job.provider.spawn(spec);
-                if result.is_ok() && job.abandoned.load(Ordering::SeqCst) {
-                    log::warn!(
-                        "spawn of {} finished after its caller gave up; destroying the runtime",
-                        spec.sandbox_id
-                    );
-                    if let Err(e) = job.provider.destroy(&spec.sandbox_id) {
-                        log::error!("could not destroy late runtime {}: {e}", spec.sandbox_id);
-                    }
-                }
-                result
-            }
+            JobKind::Spawn(spec) => job.provider.spawn(spec),
             JobKind::Destroy(id) => job.provider.destroy(id),
         };
-        let _ = job.reply.send(result);
+        let mut state = job.handoff.state.lock().unwrap_or_else(|e| e.into_inner());
+        if *state == HandoffState::Abandoned {
+            drop(state);
+            match (&job.kind, job.late) {
+                (JobKind::Spawn(spec), _) => {
+                    if result.is_ok() {
+                        log::warn!(
+                            "spawn of {} finished after its caller gave up; destroying the runtime",
+                            spec.sandbox_id
+                        );
+                        if let Err(e) = job.provider.destroy(&spec.sandbox_id) {
+                            log::error!("could not destroy late runtime {}: {e}", spec.sandbox_id);
+                        }
+                    }
+                }
+                (JobKind::Destroy(_), Some(late)) => late(result),
+                (JobKind::Destroy(id), None) => {
+                    log::warn!("destroy of {id} finished after its caller gave up: {result:?}")
+                }
+            }
+        } else {
+            *state = HandoffState::Answered;
+            let _ = job.reply.send(result);
+        }
     }
 }

@@ -998,6 +998,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
                 let Some(before) = sql::get_sandbox(tx, &id)? else {
                     return Ok(Err(SandboxRefusal::NotFound));
                 };
+                // Only a spawn in progress can finish; anything else means
+                // the record moved on and must not be overwritten.
+                if before.state != SandboxState::Creating {
+                    return Ok(Err(SandboxRefusal::NotLive(before.state)));
+                }
                 let state = if ok {
                     SandboxState::Running
                 } else {
@@ -1008,6 +1013,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
                 };
                 if !ok {
                     release_if_held(tx, fx, &id, &holder, now_ms)?;
+                    // A failed spawn is not a result to replay: a retry with
+                    // the same Idempotency-Key tries again.
+                    sql::forget_idempotent(tx, &id)?;
                 }
                 fx.sandboxes.push((Some(before), after.clone()));
                 Ok(Ok(after))
@@ -1025,7 +1033,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
                 let Some(sandbox) = sql::get_sandbox(tx, &id)? else {
                     return Ok(Err(SandboxRefusal::NotFound));
                 };
-                if sandbox.state == SandboxState::Destroyed {
+                // Destroyed is gone; creating is a spawn in progress, which
+                // finishes (or undoes itself) first.
+                if matches!(
+                    sandbox.state,
+                    SandboxState::Destroyed | SandboxState::Creating
+                ) {
                     return Ok(Err(SandboxRefusal::NotLive(sandbox.state)));
                 }
                 let current = sql::get_lease(tx, &id)?;

@@ -144,6 +144,12 @@ pub fn get_idempotent(tx: &Transaction<'_>, key: &str) -> StoreResult<Option<Str
     Ok(stmt.query_row(params![key], |r| r.get(0)).optional()?)
 }
 
+pub fn forget_idempotent(tx: &Transaction<'_>, sandbox_id: &str) -> StoreResult<()> {
+    tx.prepare_cached("DELETE FROM idempotency_keys WHERE sandbox_id = ?1")?
+        .execute(params![sandbox_id])?;
+    Ok(())
+}
+
 pub fn put_idempotent(
     tx: &Transaction<'_>,
     key: &str,
