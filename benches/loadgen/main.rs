@@ -51,7 +51,8 @@ struct Options {
     duration: Duration,
 }
 
-fn parse_options(mut arguments: impl Iterator<Item = String>) -> Result<Options, String> {
+/// `None` when only help was asked for.
+fn parse_options(mut arguments: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
     let mut options = Options {
         runs: 3,
         duration: Duration::from_secs(3),
@@ -68,11 +69,11 @@ fn parse_options(mut arguments: impl Iterator<Item = String>) -> Result<Options,
             }
             // `cargo bench` appends --bench to every bench binary's arguments.
             "--bench" => {}
-            "--help" | "-h" => return Err(USAGE.to_owned()),
+            "--help" | "-h" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    Ok(options)
+    Ok(Some(options))
 }
 
 fn main() -> ExitCode {
@@ -86,7 +87,10 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), String> {
-    let options = parse_options(std::env::args().skip(1))?;
+    let Some(options) = parse_options(std::env::args().skip(1))? else {
+        println!("{USAGE}");
+        return Ok(());
+    };
     // Cargo builds the binary targets before any bench and names the artifact
     // here: target/release/stacyvmd.
     let binary = Path::new(env!("CARGO_BIN_EXE_stacyvmd"));
@@ -97,6 +101,15 @@ fn run() -> Result<(), String> {
         ));
     }
     println!("machine: {}", machine_description());
+    // Anything else running on a 2-core box shows up in every figure.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "load:    {} (1, 5, 15 min) at start",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!(
         "daemon:  {} ({})",
         daemon_version(binary)?,
@@ -126,12 +139,14 @@ fn run() -> Result<(), String> {
     let baseline = Baseline::start(LIVE_BODY.to_vec(), BASELINE_THREADS)?;
     let baseline_bursts = bursts("bare tiny_http", baseline.addr);
     drop(baseline);
-    let scrape_p99 = bench.scrape()?;
+    let scrape_p99s = bench.scrape(options.runs)?;
 
     let loaded_rss = daemon.rss_bytes()?;
-    match daemon.stop()? {
-        status if status.success() => println!("daemon stopped cleanly on SIGTERM"),
-        status => println!("WARNING: daemon exited with {status} after SIGTERM"),
+    // A bad stop is a finding to report, not a reason to drop the figures.
+    match daemon.stop() {
+        Ok(status) if status.success() => println!("daemon stopped cleanly on SIGTERM"),
+        Ok(status) => println!("WARNING: daemon exited with {status} after SIGTERM"),
+        Err(problem) => println!("WARNING: {problem}"),
     }
 
     let rows = [
@@ -143,7 +158,7 @@ fn run() -> Result<(), String> {
         latency_row(
             "M1",
             "/metrics p99, 1 conn, 1,000 workers",
-            scrape_p99,
+            median_duration(scrape_p99s),
             Bound::AtMost(5.0),
         ),
         memory_row(
@@ -272,8 +287,9 @@ impl Bench {
         })
     }
 
-    /// M1: the Prometheus scrape with 1,000 workers registered.
-    fn scrape(&self) -> Result<Duration, String> {
+    /// M1: the Prometheus scrape with 1,000 workers registered; the p99 of
+    /// each of `runs` measurements.
+    fn scrape(&self, runs: usize) -> Result<Vec<Duration>, String> {
         let registered = count_json_array(&fetch(self.daemon, "/api/v1/workers")?)?;
         register_workers(
             self.daemon,
@@ -289,10 +305,14 @@ impl Bench {
             count_json_array(&fetch(self.daemon, "/api/v1/workers")?)?,
             body.len()
         );
-        let scrape = self.measure("daemon /metrics", self.daemon, 1, |_| {
-            vec![client::get("/metrics")]
-        })?;
-        Ok(scrape.latencies.percentile(99.0))
+        (0..runs)
+            .map(|_| {
+                let scrape = self.measure("daemon /metrics", self.daemon, 1, |_| {
+                    vec![client::get("/metrics")]
+                })?;
+                Ok(scrape.latencies.percentile(99.0))
+            })
+            .collect()
     }
 }
 
@@ -547,7 +567,9 @@ fn memory_row(what: &str, bytes: u64, bound: Option<Bound>) -> Row {
 
 fn print_table(rows: &[Row], runs: usize) {
     println!();
-    println!("ratios and rates are medians of {runs} run(s)");
+    println!(
+        "ratios, rates, R3 and M1 are medians of {runs} run(s); C1 is the worst of {BURST_REPEATS}"
+    );
     println!(
         "{:<4} {:<44} {:<34} {:>6}  {:<10} result",
         "id", "figure", "compared with", "ratio", "goal"
