@@ -191,10 +191,18 @@ fn run(
                 ),
             ));
         }
-        let highest = e
-            .lease
-            .as_ref()
-            .map_or(0, |l| ctx.lifecycle.highest_generation(&l.resource_id));
+        // The highest generation known for the resource: what this worker
+        // has acted under, or the store's current lease, whichever is newer.
+        let highest = match &e.lease {
+            Some(l) => {
+                let stored = ctx
+                    .store
+                    .get_lease(&l.resource_id)?
+                    .map_or(0, |cur| cur.generation);
+                stored.max(ctx.lifecycle.highest_generation(&l.resource_id))
+            }
+            None => 0,
+        };
         workerproto::check_lease(e.method, e.lease.as_ref(), &me, highest, now)?;
     }
     let lease_ttl = config.leases.ttl.as_millis() as i64;
@@ -499,10 +507,13 @@ fn run(
             Params::only(&e.params, &["topics"])?;
             let mut subs = ctx.subscribers.lock().unwrap_or_else(|p| p.into_inner());
             subs.retain(|s| !Arc::ptr_eq(&s.writer, writer));
-            subs.push(Subscriber {
-                topics: topics.clone(),
-                writer: writer.clone(),
-            });
+            let subscriber = Subscriber::start(topics.clone(), writer).map_err(|err| {
+                ProtoError::new(
+                    ErrorCode::Internal,
+                    format!("cannot start the subscription: {err}"),
+                )
+            })?;
+            subs.push(subscriber);
             Ok(json!({"subscribed": topics}))
         }
         Method::Help => {

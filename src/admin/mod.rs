@@ -73,7 +73,37 @@ type Writer = Arc<Mutex<UnixStream>>;
 
 struct Subscriber {
     topics: Vec<String>,
+    /// The connection's writer (to find and replace a subscription).
     writer: Writer,
+    /// Lines for this subscriber's own `admin-sub` writer thread: a slow
+    /// reader fills only its own queue, and is dropped when it is full.
+    lines: Sender<String>,
+}
+
+/// Queued event lines per subscriber before it counts as not keeping up.
+const SUBSCRIBER_QUEUE: usize = 1024;
+
+impl Subscriber {
+    /// Starts the subscriber's writer thread.
+    fn start(topics: Vec<String>, writer: &Writer) -> std::io::Result<Subscriber> {
+        let (lines, queue) = crossbeam_channel::bounded::<String>(SUBSCRIBER_QUEUE);
+        let out = writer.clone();
+        std::thread::Builder::new()
+            .name("admin-sub".into())
+            .stack_size(CONN_STACK)
+            .spawn(move || {
+                while let Ok(line) = queue.recv() {
+                    if write_line(&out, &line).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Subscriber {
+            topics,
+            writer: writer.clone(),
+            lines,
+        })
+    }
 }
 
 /// What the admin threads share.
@@ -97,6 +127,9 @@ pub struct AdminServer {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
     ctx: Arc<AdminCtx>,
+    /// The listening socket, to wake the blocked accept() at stop even when
+    /// the socket file was removed from under the daemon.
+    listener: UnixListener,
 }
 
 impl AdminServer {
@@ -113,6 +146,9 @@ impl AdminServer {
     ) -> Result<AdminServer, String> {
         let config = live.get().admin.clone();
         let listener = bind(&config)?;
+        let waker = listener
+            .try_clone()
+            .map_err(|e| format!("cannot clone the admin socket: {e}"))?;
         let ctx = Arc::new(AdminCtx {
             live,
             store,
@@ -158,6 +194,7 @@ impl AdminServer {
             stop,
             thread,
             ctx,
+            listener: waker,
         })
     }
 
@@ -169,7 +206,9 @@ impl AdminServer {
     /// and release the handles they hold.
     pub fn stop(self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept().
+        // Wake the blocking accept(): shutting a listening socket down makes
+        // accept() fail at once, whether or not the file still exists.
+        let _ = rustix::net::shutdown(&self.listener, rustix::net::Shutdown::Both);
         let _ = UnixStream::connect(&self.path);
         let _ = self.thread.join();
         for conn in self
@@ -385,9 +424,9 @@ fn deliver(ctx: &AdminCtx, event: &Event) {
         if !s.topics.iter().any(|t| t == event.topic) {
             return true;
         }
-        // A subscriber that cannot take the line within the write timeout
-        // is dropped, not waited for.
-        write_line(&s.writer, &line).is_ok()
+        // Never waits: a subscriber whose queue is full (it does not read)
+        // or whose writer ended is dropped.
+        s.lines.try_send(line.clone()).is_ok()
     });
 }
 
