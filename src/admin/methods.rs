@@ -243,16 +243,15 @@ fn run(
         }
         Method::WorkerStatus => {
             Params::only(&e.params, &[])?;
-            let view = ctx.scheduler.get(&me)?;
+            let (view, reservations) = ctx.scheduler.worker_and_reservations(&me)?;
             let tallies = ctx.store.tallies(now);
-            let sched = ctx.scheduler.status()?;
             Ok(json!({
                 "worker": view.as_ref().map(|v| to_value(&WorkerJson::from(v))),
                 "draining": ctx.draining.load(Ordering::SeqCst),
                 "providers": ctx.lifecycle.providers().names(),
                 "sandboxes_owned": view.as_ref().map_or(0, |v| v.active_sandboxes),
                 "leases_held": tallies.leases_by_holder.get(&me).copied().unwrap_or(0),
-                "reservations": sched.reservations,
+                "reservations": reservations,
                 "uptime_seconds": crate::metrics::METRICS.started.elapsed().as_secs_f64(),
                 "version": env!("CARGO_PKG_VERSION"),
             }))

@@ -348,10 +348,15 @@ fn accept_loop(listener: &UnixListener, ctx: &Arc<AdminCtx>, stop: &AtomicBool) 
     }
 }
 
+/// One write per line, so the reader wakes once per reply.
 fn write_line(writer: &Writer, line: &str) -> std::io::Result<()> {
-    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-    w.write_all(line.as_bytes())?;
-    w.write_all(b"\n")
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line.as_bytes());
+    buf.push(b'\n');
+    writer
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .write_all(&buf)
 }
 
 fn serve(ctx: &Arc<AdminCtx>, stream: UnixStream, peer: Peer, access: Access) {

@@ -205,6 +205,11 @@ pub enum SchedulerRequest {
         now_ms: i64,
         reply: Sender<Refresh>,
     },
+    /// One worker and the reservations in flight (cheap: `worker.status`).
+    WorkerAndReservations {
+        id: String,
+        reply: Sender<(Option<WorkerView>, usize)>,
+    },
     /// Per-worker reasons for `scheduler.explain`.
     ExplainWorkers {
         provider: String,
@@ -310,6 +315,15 @@ impl SchedulerHandle {
             heartbeat,
             received,
             now_ms,
+            reply,
+        })
+    }
+    pub fn worker_and_reservations(
+        &self,
+        id: &str,
+    ) -> Result<(Option<WorkerView>, usize), SchedulerError> {
+        self.call(|reply| SchedulerRequest::WorkerAndReservations {
+            id: id.to_owned(),
             reply,
         })
     }
@@ -893,6 +907,12 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest) {
             reply,
         } => {
             let _ = reply.send(view.refresh(&heartbeat, received, now_ms, now));
+        }
+        SchedulerRequest::WorkerAndReservations { id, reply } => {
+            let _ = reply.send((
+                view.workers.get(&id).map(|e| view.view(e, now)),
+                view.reservations.len(),
+            ));
         }
         SchedulerRequest::ExplainWorkers { provider, reply } => {
             let _ = reply.send(view.reasons(&provider, now));
