@@ -293,7 +293,7 @@ impl Config {
                 "allow_unauthenticated_remote",
                 false,
             ),
-            http_threads: r.integer(s, "server", "http_threads", 4, 1, 256) as usize,
+            http_threads: r.integer(s, "server", "http_threads", 16, 1, 256) as usize,
             max_connections: r.integer(s, "server", "max_connections", 1024, 1, 65_536) as usize,
             max_body_bytes: r.integer(s, "server", "max_body_bytes", 1 << 20, 1, 1 << 30) as u64,
             idle_timeout: r.duration(

@@ -13,7 +13,7 @@ use super::router::LeaseVerb;
 use crate::leases::LeaseError;
 use crate::lifecycle::SpawnRequest;
 use crate::sandboxes::MAX_IDEMPOTENCY_KEY_LEN;
-use crate::store::AuditEntry;
+use crate::store::{AuditEntry, LeaseOp};
 use crate::time::{format_duration, now_ms};
 
 fn spawn_request(incoming: &Incoming<'_>, body: &[u8]) -> Result<SpawnRequest, ApiError> {
@@ -154,34 +154,13 @@ fn lease_error(id: &str, e: LeaseError) -> ApiError {
     }
 }
 
-/// Admin lease actions, for operators and for fencing tests. Audited.
+/// Admin lease actions, for operators and for fencing tests. A change is
+/// audited in its own transaction; a refusal is logged, writes nothing, and
+/// so costs no commit.
 pub fn lease_action(
     ctx: &Ctx,
     incoming: &Incoming<'_>,
     who: Principal,
-    id: &str,
-    verb: LeaseVerb,
-    body: &[u8],
-) -> Result<Reply, ApiError> {
-    let result = lease_action_inner(ctx, id, verb, body);
-    let action = match verb {
-        LeaseVerb::Acquire => "lease.acquire",
-        LeaseVerb::Renew => "lease.renew",
-        LeaseVerb::Release => "lease.release",
-    };
-    let outcome = result.as_ref().map_or_else(|e| e.code, |_| "ok");
-    let entry = AuditEntry {
-        outcome: outcome.into(),
-        ..AuditEntry::new(now_ms(), &who.actor(), incoming.request_id, action, id, "")
-    };
-    if let Err(e) = ctx.store.record_audit(entry) {
-        log::error!("could not audit {action} on {id}: {e}");
-    }
-    result
-}
-
-fn lease_action_inner(
-    ctx: &Ctx,
     id: &str,
     verb: LeaseVerb,
     body: &[u8],
@@ -191,16 +170,36 @@ fn lease_action_inner(
     }
     let b = parse_lease_body(body)?;
     let now = now_ms();
-    let default_ttl = ctx.live.get().leases.ttl.as_millis() as i64;
-    let ttl = b.ttl_ms.unwrap_or(default_ttl);
-    let lease = match verb {
-        LeaseVerb::Acquire => ctx
-            .store
-            .acquire_lease(id, &b.resource_type, &b.holder_id, ttl, now)?
-            .map(|(l, _)| l),
-        LeaseVerb::Renew => ctx.store.renew_lease(id, &b.holder_id, ttl, now)?,
-        LeaseVerb::Release => ctx.store.release_lease(id, &b.holder_id, now)?,
+    let ttl = b
+        .ttl_ms
+        .unwrap_or(ctx.live.get().leases.ttl.as_millis() as i64);
+    let (op, action) = match verb {
+        LeaseVerb::Acquire => (
+            LeaseOp::Acquire {
+                resource_type: b.resource_type.clone(),
+            },
+            "lease.acquire",
+        ),
+        LeaseVerb::Renew => (LeaseOp::Renew, "lease.renew"),
+        LeaseVerb::Release => (LeaseOp::Release, "lease.release"),
+    };
+    let audit = AuditEntry::new(
+        now,
+        &who.actor(),
+        incoming.request_id,
+        action,
+        id,
+        &b.holder_id,
+    );
+    match ctx.store.lease_op(op, id, &b.holder_id, ttl, now, audit)? {
+        Ok(lease) => Ok(Reply::json(200, to_json(&LeaseJson::new(&lease, now)))),
+        Err(e) => {
+            log::info!(
+                "{action} on {id} for {} refused by {}: {e}",
+                b.holder_id,
+                who.actor()
+            );
+            Err(lease_error(id, e))
+        }
     }
-    .map_err(|e| lease_error(id, e))?;
-    Ok(Reply::json(200, to_json(&LeaseJson::new(&lease, now))))
 }

@@ -67,6 +67,14 @@ impl From<rusqlite::Error> for StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// The lease changes an operator can ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOp {
+    Acquire { resource_type: String },
+    Renew,
+    Release,
+}
+
 /// Outcome of deleting a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deleted {
@@ -216,6 +224,8 @@ pub enum StoreRequest {
         holder: String,
         ttl_ms: i64,
         now_ms: i64,
+        /// Written in the same transaction when the change succeeds.
+        audit: Option<AuditEntry>,
         reply: Sender<StoreResult<Result<(Lease, Acquired), LeaseError>>>,
     },
     RenewLease {
@@ -223,12 +233,16 @@ pub enum StoreRequest {
         holder: String,
         ttl_ms: i64,
         now_ms: i64,
+        /// Written in the same transaction when the change succeeds.
+        audit: Option<AuditEntry>,
         reply: Sender<StoreResult<Result<Lease, LeaseError>>>,
     },
     ReleaseLease {
         resource_id: String,
         holder: String,
         now_ms: i64,
+        /// Written in the same transaction when the change succeeds.
+        audit: Option<AuditEntry>,
         reply: Sender<StoreResult<Result<Lease, LeaseError>>>,
     },
     GetLease {
@@ -469,6 +483,48 @@ impl StoreHandle {
         self.call(|reply| StoreRequest::LiveCounts { reply })
     }
 
+    /// A lease change with its audit row written in the same transaction
+    /// when it succeeds; a refusal writes nothing (and costs no fsync).
+    pub fn lease_op(
+        &self,
+        op: LeaseOp,
+        resource_id: &str,
+        holder: &str,
+        ttl_ms: i64,
+        now_ms: i64,
+        audit: AuditEntry,
+    ) -> StoreResult<Result<Lease, LeaseError>> {
+        let (resource_id, holder, audit) = (resource_id.to_owned(), holder.to_owned(), Some(audit));
+        match op {
+            LeaseOp::Acquire { resource_type } => self
+                .call(|reply| StoreRequest::AcquireLease {
+                    resource_id,
+                    resource_type,
+                    holder,
+                    ttl_ms,
+                    now_ms,
+                    audit,
+                    reply,
+                })
+                .map(|r| r.map(|(lease, _)| lease)),
+            LeaseOp::Renew => self.call(|reply| StoreRequest::RenewLease {
+                resource_id,
+                holder,
+                ttl_ms,
+                now_ms,
+                audit,
+                reply,
+            }),
+            LeaseOp::Release => self.call(|reply| StoreRequest::ReleaseLease {
+                resource_id,
+                holder,
+                now_ms,
+                audit,
+                reply,
+            }),
+        }
+    }
+
     pub fn acquire_lease(
         &self,
         resource_id: &str,
@@ -483,6 +539,7 @@ impl StoreHandle {
             holder: holder.to_owned(),
             ttl_ms,
             now_ms,
+            audit: None,
             reply,
         })
     }
@@ -499,6 +556,7 @@ impl StoreHandle {
             holder: holder.to_owned(),
             ttl_ms,
             now_ms,
+            audit: None,
             reply,
         })
     }
@@ -513,6 +571,7 @@ impl StoreHandle {
             resource_id: resource_id.to_owned(),
             holder: holder.to_owned(),
             now_ms,
+            audit: None,
             reply,
         })
     }
@@ -1149,6 +1208,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             holder,
             ttl_ms,
             now_ms,
+            audit,
             reply,
         } => {
             let (result, fx) = isolated(tx, |fx| {
@@ -1163,6 +1223,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
                 ) {
                     Ok((lease, kind)) => {
                         sql::put_lease(tx, &lease)?;
+                        if let Some(entry) = &audit {
+                            statements::insert_audit(tx, entry)?;
+                        }
                         fx.leases.push(lease.clone());
                         Ok(Ok((lease, kind)))
                     }
@@ -1177,6 +1240,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             holder,
             ttl_ms,
             now_ms,
+            audit,
             reply,
         } => {
             let (result, fx) = isolated(tx, |fx| {
@@ -1184,6 +1248,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
                 match leases::renew(current.as_ref(), &holder, ttl_ms, now_ms) {
                     Ok(lease) => {
                         sql::put_lease(tx, &lease)?;
+                        if let Some(entry) = &audit {
+                            statements::insert_audit(tx, entry)?;
+                        }
                         fx.leases.push(lease.clone());
                         Ok(Ok(lease))
                     }
@@ -1196,6 +1263,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             resource_id,
             holder,
             now_ms,
+            audit,
             reply,
         } => {
             let (result, fx) = isolated(tx, |fx| {
@@ -1203,6 +1271,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
                 match leases::release(current.as_ref(), &holder, now_ms) {
                     Ok(lease) => {
                         sql::put_lease(tx, &lease)?;
+                        if let Some(entry) = &audit {
+                            statements::insert_audit(tx, entry)?;
+                        }
                         fx.leases.push(lease.clone());
                         Ok(Ok(lease))
                     }

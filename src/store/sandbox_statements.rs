@@ -269,8 +269,9 @@ fn lease_from_row(row: &Row<'_>) -> rusqlite::Result<Lease> {
 pub type Reclaimed = (Vec<(String, String)>, Vec<(String, i64)>);
 
 /// Startup: takes back the leases on `holder`'s live sandboxes in bulk.
-/// Leases it still holds are extended; lapsed or released ones are taken
-/// with a new generation; missing ones are created. Leases another holder
+/// Leases it still holds are left as they are (background renewal extends
+/// them; rewriting 100,000 rows here dominated startup); lapsed or released
+/// ones are taken with a new generation; missing ones are created. Leases another holder
 /// has unexpired are left alone and returned as (resource_id, holder).
 /// Also returns the changed (resource_id, expires_at) for the tallies.
 pub fn reclaim_sandbox_leases(
@@ -288,7 +289,7 @@ pub fn reclaim_sandbox_leases(
                  acquired_at = CASE WHEN {ours} THEN acquired_at ELSE ?2 END,
                  holder_id = ?1, renewed_at = ?2, expires_at = max(expires_at, ?2 + ?3)
              WHERE resource_id IN (SELECT id FROM sandboxes WHERE {LIVE} AND worker_id = ?1)
-               AND (holder_id = ?1 OR holder_id = '' OR expires_at <= ?2)
+               AND (holder_id = '' OR expires_at <= ?2)
              RETURNING resource_id, expires_at"
         ))?
         .query_map(params![holder, now_ms, ttl_ms], |r| {
