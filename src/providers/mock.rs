@@ -104,10 +104,6 @@ impl Provider for MockProvider {
         Ok(())
     }
 
-    fn is_running(&self, sandbox_id: &str) -> Result<bool, ProviderError> {
-        Ok(self.running().contains(sandbox_id))
-    }
-
     fn list_runtimes(&self) -> Result<Vec<String>, ProviderError> {
         let mut ids: Vec<String> = self.running().iter().cloned().collect();
         ids.sort();

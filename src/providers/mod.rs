@@ -43,7 +43,6 @@ pub trait Provider: Send + Sync {
     /// Stops the runtime and removes its state. Destroying a runtime that
     /// does not exist succeeds (destroy is retried after failures).
     fn destroy(&self, sandbox_id: &str) -> Result<(), ProviderError>;
-    fn is_running(&self, sandbox_id: &str) -> Result<bool, ProviderError>;
     /// Every runtime the provider has, for reconciliation.
     fn list_runtimes(&self) -> Result<Vec<String>, ProviderError>;
     fn health(&self) -> Result<(), ProviderError>;

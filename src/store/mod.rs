@@ -131,10 +131,6 @@ pub enum StoreRequest {
         entry: AuditEntry,
         reply: Sender<StoreResult<()>>,
     },
-    GetWorker {
-        id: String,
-        reply: Sender<StoreResult<Option<Worker>>>,
-    },
     ListWorkers {
         reply: Sender<StoreResult<Vec<Worker>>>,
     },
@@ -343,13 +339,6 @@ impl StoreHandle {
 
     pub fn record_audit(&self, entry: AuditEntry) -> StoreResult<()> {
         self.call(|reply| StoreRequest::RecordAudit { entry, reply })
-    }
-
-    pub fn get_worker(&self, id: &str) -> StoreResult<Option<Worker>> {
-        self.call(|reply| StoreRequest::GetWorker {
-            id: id.to_owned(),
-            reply,
-        })
     }
 
     pub fn list_workers(&self) -> StoreResult<Vec<Worker>> {
@@ -1004,9 +993,6 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             let (result, fx) = isolated_write(tx, |_| statements::insert_audit(tx, &entry));
             defer(reply, result, fx)
         }
-        StoreRequest::GetWorker { id, reply } => {
-            defer(reply, statements::get_worker(tx, &id), none())
-        }
         StoreRequest::ListWorkers { reply } => defer(reply, statements::list_workers(tx), none()),
         StoreRequest::StartSpawn {
             sandbox,
@@ -1211,27 +1197,15 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             audit,
             reply,
         } => {
-            let (result, fx) = isolated(tx, |fx| {
-                let current = sql::get_lease(tx, &resource_id)?;
-                match leases::acquire(
-                    current.as_ref(),
+            let (result, fx) = change_lease(tx, &resource_id, audit.as_ref(), |current| {
+                leases::acquire(
+                    current,
                     &resource_id,
                     &resource_type,
                     &holder,
                     ttl_ms,
                     now_ms,
-                ) {
-                    Ok((lease, kind)) => {
-                        sql::put_lease(tx, &lease)?;
-                        if let Some(entry) = &audit {
-                            statements::insert_audit(tx, entry)?;
-                        }
-                        fx.leases.push(lease.clone());
-                        Ok(Ok((lease, kind)))
-                    }
-                    // A refused acquire writes nothing.
-                    Err(e) => Ok(Err(e)),
-                }
+                )
             });
             defer(reply, result, fx)
         }
@@ -1243,21 +1217,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             audit,
             reply,
         } => {
-            let (result, fx) = isolated(tx, |fx| {
-                let current = sql::get_lease(tx, &resource_id)?;
-                match leases::renew(current.as_ref(), &holder, ttl_ms, now_ms) {
-                    Ok(lease) => {
-                        sql::put_lease(tx, &lease)?;
-                        if let Some(entry) = &audit {
-                            statements::insert_audit(tx, entry)?;
-                        }
-                        fx.leases.push(lease.clone());
-                        Ok(Ok(lease))
-                    }
-                    Err(e) => Ok(Err(e)),
-                }
+            let (result, fx) = change_lease(tx, &resource_id, audit.as_ref(), |current| {
+                leases::renew(current, &holder, ttl_ms, now_ms).map(|l| (l, ()))
             });
-            defer(reply, result, fx)
+            defer(reply, result.map(|r| r.map(|(lease, ())| lease)), fx)
         }
         StoreRequest::ReleaseLease {
             resource_id,
@@ -1266,21 +1229,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             audit,
             reply,
         } => {
-            let (result, fx) = isolated(tx, |fx| {
-                let current = sql::get_lease(tx, &resource_id)?;
-                match leases::release(current.as_ref(), &holder, now_ms) {
-                    Ok(lease) => {
-                        sql::put_lease(tx, &lease)?;
-                        if let Some(entry) = &audit {
-                            statements::insert_audit(tx, entry)?;
-                        }
-                        fx.leases.push(lease.clone());
-                        Ok(Ok(lease))
-                    }
-                    Err(e) => Ok(Err(e)),
-                }
+            let (result, fx) = change_lease(tx, &resource_id, audit.as_ref(), |current| {
+                leases::release(current, &holder, now_ms).map(|l| (l, ()))
             });
-            defer(reply, result, fx)
+            defer(reply, result.map(|r| r.map(|(lease, ())| lease)), fx)
         }
         StoreRequest::GetLease { resource_id, reply } => {
             defer(reply, sql::get_lease(tx, &resource_id), none())
@@ -1304,6 +1256,34 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
         }
         StoreRequest::Ping { reply } => defer(reply, Ok(()), none()),
     }
+}
+
+/// A lease rule's answer: the store's error, or the rule's own refusal.
+type LeaseOutcome<T> = StoreResult<Result<T, LeaseError>>;
+
+/// Applies one lease rule to the stored lease of `resource_id`: on success
+/// the new lease (and `audit`, if any) is written in the request's
+/// savepoint; a refusal writes nothing.
+fn change_lease<T>(
+    tx: &rusqlite::Transaction<'_>,
+    resource_id: &str,
+    audit: Option<&AuditEntry>,
+    rule: impl FnOnce(Option<&Lease>) -> Result<(Lease, T), LeaseError>,
+) -> (LeaseOutcome<(Lease, T)>, Effects) {
+    isolated(tx, |fx| {
+        let current = sandbox_statements::get_lease(tx, resource_id)?;
+        match rule(current.as_ref()) {
+            Ok((lease, extra)) => {
+                sandbox_statements::put_lease(tx, &lease)?;
+                if let Some(entry) = audit {
+                    statements::insert_audit(tx, entry)?;
+                }
+                fx.leases.push(lease.clone());
+                Ok(Ok((lease, extra)))
+            }
+            Err(e) => Ok(Err(e)),
+        }
+    })
 }
 
 /// A lease as far as the tallies care: who holds it until when.
@@ -1368,9 +1348,7 @@ fn reply_only(request: StoreRequest, error: &StoreError) -> Deferred {
     }
     match request {
         StoreRequest::SaveHeartbeat { reply, .. } => fail(reply, error),
-        StoreRequest::SetWorkerStatus { reply, .. } | StoreRequest::GetWorker { reply, .. } => {
-            fail(reply, error)
-        }
+        StoreRequest::SetWorkerStatus { reply, .. } => fail(reply, error),
         StoreRequest::DeleteWorker { reply, .. } => fail(reply, error),
         StoreRequest::TouchWorkers { reply, .. } => fail(reply, error),
         StoreRequest::RecordAudit { reply, .. } | StoreRequest::Ping { reply } => {

@@ -111,13 +111,6 @@ pub fn delete_worker(tx: &Transaction<'_>, id: &str) -> StoreResult<Deleted> {
     })
 }
 
-pub fn get_worker(tx: &Transaction<'_>, id: &str) -> StoreResult<Option<Worker>> {
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?1"
-    ))?;
-    Ok(stmt.query_row(params![id], worker_from_row).optional()?)
-}
-
 pub fn list_workers(tx: &Transaction<'_>) -> StoreResult<Vec<Worker>> {
     let mut stmt =
         tx.prepare_cached(&format!("SELECT {WORKER_COLUMNS} FROM workers ORDER BY id"))?;
