@@ -575,6 +575,11 @@ pub fn render_prometheus(
             "WAL checkpoints run by the checkpoint thread.",
             &m.store.checkpoints,
         ),
+        (
+            "stacyvmd_admin_events_dropped_total",
+            "Admin-socket events dropped because the event queue was full.",
+            &m.events_dropped,
+        ),
     ] {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", counter.get());
