@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 use super::{AdminCtx, Peer, Subscriber, Writer};
 use crate::http::api::{LeaseJson, SandboxJson, WorkerJson, parse_heartbeat, parse_spawn};
 use crate::lifecycle::LifecycleError;
-use crate::store::AuditEntry;
+use crate::store::{AuditEntry, LeaseOp};
 use crate::time::{now_ms, parse_duration};
 use crate::workerproto::{self, Claims, Envelope, ErrorCode, Method, ProtoError};
 use crate::workers::{WorkerStatus, validate_worker_id};
@@ -31,12 +31,19 @@ pub fn handle(
     let id = envelope.id.clone();
     let method = envelope.method;
     let result = run(ctx, &envelope, peer, claims, writer);
+    // A lease change that succeeded wrote its audit row in its own
+    // transaction (see `run`); everything else is audited here.
+    let audited_in_place = result.is_ok()
+        && matches!(
+            method,
+            Method::LeaseAcquire | Method::LeaseRenew | Method::LeaseRelease
+        );
     if method.mutates() {
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(e) => e.code.as_str(),
-        };
+        let outcome = result.as_ref().map_or_else(|e| e.code.as_str(), |_| "ok");
         log::info!("admin {} by {}: {outcome}", method.name(), peer.actor());
+    }
+    if method.mutates() && !audited_in_place {
+        let outcome = result.as_ref().map_or_else(|e| e.code.as_str(), |_| "ok");
         let target = target_of(&envelope);
         let entry = AuditEntry {
             outcome: outcome.into(),
@@ -373,16 +380,26 @@ fn run(
             validate_worker_id(holder)
                 .map_err(|err| invalid(format!("param `holder_id`: {err}")))?;
             let ttl = p.duration_ms("ttl")?.unwrap_or(lease_ttl);
-            let lease = match e.method {
-                Method::LeaseAcquire => {
-                    let rtype = p.str("resource_type")?.unwrap_or("sandbox");
-                    ctx.store
-                        .acquire_lease(resource, rtype, holder, ttl, now)?
-                        .map(|(l, _)| l)
-                }
-                Method::LeaseRenew => ctx.store.renew_lease(resource, holder, ttl, now)?,
-                _ => ctx.store.release_lease(resource, holder, now)?,
-            }?;
+            let op = match e.method {
+                Method::LeaseAcquire => LeaseOp::Acquire {
+                    resource_type: p.str("resource_type")?.unwrap_or("sandbox").to_owned(),
+                },
+                Method::LeaseRenew => LeaseOp::Renew,
+                _ => LeaseOp::Release,
+            };
+            // A change is audited in its own transaction; a refusal is
+            // audited by `handle`.
+            let audit = AuditEntry::new(
+                now,
+                &peer.actor(),
+                e.id.as_deref().unwrap_or(""),
+                e.method.name(),
+                resource,
+                "admin socket",
+            );
+            let lease = ctx
+                .store
+                .lease_op(op, resource, holder, ttl, now, audit)??;
             crate::events::publish(
                 "lease",
                 "lease.changed",
