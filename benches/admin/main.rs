@@ -13,6 +13,7 @@
 //! Prints a table; exits 0 whether targets pass or fail, 1 only when it
 //! could not measure. See docs/benchmarks-admin.md.
 
+#[path = "../common/daemon.rs"]
 mod daemon;
 mod echo;
 #[path = "../loadgen/latency.rs"]
@@ -266,16 +267,20 @@ fn bench(binary: &Path, scratch: &Path, options: &Options) -> Result<(), String>
         options.runs, options.duration
     );
 
-    let daemon = Daemon::start(binary, scratch)?;
+    let args = daemon::local_args(&scratch.join("data"));
+    let daemon = Daemon::start(binary, &args, Some(scratch), &scratch.join("stderr.log"))?;
+    let admin = daemon
+        .admin
+        .clone()
+        .ok_or("the readiness line names no admin socket")?;
     println!(
         "daemon pid {} http {} admin {}",
         daemon.pid,
-        daemon.http,
-        daemon.admin.display()
+        daemon.addr,
+        admin.display()
     );
     let echo = Echo::start(&scratch.join("echo.sock"))?;
-    let admin = daemon.admin.clone();
-    let http_addr = daemon.http;
+    let http_addr = daemon.addr;
 
     // One lease per client and door, acquired once.
     let mut setup = LineClient::connect(&admin)?;

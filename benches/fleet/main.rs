@@ -16,6 +16,7 @@
 #[allow(dead_code)]
 #[path = "../loadgen/client.rs"]
 mod client;
+#[path = "../common/daemon.rs"]
 mod daemon;
 mod drive;
 #[path = "../loadgen/latency.rs"]
@@ -64,8 +65,6 @@ const SETTLE: Duration = Duration::from_secs(2);
 const PREFLIGHT_WINDOWS: usize = 3;
 /// Longer than leases.renew_interval (10 s by default).
 const RENEWAL_WINDOW: Duration = Duration::from_secs(12);
-/// `server.http_threads` of the extra, informational S1 measurement.
-const TUNED_HTTP_THREADS: usize = 16;
 
 struct Options {
     runs: usize,
@@ -156,13 +155,18 @@ fn run() -> Result<(), String> {
     let mut rows = Vec::new();
     let leases = lease_phase(binary, &scratch.path, &options)?;
     rows.extend(leases);
-    let (fleet, s1) = fleet_phase(binary, &scratch.path, &options)?;
+    let fleet = fleet_phase(binary, &scratch.path, &options)?;
     rows.extend(fleet);
-    rows.push(tuned_phase(binary, &scratch.path, &options, s1)?);
 
     println!();
     print_table(&rows);
     Ok(())
+}
+
+/// Starts `binary -c config serve`.
+fn start_with_config(binary: &Path, config: &Path, stderr: &Path) -> Result<Daemon, String> {
+    let args = ["-c".into(), config.as_os_str().to_owned(), "serve".into()];
+    Daemon::start(binary, &args, None, stderr)
 }
 
 /// A scratch directory removed at the end, whatever happens.
@@ -214,7 +218,7 @@ fn lease_phase(binary: &Path, scratch: &Path, options: &Options) -> Result<Vec<R
     println!("\n== L1/L3: leases (daemon, PostgreSQL 15, etcd) ==");
     let dir = scratch.join("leases");
     let config = write_config(&dir, "")?;
-    let daemon = Daemon::start(binary, &config, &dir.join("stderr.log"))?;
+    let daemon = start_with_config(binary, &config, &dir.join("stderr.log"))?;
     println!("daemon pid {} on {}", daemon.pid, daemon.addr);
     let peers = if options.peers {
         Some(Peers::start(
@@ -531,11 +535,7 @@ fn peer_row(
 
 /// S1, S2, MEM and START on one daemon that grows to `options.sandboxes`
 /// sandboxes and `options.workers` workers.
-fn fleet_phase(
-    binary: &Path,
-    scratch: &Path,
-    options: &Options,
-) -> Result<(Vec<Row>, f64), String> {
+fn fleet_phase(binary: &Path, scratch: &Path, options: &Options) -> Result<Vec<Row>, String> {
     println!("\n== S1/S2/MEM/START: sandboxes and workers ==");
     let dir = scratch.join("fleet");
     let config = write_config(
@@ -543,7 +543,7 @@ fn fleet_phase(
         "[worker]\nmax_sandboxes = 1000000\n\n[sandboxes]\nmax_sandboxes = 10000000\n",
     )?;
     let stderr = dir.join("stderr.log");
-    let daemon = Daemon::start(binary, &config, &stderr)?;
+    let daemon = start_with_config(binary, &config, &stderr)?;
     println!(
         "daemon pid {} on {}, ready {:.0} ms after exec, RSS {:.1} MiB",
         daemon.pid,
@@ -661,7 +661,7 @@ fn fleet_phase(
     // START: restart on the same data dir, exec to readiness line.
     let mut startups = Vec::new();
     for run in 1..=options.runs {
-        let daemon = Daemon::start(binary, &config, &stderr)?;
+        let daemon = start_with_config(binary, &config, &stderr)?;
         let ms = daemon.startup.as_secs_f64() * 1e3;
         let rss_after = daemon.rss_bytes()? as f64 / MIB;
         // Reconciliation kept every sandbox: none marked lost, none reaped.
@@ -816,65 +816,7 @@ fn fleet_phase(
         start / START_TARGET_MS,
         1.0,
     ));
-    Ok((rows, s1))
-}
-
-/// S1 again on a fresh daemon with more request handler threads: not a
-/// target, a pointer to what limits the default figure.
-fn tuned_phase(
-    binary: &Path,
-    scratch: &Path,
-    options: &Options,
-    default: f64,
-) -> Result<Row, String> {
-    println!("\n== S1 (info): server.http_threads = {TUNED_HTTP_THREADS} ==");
-    let dir = scratch.join("tuned");
-    let config = write_config(
-        &dir,
-        "[worker]\nmax_sandboxes = 1000000\n\n[sandboxes]\nmax_sandboxes = 10000000\n",
-    )?;
-    let text = fs::read_to_string(&config)
-        .map_err(|error| format!("reading {}: {error}", config.display()))?;
-    let text = text.replacen(
-        "listen = \"127.0.0.1:0\"\n",
-        &format!("listen = \"127.0.0.1:0\"\nhttp_threads = {TUNED_HTTP_THREADS}\n"),
-        1,
-    );
-    fs::write(&config, text).map_err(|error| format!("writing {}: {error}", config.display()))?;
-    let daemon = Daemon::start(binary, &config, &dir.join("stderr.log"))?;
-    let mut fleet = Fleet {
-        addr: daemon.addr,
-        live: 0,
-        workers: 1,
-        duration: options.duration,
-    };
-    fleet.fill_sandboxes(SANDBOX_LEVELS[0])?;
-    let mut rates = Vec::new();
-    for run in 1..=options.runs {
-        settle(Duration::ZERO);
-        let metrics_before = scrape(fleet.addr)?;
-        let m = fleet.spawn_window(options.duration, MAX_REQUESTS)?;
-        let store = StoreDelta::between(&metrics_before, &scrape(fleet.addr)?);
-        println!(
-            "S1 run {run}: {:.0} spawns/s  p50 {:.3} ms  p99 {:.3} ms  | {}",
-            m.rate(),
-            m.p50_ms(),
-            m.p99_ms(),
-            store.describe(m.elapsed)
-        );
-        rates.push(m.rate());
-    }
-    stop(daemon)?;
-    let tuned = median(&rates);
-    Ok(Row::info(
-        "S1 (info)",
-        format!(
-            "spawns/s {} with http_threads = {TUNED_HTTP_THREADS}",
-            thousands(tuned)
-        ),
-        format!("default http_threads (4): {}/s", thousands(default)),
-        tuned / default,
-    ))
+    Ok(rows)
 }
 
 struct Fleet {

@@ -14,6 +14,7 @@
 
 mod baseline;
 mod client;
+#[path = "../common/daemon.rs"]
 mod daemon;
 mod latency;
 mod load;
@@ -120,7 +121,14 @@ fn run() -> Result<(), String> {
         options.runs, options.duration
     );
 
-    let daemon = Daemon::start(binary)?;
+    let scratch = daemon::ScratchDir::new("stacyvmd-loadgen")?;
+    let data_dir = scratch.0.join("data");
+    let daemon = Daemon::start(
+        binary,
+        &daemon::local_args(&data_dir),
+        None,
+        &scratch.0.join("stderr.log"),
+    )?;
     let idle_rss = daemon.rss_bytes()?;
     println!("daemon pid {} listening on {}", daemon.pid, daemon.addr);
     fetch(daemon.addr, "/api/v1/live")?;
