@@ -12,6 +12,26 @@ use crate::scheduler::SchedulerHandle;
 use crate::store::StoreHandle;
 use crate::time::{format_duration, now_ms, rfc3339};
 
+/// Every configured provider with its health and runtime count: the
+/// `GET /api/v1/providers` answer, and the `providers` of diagnostics.
+pub fn providers_json(registry: &crate::providers::Registry) -> Vec<serde_json::Value> {
+    registry
+        .all()
+        .map(|p| {
+            let health = p.health();
+            json!({
+                "name": p.name(),
+                "healthy": health.is_ok(),
+                "error": health.err().map(|e| e.to_string()),
+                "default": p.name() == registry.default_name(),
+                "capabilities": p.capabilities(),
+                "runtimes": p.list_runtimes().map(|r| r.len()).unwrap_or(0),
+                "limits": "none (mock provider)",
+            })
+        })
+        .collect()
+}
+
 /// What the documents are built from.
 pub struct Sources<'a> {
     pub live: &'a LiveConfig,
@@ -77,20 +97,7 @@ pub fn diagnostics(src: &Sources<'_>) -> Result<serde_json::Value, LifecycleErro
     let views = src.scheduler.list()?;
     let figures = src.scheduler.figures()?;
     let items: Vec<WorkerJson<'_>> = views.iter().map(WorkerJson::from).collect();
-    let providers: Vec<serde_json::Value> = src
-        .lifecycle
-        .providers()
-        .all()
-        .map(|p| {
-            let health = p.health();
-            json!({
-                "name": p.name(),
-                "healthy": health.is_ok(),
-                "error": health.err().map(|e| e.to_string()),
-                "runtimes": p.list_runtimes().map(|r| r.len()).unwrap_or(0),
-            })
-        })
-        .collect();
+    let providers = providers_json(src.lifecycle.providers());
     let mut body = json!({
         "generated_at": rfc3339(now_ms()),
         "build": build_json(),

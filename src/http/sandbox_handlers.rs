@@ -113,22 +113,7 @@ pub fn extend(ctx: &Ctx, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
 }
 
 pub fn providers(ctx: &Ctx) -> Result<Reply, ApiError> {
-    let registry = ctx.lifecycle.providers();
-    let items: Vec<serde_json::Value> = registry
-        .all()
-        .map(|p| {
-            let health = p.health();
-            json!({
-                "name": p.name(),
-                "healthy": health.is_ok(),
-                "error": health.err().map(|e| e.to_string()),
-                "default": p.name() == registry.default_name(),
-                "capabilities": p.capabilities(),
-                "runtimes": p.list_runtimes().map(|r| r.len()).unwrap_or(0),
-                "limits": "none (mock provider)",
-            })
-        })
-        .collect();
+    let items = crate::diagnostics::providers_json(ctx.lifecycle.providers());
     Ok(Reply::json(200, to_json(&items)))
 }
 
