@@ -6,6 +6,7 @@
 //! types, bad values) rather than stopping at the first. The schema lives in
 //! one place, [`Config::from_table`].
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -145,6 +146,31 @@ pub struct SchedulerConfig {
 pub struct ProvidersConfig {
     pub default: String,
     pub mock: MockConfig,
+    pub process: ProcessConfig,
+}
+
+/// The `process` provider: namespaced process trees (see docs/sandboxes.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessConfig {
+    /// Image name -> root filesystem directory; `host` (the host root,
+    /// read-only) is always there unless redefined.
+    pub images: BTreeMap<String, PathBuf>,
+    /// Sandboxes run as uid/gid `uid_base + slot` when the daemon is root.
+    pub uid_base: u32,
+    /// Processes per sandbox (cgroup `pids.max`, else `RLIMIT_NPROC`).
+    pub max_processes: u32,
+    pub max_open_files: u32,
+    /// Largest single file a sandbox process may write (`RLIMIT_FSIZE`).
+    pub max_file_bytes: u64,
+    /// Exec timeout when a request gives none, and the largest accepted.
+    pub exec_timeout: Duration,
+    pub max_exec_timeout: Duration,
+    /// Bytes kept per output stream of a non-streamed exec.
+    pub exec_output_bytes: usize,
+    /// Largest file upload (`POST`/`PUT .../files`).
+    pub max_upload_bytes: u64,
+    /// `auto`, `off`, or a cgroup v2 directory delegated to the daemon.
+    pub cgroup: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -172,7 +198,7 @@ pub struct AdminConfig {
 }
 
 /// Provider kinds this build can run.
-pub const KNOWN_PROVIDERS: &[&str] = &["mock"];
+pub const KNOWN_PROVIDERS: &[&str] = &["mock", "process"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
@@ -370,7 +396,7 @@ impl Config {
         let worker = WorkerConfig {
             id,
             hostname,
-            providers: r.string_list(w, "worker", "providers", &["mock"]),
+            providers: r.string_list(w, "worker", "providers", &["mock", "process"]),
             capabilities: r.string_list(w, "worker", "capabilities", &[]),
             max_sandboxes: r.integer(w, "worker", "max_sandboxes", 64, 0, 1_000_000) as u32,
             heartbeat_interval: r.duration(
@@ -553,7 +579,7 @@ impl Config {
         let scheduler = SchedulerConfig { policy };
 
         let pr = r.section(table, "providers");
-        r.only_keys("providers", pr, &["default", "mock"]);
+        r.only_keys("providers", pr, &["default", "mock", "process"]);
         let default_provider = r.string(pr, "providers", "default", "mock");
         if !KNOWN_PROVIDERS.contains(&default_provider.as_str()) {
             r.problem(
@@ -588,12 +614,14 @@ impl Config {
                 0.0
             }
         };
+        let process = r.process_config(pr);
         let providers = ProvidersConfig {
             default: default_provider,
             mock: MockConfig {
                 latency: r.duration(mk, "providers.mock", "latency", "0ms", Duration::ZERO),
                 failure_rate,
             },
+            process,
         };
         for p in &worker.providers {
             if !KNOWN_PROVIDERS.contains(&p.as_str()) {
@@ -972,6 +1000,86 @@ impl Reader {
                 self.problem(&format!("{section}.{key}"), e);
                 fallback
             }
+        }
+    }
+
+    fn process_config(&mut self, providers: &toml::Table) -> ProcessConfig {
+        const S: &str = "providers.process";
+        let t = self.section(providers, "process");
+        self.only_keys(
+            S,
+            t,
+            &[
+                "images",
+                "uid_base",
+                "max_processes",
+                "max_open_files",
+                "max_file_mb",
+                "exec_timeout",
+                "max_exec_timeout",
+                "exec_output_bytes",
+                "max_upload_mb",
+                "cgroup",
+            ],
+        );
+        let mut images = BTreeMap::new();
+        images.insert("host".to_owned(), PathBuf::from("/"));
+        match t.get("images") {
+            None => {}
+            Some(toml::Value::Table(table)) => {
+                for (name, value) in table {
+                    let key = format!("{S}.images.{name}");
+                    if crate::workers::validate_name("image", name).is_err() {
+                        self.problem(&key, "is not a valid image name".into());
+                        continue;
+                    }
+                    match value {
+                        toml::Value::String(dir) if Path::new(dir).is_absolute() => {
+                            images.insert(name.clone(), PathBuf::from(dir));
+                        }
+                        _ => self.problem(
+                            &key,
+                            "must be the absolute path of a root filesystem directory".into(),
+                        ),
+                    }
+                }
+            }
+            Some(other) => self.problem(
+                &format!("{S}.images"),
+                format!(
+                    "must be a table of name = \"/path\", found {}",
+                    other.type_str()
+                ),
+            ),
+        }
+        let exec_timeout = self.duration(t, S, "exec_timeout", "60s", Duration::from_millis(1));
+        let max_exec_timeout =
+            self.duration(t, S, "max_exec_timeout", "1h", Duration::from_millis(1));
+        if exec_timeout > max_exec_timeout {
+            self.problem(
+                &format!("{S}.exec_timeout"),
+                "must not exceed max_exec_timeout".into(),
+            );
+        }
+        let cgroup = self.string(t, S, "cgroup", "auto");
+        if cgroup != "auto" && cgroup != "off" && !Path::new(&cgroup).is_absolute() {
+            self.problem(
+                &format!("{S}.cgroup"),
+                "must be \"auto\", \"off\" or an absolute cgroup v2 directory".into(),
+            );
+        }
+        ProcessConfig {
+            images,
+            uid_base: self.integer(t, S, "uid_base", 1_900_000_000, 1000, 4_000_000_000) as u32,
+            max_processes: self.integer(t, S, "max_processes", 256, 8, 1 << 20) as u32,
+            max_open_files: self.integer(t, S, "max_open_files", 1024, 64, 1 << 20) as u32,
+            max_file_bytes: (self.integer(t, S, "max_file_mb", 1024, 1, 1 << 30) as u64) << 20,
+            exec_timeout,
+            max_exec_timeout,
+            exec_output_bytes: self.integer(t, S, "exec_output_bytes", 1 << 20, 1024, 1 << 30)
+                as usize,
+            max_upload_bytes: (self.integer(t, S, "max_upload_mb", 256, 1, 1 << 20) as u64) << 20,
+            cgroup,
         }
     }
 

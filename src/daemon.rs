@@ -26,6 +26,7 @@ use crate::http::HttpServer;
 use crate::lifecycle;
 use crate::notify::Notifier;
 use crate::providers::mock::MockProvider;
+use crate::providers::process::ProcessProvider;
 use crate::providers::{Executor, Provider, Registry};
 use crate::reaper::Reaper;
 use crate::scheduler::{self, health::Windows};
@@ -133,10 +134,19 @@ pub fn run(
         config.providers.mock.failure_rate,
     )
     .map_err(|e| format!("cannot open the mock provider: {e}"))?;
-    let providers = Registry::new(
-        vec![Arc::new(mock) as Arc<dyn Provider>],
-        &config.providers.default,
-    );
+    let mut enabled = vec![Arc::new(mock) as Arc<dyn Provider>];
+    if config.worker.providers.iter().any(|p| p == "process") {
+        let process =
+            ProcessProvider::open(config.providers.process.clone(), &config.store.data_dir)
+                .map_err(|e| format!("cannot open the process provider: {e}"))?;
+        log::info!(
+            "process provider: limits by {}, images {:?}",
+            process.limits(),
+            process.config().images.keys().collect::<Vec<_>>()
+        );
+        enabled.push(Arc::new(process));
+    }
+    let providers = Registry::new(enabled, &config.providers.default);
     let executor = Executor::start(4, &on_exit)
         .map_err(|e| format!("cannot start the worker executor: {e}"))?;
 

@@ -26,7 +26,7 @@ pub fn providers_json(registry: &crate::providers::Registry) -> Vec<serde_json::
                 "default": p.name() == registry.default_name(),
                 "capabilities": p.capabilities(),
                 "runtimes": p.list_runtimes().map(|r| r.len()).unwrap_or(0),
-                "limits": "none (mock provider)",
+                "limits": p.limits(),
             })
         })
         .collect()

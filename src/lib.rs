@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod notify;
 pub mod providers;
 pub mod reaper;
+pub mod sandbox_io;
 pub mod sandboxes;
 pub mod scheduler;
 pub mod signals;

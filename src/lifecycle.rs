@@ -237,6 +237,9 @@ impl Lifecycle {
             .filter(|i| !i.is_empty())
             .unwrap_or_else(|| c.default_image.clone());
         crate::workers::validate_name("image", &image).map_err(LifecycleError::Invalid)?;
+        if let Some(p) = self.providers.get(&provider) {
+            p.check_image(&image).map_err(LifecycleError::Invalid)?;
+        }
         let memory_mb = req.memory_mb.unwrap_or(u64::from(c.default_memory_mb));
         if memory_mb == 0 || memory_mb > u64::from(c.max_memory_mb) {
             return Err(LifecycleError::Invalid(format!(

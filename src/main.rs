@@ -77,8 +77,34 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<(Command, Overrides)
         .ok_or_else(|| "missing command (serve or check-config)".into())
 }
 
+/// Internal entry points of the `process` provider, run by the daemon
+/// itself (never by hand): the sandbox's init and the enter helper. They
+/// take no configuration and do no logging.
+fn internal(args: &[String]) -> Option<ExitCode> {
+    use stacyvmd::providers::process::{enter, init};
+    match args.first().map(String::as_str) {
+        Some("sandbox-init") => {
+            let message = match init::InitArgs::parse(&args[1..]) {
+                Ok(a) => init::run(&a),
+                Err(e) => format!("sandbox-init: {e}"),
+            };
+            eprintln!("{message}");
+            Some(ExitCode::from(EXIT_FAILURE))
+        }
+        Some("sandbox-enter") if args.len() == 2 => {
+            let code = enter::run(&args[1]);
+            Some(ExitCode::from(u8::try_from(code).unwrap_or(EXIT_FAILURE)))
+        }
+        _ => None,
+    }
+}
+
 fn main() -> ExitCode {
-    let (command, overrides) = match parse_args(std::env::args().skip(1)) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(code) = internal(&args) {
+        return code;
+    }
+    let (command, overrides) = match parse_args(args.into_iter()) {
         Ok(parsed) => parsed,
         Err(e) => {
             eprintln!("stacyvmd: {e}\n\n{USAGE}");

@@ -164,7 +164,7 @@ fn local_worker_is_listed_at_start() {
     assert_eq!(local["stale"], false, "{local}");
     assert_eq!(local["health"], "ready", "{local}");
     assert_eq!(local["eligible"], true, "{local}");
-    assert_eq!(local["providers"], json!(["mock"]), "{local}");
+    assert_eq!(local["providers"], json!(["mock", "process"]), "{local}");
     assert_eq!(local["capacity"]["max_sandboxes"], 64, "{local}");
     assert!(
         !local["hostname"].as_str().unwrap().is_empty(),

@@ -258,7 +258,15 @@ fn accept_loop(listener: TcpListener, connections: &Arc<Connections>, live: &Liv
             refuse(stream);
             continue;
         }
-        let (idle, max_body) = (config.server.idle_timeout, config.server.max_body_bytes);
+        let idle = config.server.idle_timeout;
+        let max_body = BodyLimits {
+            body: config.server.max_body_bytes,
+            upload: config
+                .providers
+                .process
+                .max_upload_bytes
+                .max(config.server.max_body_bytes),
+        };
         connections.open.fetch_add(1, Ordering::SeqCst);
         METRICS.http.connections_open.inc();
         let shared = connections.clone();
@@ -298,7 +306,7 @@ fn relay(
     peer: SocketAddr,
     connections: &Arc<Connections>,
     idle: Duration,
-    max_body: u64,
+    max_body: BodyLimits,
 ) {
     let upstream = match connections.internal_connection() {
         Ok(s) => s,
@@ -409,7 +417,7 @@ enum RequestsEnd {
 fn copy_requests(
     mut client: TcpStream,
     mut upstream: UnixStream,
-    max_body: u64,
+    max_body: BodyLimits,
     stopping: &AtomicBool,
     last_word: &Mutex<Option<Vec<u8>>>,
 ) -> RequestsEnd {
@@ -486,6 +494,26 @@ fn copy_responses(
 /// Ids for answers the relay gives itself when the client sent none.
 static RELAY_IDS: AtomicUsize = AtomicUsize::new(0);
 
+/// Request body limits: `body` for every request, `upload` for file
+/// uploads (`POST`/`PUT /api/v1/sandboxes/{id}/files`).
+#[derive(Debug, Clone, Copy)]
+struct BodyLimits {
+    body: u64,
+    upload: u64,
+}
+
+impl BodyLimits {
+    fn for_request(&self, head: &str) -> u64 {
+        let mut words = head.split(' ');
+        let method = words.next().unwrap_or("");
+        let path = words.next().unwrap_or("").split('?').next().unwrap_or("");
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let upload = matches!(method, "POST" | "PUT")
+            && matches!(segments.as_slice(), ["api", "v1", "sandboxes", _, "files"]);
+        if upload { self.upload } else { self.body }
+    }
+}
+
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD: usize = 16 * 1024;
 
@@ -542,7 +570,7 @@ impl Framer {
     fn feed(
         &mut self,
         mut input: &[u8],
-        max_body: u64,
+        max_body: BodyLimits,
         draining: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), Refusal> {
@@ -584,9 +612,10 @@ impl Framer {
     }
 
     /// Returns the body length the head announces.
-    fn check_head(&mut self, max_body: u64) -> Result<u64, Refusal> {
+    fn check_head(&mut self, limits: BodyLimits) -> Result<u64, Refusal> {
         self.request_id = None;
         let text = String::from_utf8_lossy(&self.head);
+        let max_body = limits.for_request(&text);
         // `/-/` paths are the relay's own (the handoff probe): never a
         // client's.
         let target = text.split(' ').nth(1).unwrap_or("");
@@ -649,7 +678,40 @@ impl Framer {
 mod tests {
     use super::*;
 
+    fn limits(body: u64) -> BodyLimits {
+        BodyLimits {
+            body,
+            upload: body * 10,
+        }
+    }
+
+    #[test]
+    fn uploads_have_their_own_limit() {
+        let l = limits(100);
+        assert_eq!(
+            l.for_request("PUT /api/v1/sandboxes/sb-1/files?path=x HTTP/1.1"),
+            1000
+        );
+        assert_eq!(
+            l.for_request("POST /api/v1/sandboxes/sb-1/files HTTP/1.1"),
+            1000
+        );
+        assert_eq!(
+            l.for_request("POST /api/v1/sandboxes/sb-1/exec HTTP/1.1"),
+            100
+        );
+        assert_eq!(
+            l.for_request("POST /api/v1/sandboxes/sb-1/files/move HTTP/1.1"),
+            100
+        );
+        assert_eq!(
+            l.for_request("GET /api/v1/sandboxes/sb-1/files HTTP/1.1"),
+            100
+        );
+    }
+
     fn feed_all(chunks: &[&[u8]], max_body: u64) -> (Vec<u8>, Result<(), Refusal>) {
+        let max_body = limits(max_body);
         let mut framer = Framer::default();
         let mut out = Vec::new();
         for chunk in chunks {
@@ -720,16 +782,16 @@ mod tests {
         framer
             .feed(
                 b"POST /a HTTP/1.1\r\nContent-Length: 4\r\n\r\nab",
-                100,
+                limits(100),
                 false,
                 &mut out,
             )
             .unwrap();
-        framer.feed(b"cd", 100, true, &mut out).unwrap();
+        framer.feed(b"cd", limits(100), true, &mut out).unwrap();
         assert!(out.ends_with(b"abcd"));
         // ...but the next request is answered 503 by the relay.
         let r = framer
-            .feed(b"GET /b HTTP/1.1\r\n\r\n", 100, true, &mut out)
+            .feed(b"GET /b HTTP/1.1\r\n\r\n", limits(100), true, &mut out)
             .unwrap_err();
         assert_eq!(r.status, 503);
     }
@@ -741,7 +803,7 @@ mod tests {
         let r = framer
             .feed(
                 b"POST / HTTP/1.1\r\nX-Request-ID: abc-1\r\nContent-Length: 500\r\n\r\n",
-                10,
+                limits(10),
                 false,
                 &mut out,
             )

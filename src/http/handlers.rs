@@ -21,7 +21,20 @@ pub struct Reply {
     pub status: u16,
     pub content_type: &'static str,
     pub body: Vec<u8>,
+    /// A body produced while it is sent, instead of `body`.
+    pub stream: Option<Streamed>,
 }
+
+/// Bodies that are not in memory when the answer starts.
+pub enum Streamed {
+    /// A file's content, of known length.
+    File(Box<crate::sandbox_io::FileReader>),
+    /// NDJSON lines written (and flushed, one chunk each) as they come.
+    Ndjson(Producer),
+}
+
+/// Writes a streamed body; called once, on the handler thread.
+pub type Producer = Box<dyn FnOnce(&mut dyn std::io::Write) + Send>;
 
 impl Reply {
     pub fn json(status: u16, body: Vec<u8>) -> Reply {
@@ -29,6 +42,16 @@ impl Reply {
             status,
             content_type: "application/json",
             body,
+            stream: None,
+        }
+    }
+
+    pub fn streamed(status: u16, content_type: &'static str, stream: Streamed) -> Reply {
+        Reply {
+            status,
+            content_type,
+            body: Vec::new(),
+            stream: Some(stream),
         }
     }
 }
@@ -114,6 +137,12 @@ pub fn handle(
         Route::ExtendSandbox { id } => {
             read_body(body, body_length, limit).and_then(|b| sandbox_handlers::extend(ctx, &id, &b))
         }
+        Route::Exec { id } => {
+            read_body(body, body_length, limit).and_then(|b| super::io_handlers::exec(ctx, &id, &b))
+        }
+        Route::Files { id, op } => {
+            super::io_handlers::files(ctx, &id, op, query, body, body_length)
+        }
         Route::Providers => sandbox_handlers::providers(ctx),
         Route::ListLeases => sandbox_handlers::list_leases(ctx),
         Route::GetLease { id } => sandbox_handlers::get_lease(ctx, &id),
@@ -125,7 +154,7 @@ pub fn handle(
 }
 
 /// Reads at most `limit` bytes; a declared or actual larger body is a 413.
-fn read_body(
+pub(super) fn read_body(
     body: &mut dyn Read,
     declared: Option<usize>,
     limit: u64,
@@ -317,5 +346,6 @@ fn prometheus(ctx: &Ctx) -> Result<Reply, ApiError> {
         status: 200,
         content_type: "text/plain; version=0.0.4; charset=utf-8",
         body: text.into_bytes(),
+        stream: None,
     })
 }

@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 mod conn;
 mod handlers;
+mod io_handlers;
 pub mod router;
 mod sandbox_handlers;
 
@@ -27,7 +28,7 @@ use crate::metrics::METRICS;
 use crate::scheduler::SchedulerHandle;
 use crate::store::StoreHandle;
 use conn::{Acceptor, Connections};
-use handlers::{Incoming, Reply};
+use handlers::{Incoming, Reply, Streamed};
 use router::RouteId;
 
 /// What every handler thread shares.
@@ -218,34 +219,103 @@ fn serve(ctx: &Ctx, mut request: tiny_http::Request) {
                 .allow
                 .map(|allow| ("Allow", allow))
                 .or((e.status == 503).then_some(("Retry-After", "1")));
-            (
-                Reply {
-                    status: e.status,
-                    content_type: "application/json",
-                    body: e.body(),
-                },
-                extra,
-            )
+            (Reply::json(e.status, e.body()), extra)
         }
     };
     let status = reply.status;
-    let mut response = tiny_http::Response::from_data(reply.body).with_status_code(status);
-    response.add_header(make_header("Content-Type", reply.content_type));
-    response.add_header(make_header("X-Request-ID", &request_id));
+    let mut headers = vec![
+        make_header("Content-Type", reply.content_type),
+        make_header("X-Request-ID", &request_id),
+    ];
     if let Some((name, value)) = extra {
-        response.add_header(make_header(name, value));
+        headers.push(make_header(name, value));
     }
     // 413 leaves an unread body behind; close rather than parse it as the
     // next request. While draining, tell keep-alive clients to go.
     if status == 413 || ctx.draining.load(Ordering::SeqCst) {
-        response.add_header(make_header("Connection", "close"));
+        headers.push(make_header("Connection", "close"));
     }
-    if let Err(e) = request.respond(response) {
+    let sent = match reply.stream {
+        None => {
+            let mut response = tiny_http::Response::from_data(reply.body).with_status_code(status);
+            for h in headers {
+                response.add_header(h);
+            }
+            request.respond(response)
+        }
+        Some(Streamed::File(reader)) => {
+            let len = reader.len as usize;
+            request.respond(tiny_http::Response::new(
+                tiny_http::StatusCode(status),
+                headers,
+                reader,
+                Some(len),
+                None,
+            ))
+        }
+        Some(Streamed::Ndjson(produce)) => stream_ndjson(request, status, &headers, produce),
+    };
+    if let Err(e) = sent {
         log::debug!("{method} {url}: client went away before the answer: {e}");
     }
     ctx.in_flight.fetch_sub(1, Ordering::SeqCst);
     if route != RouteId::Handoff {
         METRICS.http.observe(route, status, received.elapsed());
+    }
+}
+
+/// Answers with a chunked body written as it is produced. tiny_http's own
+/// chunked encoder holds 8 KiB before sending anything, which would delay
+/// every short line of a streamed exec; so the head and the chunks are
+/// written here, on the connection's raw writer, one chunk per flush.
+fn stream_ndjson(
+    request: tiny_http::Request,
+    status: u16,
+    headers: &[tiny_http::Header],
+    produce: handlers::Producer,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut head = format!(
+        "HTTP/1.1 {status} OK\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache\r\n"
+    );
+    for h in headers {
+        head.push_str(&format!("{}: {}\r\n", h.field, h.value));
+    }
+    head.push_str("\r\n");
+    let mut raw = request.into_writer();
+    raw.write_all(head.as_bytes())?;
+    raw.flush()?;
+    let mut chunked = ChunkedWriter {
+        inner: raw,
+        pending: Vec::new(),
+    };
+    produce(&mut chunked);
+    chunked.flush()?;
+    chunked.inner.write_all(b"0\r\n\r\n")?;
+    chunked.inner.flush()
+}
+
+/// Buffers writes; each flush sends what is buffered as one chunk.
+struct ChunkedWriter {
+    inner: Box<dyn std::io::Write + Send>,
+    pending: Vec<u8>,
+}
+
+impl std::io::Write for ChunkedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut chunk = format!("{:x}\r\n", self.pending.len()).into_bytes();
+        chunk.append(&mut self.pending);
+        chunk.extend_from_slice(b"\r\n");
+        self.inner.write_all(&chunk)?;
+        self.inner.flush()
     }
 }
 

@@ -22,6 +22,13 @@ pub enum RouteId {
     GetSandbox,
     DestroySandbox,
     ExtendSandbox,
+    Exec,
+    Files,
+    FilesList,
+    FilesStat,
+    FilesGlob,
+    FilesMove,
+    FilesChmod,
     Providers,
     ListLeases,
     GetLease,
@@ -31,7 +38,7 @@ pub enum RouteId {
 }
 
 impl RouteId {
-    pub const ALL: [RouteId; 24] = [
+    pub const ALL: [RouteId; 31] = [
         RouteId::Health,
         RouteId::Live,
         RouteId::Ready,
@@ -50,6 +57,13 @@ impl RouteId {
         RouteId::GetSandbox,
         RouteId::DestroySandbox,
         RouteId::ExtendSandbox,
+        RouteId::Exec,
+        RouteId::Files,
+        RouteId::FilesList,
+        RouteId::FilesStat,
+        RouteId::FilesGlob,
+        RouteId::FilesMove,
+        RouteId::FilesChmod,
         RouteId::Providers,
         RouteId::ListLeases,
         RouteId::GetLease,
@@ -77,6 +91,13 @@ impl RouteId {
             RouteId::Admission => "/api/v1/sandboxes/admission",
             RouteId::GetSandbox | RouteId::DestroySandbox => "/api/v1/sandboxes/{id}",
             RouteId::ExtendSandbox => "/api/v1/sandboxes/{id}/extend",
+            RouteId::Exec => "/api/v1/sandboxes/{id}/exec",
+            RouteId::Files => "/api/v1/sandboxes/{id}/files",
+            RouteId::FilesList => "/api/v1/sandboxes/{id}/files/list",
+            RouteId::FilesStat => "/api/v1/sandboxes/{id}/files/stat",
+            RouteId::FilesGlob => "/api/v1/sandboxes/{id}/files/glob",
+            RouteId::FilesMove => "/api/v1/sandboxes/{id}/files/move",
+            RouteId::FilesChmod => "/api/v1/sandboxes/{id}/files/chmod",
             RouteId::Providers => "/api/v1/providers",
             RouteId::ListLeases => "/api/v1/admin/leases",
             RouteId::GetLease => "/api/v1/admin/leases/{id}",
@@ -92,7 +113,11 @@ impl RouteId {
             | RouteId::Spawn
             | RouteId::Admission
             | RouteId::ExtendSandbox
+            | RouteId::Exec
+            | RouteId::FilesMove
+            | RouteId::FilesChmod
             | RouteId::LeaseAction => "POST",
+            RouteId::Files => "any",
             RouteId::DeleteWorker | RouteId::PruneSandboxes | RouteId::DestroySandbox => "DELETE",
             RouteId::Unmatched => "any",
             _ => "GET",
@@ -149,6 +174,14 @@ pub enum Route {
     ExtendSandbox {
         id: String,
     },
+    Exec {
+        id: String,
+    },
+    /// `/api/v1/sandboxes/{id}/files[/op]`.
+    Files {
+        id: String,
+        op: FileRoute,
+    },
     Providers,
     ListLeases,
     GetLease {
@@ -183,6 +216,17 @@ impl Route {
             Route::GetSandbox { .. } => RouteId::GetSandbox,
             Route::DestroySandbox { .. } => RouteId::DestroySandbox,
             Route::ExtendSandbox { .. } => RouteId::ExtendSandbox,
+            Route::Exec { .. } => RouteId::Exec,
+            Route::Files { op, .. } => match op {
+                FileRoute::Write | FileRoute::Upload | FileRoute::Read | FileRoute::Delete => {
+                    RouteId::Files
+                }
+                FileRoute::List => RouteId::FilesList,
+                FileRoute::Stat => RouteId::FilesStat,
+                FileRoute::Glob => RouteId::FilesGlob,
+                FileRoute::Move => RouteId::FilesMove,
+                FileRoute::Chmod => RouteId::FilesChmod,
+            },
             Route::Providers => RouteId::Providers,
             Route::ListLeases => RouteId::ListLeases,
             Route::GetLease { .. } => RouteId::GetLease,
@@ -216,10 +260,29 @@ impl Route {
             | Route::GetSandbox { .. }
             | Route::DestroySandbox { .. }
             | Route::ExtendSandbox { .. }
+            | Route::Exec { .. }
+            | Route::Files { .. }
             | Route::Providers => Access::User,
             Route::ListLeases | Route::GetLease { .. } | Route::LeaseAction { .. } => Access::Admin,
         }
     }
+}
+
+/// The file operations under `/api/v1/sandboxes/{id}/files`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileRoute {
+    /// `POST /files`: JSON `{"path","content","mode"?}`.
+    Write,
+    /// `PUT /files?path=`: the raw body is the content (streamed).
+    Upload,
+    /// `GET /files?path=`: the raw content.
+    Read,
+    Delete,
+    List,
+    Stat,
+    Glob,
+    Move,
+    Chmod,
 }
 
 /// `POST /api/v1/admin/leases/{id}/{acquire|renew|release}`.
@@ -311,6 +374,44 @@ pub fn route(method: &str, path: &str) -> Result<Route, RouteError> {
                     id: (*id).to_owned(),
                 },
             ),
+            ["sandboxes", id, "exec"] => allow(
+                "POST",
+                Route::Exec {
+                    id: (*id).to_owned(),
+                },
+            ),
+            ["sandboxes", id, "files"] => {
+                let op = match method {
+                    "POST" => FileRoute::Write,
+                    "PUT" => FileRoute::Upload,
+                    "DELETE" => FileRoute::Delete,
+                    _ => FileRoute::Read,
+                };
+                allow(
+                    "GET, POST, PUT, DELETE",
+                    Route::Files {
+                        id: (*id).to_owned(),
+                        op,
+                    },
+                )
+            }
+            ["sandboxes", id, "files", op] => {
+                let (allowed, op) = match *op {
+                    "list" => ("GET", FileRoute::List),
+                    "stat" => ("GET", FileRoute::Stat),
+                    "glob" => ("GET", FileRoute::Glob),
+                    "move" => ("POST", FileRoute::Move),
+                    "chmod" => ("POST", FileRoute::Chmod),
+                    _ => return Err(RouteError::NotFound),
+                };
+                allow(
+                    allowed,
+                    Route::Files {
+                        id: (*id).to_owned(),
+                        op,
+                    },
+                )
+            }
             ["admin", "leases"] => allow("GET", Route::ListLeases),
             ["admin", "leases", id] => allow(
                 "GET",
@@ -457,6 +558,47 @@ mod tests {
                 Err(RouteError::MethodNotAllowed("POST")),
             ),
             ("GET", "/api/v1/nope", Err(RouteError::NotFound)),
+            (
+                "POST",
+                "/api/v1/sandboxes/sb-1/exec",
+                Ok(Route::Exec { id: "sb-1".into() }),
+            ),
+            (
+                "GET",
+                "/api/v1/sandboxes/sb-1/exec",
+                Err(RouteError::MethodNotAllowed("POST")),
+            ),
+            (
+                "PUT",
+                "/api/v1/sandboxes/sb-1/files",
+                Ok(Route::Files {
+                    id: "sb-1".into(),
+                    op: FileRoute::Upload,
+                }),
+            ),
+            (
+                "GET",
+                "/api/v1/sandboxes/sb-1/files/glob",
+                Ok(Route::Files {
+                    id: "sb-1".into(),
+                    op: FileRoute::Glob,
+                }),
+            ),
+            (
+                "GET",
+                "/api/v1/sandboxes/sb-1/files/move",
+                Err(RouteError::MethodNotAllowed("POST")),
+            ),
+            (
+                "PATCH",
+                "/api/v1/sandboxes/sb-1/files",
+                Err(RouteError::MethodNotAllowed("GET, POST, PUT, DELETE")),
+            ),
+            (
+                "GET",
+                "/api/v1/sandboxes/sb-1/files/nope",
+                Err(RouteError::NotFound),
+            ),
             ("GET", "/api/v1/workers/a/b", Err(RouteError::NotFound)),
             ("GET", "/", Err(RouteError::NotFound)),
         ];

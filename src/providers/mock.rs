@@ -73,6 +73,10 @@ impl Provider for MockProvider {
         vec!["spawn".into(), "destroy".into()]
     }
 
+    fn limits(&self) -> String {
+        "none (mock provider)".into()
+    }
+
     fn spawn(&self, spec: &RuntimeSpec) -> Result<(), ProviderError> {
         let marker = self.marker(&spec.sandbox_id)?;
         self.delay();

@@ -8,6 +8,7 @@
 //! never left behind.
 
 pub mod mock;
+pub mod process;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -46,6 +47,28 @@ pub trait Provider: Send + Sync {
     /// Every runtime the provider has, for reconciliation.
     fn list_runtimes(&self) -> Result<Vec<String>, ProviderError>;
     fn health(&self) -> Result<(), ProviderError>;
+    /// How sandbox limits are enforced, for `GET /api/v1/providers`.
+    fn limits(&self) -> String {
+        "none".into()
+    }
+    /// Refuses an image this provider cannot run, naming the ones it can.
+    fn check_image(&self, _image: &str) -> Result<(), String> {
+        Ok(())
+    }
+    /// The process provider, for exec and files; `None` for providers whose
+    /// sandboxes cannot run commands.
+    fn as_process(&self) -> Option<&process::ProcessProvider> {
+        None
+    }
+}
+
+/// Why a command or file operation could not be started in a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnterError {
+    /// The sandbox's runtime is not running (killed from outside, or not
+    /// on this worker).
+    NotRunning(String),
+    Failed(String),
 }
 
 /// The configured providers, by name, and the default one.

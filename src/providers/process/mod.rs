@@ -1,0 +1,538 @@
+//! The `process` provider: each sandbox is a process tree in its own PID,
+//! mount, UTS, IPC and network namespaces (plus a user namespace when the
+//! daemon is not root), with a read-only root from its image, private
+//! writable `/workspace` and `/tmp`, and limits from cgroup v2 or rlimits.
+//! No VM and no container engine: util-linux `setsid` and `unshare` start
+//! `stacyvmd sandbox-init` ([`init`]) as the sandbox's PID 1, and the
+//! `stacyvmd sandbox-enter` helper ([`enter`]) joins it for exec and files.
+//!
+//! Runtimes outlive the daemon: each has a state directory
+//! (`<data_dir>/process/<id>/`, see [`state`]) naming its init by pid and
+//! start time, so a restarted daemon finds, adopts or reaps it.
+
+mod cgroup;
+pub mod enter;
+pub mod files;
+pub mod init;
+pub mod state;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::config::ProcessConfig;
+
+use super::{EnterError, Provider, ProviderError, RuntimeSpec};
+use cgroup::Cgroups;
+use enter::{Action, EnterSpec};
+use state::{InitRecord, SpecRecord};
+
+/// How long a new sandbox's init may take to report ready.
+const READY_DEADLINE: Duration = Duration::from_secs(10);
+/// How long destroy waits for a killed init to be gone.
+const EXIT_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+struct Runtime {
+    init: InitRecord,
+    spec: SpecRecord,
+}
+
+pub struct ProcessProvider {
+    config: ProcessConfig,
+    /// `<data_dir>/process`.
+    base: PathBuf,
+    /// Host paths hidden from sandboxes (the daemon's data directory).
+    masks: Vec<PathBuf>,
+    exe: PathBuf,
+    rootless: bool,
+    cgroups: Option<Cgroups>,
+    cpus: usize,
+    runtimes: Mutex<HashMap<String, Runtime>>,
+    /// Why sandboxes cannot be started here, found at open.
+    unusable: Option<String>,
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Refuses to delete a state directory that has anything mounted below it
+/// in the daemon's mount namespace (sandbox mounts live only in the
+/// sandbox's own namespace, so this never happens unless something is
+/// badly wrong, and then deleting would reach into the mounted tree).
+fn has_mounts_below(dir: &Path) -> bool {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") else {
+        return true;
+    };
+    mounts.lines().any(|line| {
+        line.split(' ')
+            .nth(4)
+            .is_some_and(|m| Path::new(m).starts_with(dir))
+    })
+}
+
+impl ProcessProvider {
+    pub fn open(config: ProcessConfig, data_dir: &Path) -> Result<ProcessProvider, String> {
+        let base = data_dir.join("process");
+        fs::create_dir_all(&base).map_err(|e| format!("creating {}: {e}", base.display()))?;
+        let base = fs::canonicalize(&base).map_err(|e| format!("{}: {e}", base.display()))?;
+        let data_dir =
+            fs::canonicalize(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+        let exe =
+            std::env::current_exe().map_err(|e| format!("finding the stacyvmd binary: {e}"))?;
+        let rootless = !rustix::process::geteuid().is_root();
+        let unusable = ["setsid", "unshare"]
+            .iter()
+            .find(|p| which(p).is_none())
+            .map(|p| format!("`{p}` (util-linux) is not on PATH"));
+        let cgroups = if rootless {
+            None
+        } else {
+            Cgroups::open(&config.cgroup)?
+        };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let provider = ProcessProvider {
+            config,
+            base,
+            masks: vec![data_dir],
+            exe,
+            rootless,
+            cgroups,
+            cpus,
+            runtimes: Mutex::new(HashMap::new()),
+            unusable,
+        };
+        provider.load();
+        Ok(provider)
+    }
+
+    fn runtimes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Runtime>> {
+        self.runtimes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Finds the runtimes left by an earlier daemon. Live ones are kept for
+    /// reconciliation to adopt or reap; the state of dead ones is removed.
+    fn load(&self) {
+        let Ok(entries) = fs::read_dir(&self.base) else {
+            return;
+        };
+        let mut runtimes = self.runtimes();
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if !crate::sandboxes::is_sandbox_id(&id) {
+                continue;
+            }
+            let dir = entry.path();
+            match (InitRecord::read(&dir), SpecRecord::read(&dir)) {
+                (Ok(init), Ok(spec)) if init.alive() => {
+                    runtimes.insert(id, Runtime { init, spec });
+                }
+                _ => {
+                    log::warn!("process sandbox {id}: its init is gone; removing its state");
+                    self.remove_state(&id, &dir, None);
+                }
+            }
+        }
+    }
+
+    fn dir(&self, sandbox_id: &str) -> Result<PathBuf, ProviderError> {
+        if !crate::sandboxes::is_sandbox_id(sandbox_id) {
+            return Err(ProviderError(format!("not a sandbox id: {sandbox_id:?}")));
+        }
+        Ok(self.base.join(sandbox_id))
+    }
+
+    fn remove_state(&self, id: &str, dir: &Path, cgroup: Option<&str>) {
+        if let Some(cg) = cgroup {
+            Cgroups::remove(Path::new(cg));
+        }
+        if has_mounts_below(dir) {
+            log::error!(
+                "process sandbox {id}: {} has mounts below it; leaving it in place",
+                dir.display()
+            );
+            return;
+        }
+        if let Err(e) = fs::remove_dir_all(dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            log::error!("process sandbox {id}: removing {}: {e}", dir.display());
+        }
+    }
+
+    fn image_root(&self, image: &str) -> Result<&Path, String> {
+        self.config
+            .images
+            .get(image)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.config.images.keys().map(String::as_str).collect();
+                format!(
+                    "image {image:?} is not configured for the process provider (configured: {})",
+                    names.join(", ")
+                )
+            })
+    }
+
+    /// The lowest slot no live runtime uses; the sandbox's uid is
+    /// `uid_base + slot`.
+    fn free_slot(runtimes: &HashMap<String, Runtime>) -> u32 {
+        let used: std::collections::HashSet<u32> = runtimes.values().map(|r| r.spec.slot).collect();
+        (0..).find(|s| !used.contains(s)).unwrap_or(0)
+    }
+
+    fn start(&self, spec: &RuntimeSpec, dir: &Path) -> Result<Runtime, String> {
+        let image = self.image_root(&spec.image)?.to_owned();
+        if !image.is_dir() {
+            return Err(format!("image root {} is not a directory", image.display()));
+        }
+        let io = |what: String, r: std::io::Result<()>| r.map_err(|e| format!("{what}: {e}"));
+        io(format!("creating {}", dir.display()), fs::create_dir(dir))?;
+        for sub in ["workspace", "tmp", "rootfs"] {
+            io(format!("creating {sub}/"), fs::create_dir(dir.join(sub)))?;
+        }
+        let slot = Self::free_slot(&self.runtimes());
+        let uid = if self.rootless {
+            0
+        } else {
+            self.config.uid_base.saturating_add(slot)
+        };
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let owner = (!self.rootless).then_some(uid);
+            for (sub, mode) in [("workspace", 0o755), ("tmp", 0o1777)] {
+                let p = dir.join(sub);
+                io(
+                    format!("chown {sub}/"),
+                    std::os::unix::fs::chown(&p, owner, owner),
+                )?;
+                io(
+                    format!("chmod {sub}/"),
+                    fs::set_permissions(&p, fs::Permissions::from_mode(mode)),
+                )?;
+            }
+        }
+        let cgroup = match &self.cgroups {
+            Some(c) => Some(
+                c.create(
+                    &spec.sandbox_id,
+                    spec.memory_mb,
+                    spec.vcpus,
+                    self.config.max_processes,
+                )
+                .map_err(|e| format!("creating the sandbox's cgroup: {e}"))?
+                .to_string_lossy()
+                .into_owned(),
+            ),
+            None => None,
+        };
+        let record = SpecRecord {
+            image: spec.image.clone(),
+            uid,
+            slot,
+            memory_mb: spec.memory_mb,
+            vcpus: spec.vcpus,
+            cgroup: cgroup.clone(),
+        };
+        io("writing spec.json".into(), record.write(dir))?;
+
+        let log = fs::File::create(dir.join("init.log"))
+            .map_err(|e| format!("creating init.log: {e}"))?;
+        let mut command = Command::new("setsid");
+        command.arg("--fork").arg("unshare");
+        if self.rootless {
+            command.args(["--user", "--map-root-user"]);
+        }
+        command
+            .args([
+                "--pid",
+                "--mount",
+                "--uts",
+                "--ipc",
+                "--net",
+                "--fork",
+                "--propagation",
+                "private",
+                "--",
+            ])
+            .arg(&self.exe)
+            .arg("sandbox-init")
+            .arg("--state")
+            .arg(dir)
+            .arg("--image")
+            .arg(&image)
+            .args(["--hostname", &spec.sandbox_id]);
+        for mask in &self.masks {
+            command.arg("--mask").arg(mask);
+        }
+        if let Some(cg) = &cgroup {
+            command.args(["--cgroup", cg]);
+        }
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let mut launcher = command
+            .spawn()
+            .map_err(|e| format!("starting setsid/unshare: {e}"))?;
+        let ready = launcher.stdout.take().ok_or("no readiness pipe")?;
+        // setsid --fork returns at once; the init carries on detached.
+        let _ = launcher.wait();
+        let line = read_line_before(ready, Instant::now() + READY_DEADLINE);
+        let init = InitRecord::read(dir).ok();
+        match (line.as_deref(), init) {
+            (Some("ready"), Some(init)) => Ok(Runtime { init, spec: record }),
+            (_, init) => {
+                if let Some(init) = init {
+                    kill_and_wait(&init);
+                }
+                let log = fs::read_to_string(dir.join("init.log")).unwrap_or_default();
+                let last = log.lines().last().unwrap_or("no message").to_owned();
+                Err(match line {
+                    None => format!("the sandbox did not start in time: {last}"),
+                    Some(_) => format!("the sandbox did not start: {last}"),
+                })
+            }
+        }
+    }
+
+    /// Which CPUs a sandbox's processes may run on (rlimit mode's vCPU
+    /// limit): `vcpus` consecutive CPUs starting at a slot-dependent one.
+    fn cpu_set(&self, spec: &SpecRecord) -> Vec<usize> {
+        let n = (spec.vcpus as usize).clamp(1, self.cpus);
+        if n >= self.cpus {
+            return Vec::new();
+        }
+        let first = (spec.slot as usize * n) % self.cpus;
+        (0..n).map(|i| (first + i) % self.cpus).collect()
+    }
+
+    /// Whether the sandbox's runtime runs here now.
+    pub fn check_running(&self, sandbox_id: &str) -> Result<(), EnterError> {
+        self.runtime(sandbox_id).map(|_| ())
+    }
+
+    fn runtime(&self, sandbox_id: &str) -> Result<Runtime, EnterError> {
+        let runtime = self.runtimes().get(sandbox_id).cloned().ok_or_else(|| {
+            EnterError::NotRunning(format!("sandbox {sandbox_id} has no runtime here"))
+        })?;
+        if !runtime.init.alive() {
+            return Err(EnterError::NotRunning(format!(
+                "sandbox {sandbox_id} is not running: its processes were killed from outside"
+            )));
+        }
+        Ok(runtime)
+    }
+
+    /// A command that runs the `sandbox-enter` helper for `action` in the
+    /// sandbox, with `env` as the environment the action sees.
+    pub fn enter_command(
+        &self,
+        sandbox_id: &str,
+        action: Action,
+        env: &[(String, String)],
+    ) -> Result<Command, EnterError> {
+        let runtime = self.runtime(sandbox_id)?;
+        let limits_by_cgroup = runtime.spec.cgroup.is_some();
+        let spec = EnterSpec {
+            pid: runtime.init.pid,
+            start_time: runtime.init.start_time,
+            uid: (!self.rootless).then_some(runtime.spec.uid),
+            rootless: self.rootless,
+            max_processes: self.config.max_processes,
+            max_open_files: self.config.max_open_files,
+            max_file_bytes: self.config.max_file_bytes,
+            address_space: (!limits_by_cgroup).then_some(u64::from(runtime.spec.memory_mb) << 20),
+            cpus: if limits_by_cgroup {
+                Vec::new()
+            } else {
+                self.cpu_set(&runtime.spec)
+            },
+            cgroup: runtime.spec.cgroup.clone(),
+            action,
+        };
+        let json = serde_json::to_string(&spec)
+            .map_err(|e| EnterError::Failed(format!("encoding the helper spec: {e}")))?;
+        let mut command = Command::new(&self.exe);
+        command.arg("sandbox-enter").arg(json).env_clear();
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Ok(command)
+    }
+
+    /// The environment every exec starts from; the request's `env` is laid
+    /// over it.
+    pub fn base_env(&self, sandbox_id: &str) -> Vec<(String, String)> {
+        vec![
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
+            ("HOME".into(), files::WORKSPACE.into()),
+            ("HOSTNAME".into(), sandbox_id.into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("TMPDIR".into(), "/tmp".into()),
+        ]
+    }
+
+    pub fn config(&self) -> &ProcessConfig {
+        &self.config
+    }
+}
+
+/// Reads one line from `pipe` before `deadline`; `None` on EOF, timeout or
+/// error.
+fn read_line_before(pipe: std::process::ChildStdout, deadline: Instant) -> Option<String> {
+    use rustix::event::{PollFd, PollFlags};
+    let left = deadline.checked_duration_since(Instant::now())?;
+    let timeout = rustix::time::Timespec {
+        tv_sec: left.as_secs() as i64,
+        tv_nsec: i64::from(left.subsec_nanos()),
+    };
+    let mut fds = [PollFd::new(&pipe, PollFlags::IN)];
+    match rustix::event::poll(&mut fds, Some(&timeout)) {
+        Ok(n) if n > 0 => {}
+        _ => return None,
+    }
+    // The init writes its one line at once; a partial line is a failure.
+    let mut line = String::new();
+    let mut reader = BufReader::new(pipe);
+    match reader.read_line(&mut line) {
+        Ok(n) if n > 0 => Some(line.trim_end().to_owned()),
+        _ => None,
+    }
+}
+
+/// Kills a sandbox's init (and with it the whole PID namespace) and waits
+/// until it is gone. Returns false if it could not be confirmed gone.
+fn kill_and_wait(init: &InitRecord) -> bool {
+    use rustix::event::{PollFd, PollFlags};
+    let Some(pid) = rustix::process::Pid::from_raw(init.pid) else {
+        return true;
+    };
+    let Ok(pidfd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else {
+        return true; // already gone
+    };
+    if !init.alive() {
+        return true; // the pid now names another process
+    }
+    if let Err(e) = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL) {
+        return e == rustix::io::Errno::SRCH;
+    }
+    let timeout = rustix::time::Timespec {
+        tv_sec: EXIT_DEADLINE.as_secs() as i64,
+        tv_nsec: 0,
+    };
+    let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+    matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
+}
+
+impl Provider for ProcessProvider {
+    fn name(&self) -> &str {
+        "process"
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        ["spawn", "destroy", "exec", "exec_stream", "files"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
+    }
+
+    fn limits(&self) -> String {
+        if self.cgroups.is_some() {
+            "cgroup-v2".into()
+        } else {
+            "rlimits".into()
+        }
+    }
+
+    fn check_image(&self, image: &str) -> Result<(), String> {
+        self.image_root(image).map(|_| ())
+    }
+
+    fn spawn(&self, spec: &RuntimeSpec) -> Result<(), ProviderError> {
+        if let Some(why) = &self.unusable {
+            return Err(ProviderError(why.clone()));
+        }
+        let dir = self.dir(&spec.sandbox_id)?;
+        if self.runtimes().contains_key(&spec.sandbox_id) {
+            return Err(ProviderError(format!(
+                "sandbox {} already has a runtime",
+                spec.sandbox_id
+            )));
+        }
+        if dir.exists() {
+            // Left by a spawn that failed half-way: nothing runs there.
+            self.remove_state(&spec.sandbox_id, &dir, None);
+        }
+        match self.start(spec, &dir) {
+            Ok(runtime) => {
+                self.runtimes().insert(spec.sandbox_id.clone(), runtime);
+                Ok(())
+            }
+            Err(e) => {
+                let cgroup = SpecRecord::read(&dir).ok().and_then(|s| s.cgroup);
+                self.remove_state(&spec.sandbox_id, &dir, cgroup.as_deref());
+                Err(ProviderError(e))
+            }
+        }
+    }
+
+    fn destroy(&self, sandbox_id: &str) -> Result<(), ProviderError> {
+        let dir = self.dir(sandbox_id)?;
+        let known = self.runtimes().get(sandbox_id).cloned();
+        let init = known
+            .as_ref()
+            .map(|r| r.init)
+            .or_else(|| InitRecord::read(&dir).ok());
+        let cgroup = known
+            .map(|r| r.spec)
+            .or_else(|| SpecRecord::read(&dir).ok())
+            .and_then(|s| s.cgroup);
+        if let Some(init) = init
+            && !kill_and_wait(&init)
+        {
+            return Err(ProviderError(format!(
+                "sandbox {sandbox_id}: its init (pid {}) did not exit after SIGKILL",
+                init.pid
+            )));
+        }
+        self.remove_state(sandbox_id, &dir, cgroup.as_deref());
+        self.runtimes().remove(sandbox_id);
+        Ok(())
+    }
+
+    fn list_runtimes(&self) -> Result<Vec<String>, ProviderError> {
+        Ok(self
+            .runtimes()
+            .iter()
+            .filter(|(_, r)| r.init.alive())
+            .map(|(id, _)| id.clone())
+            .collect())
+    }
+
+    fn health(&self) -> Result<(), ProviderError> {
+        if let Some(why) = &self.unusable {
+            return Err(ProviderError(why.clone()));
+        }
+        fs::metadata(&self.base)
+            .map(|_| ())
+            .map_err(|e| ProviderError(format!("{}: {e}", self.base.display())))
+    }
+
+    fn as_process(&self) -> Option<&ProcessProvider> {
+        Some(self)
+    }
+}

@@ -1,0 +1,725 @@
+//! Exec and files in a running sandbox, daemon side: builds the request
+//! for the `sandbox-enter` helper (see `providers::process::enter`), runs
+//! it, and turns its output into answers. HTTP-independent: the REST
+//! handlers and any other caller share it.
+//!
+//! An exec is one helper process in its own process group. Its stdout and
+//! stderr are pipes read by the calling thread with `poll`, together with a
+//! pidfd of the helper, so one thread drives an exec with no extra
+//! threads: output is captured (up to a cap) or streamed as it comes; at
+//! the deadline the whole process group is killed. Once the command has
+//! exited, output still in the pipes is drained for a short grace period;
+//! then the pipes are closed, so a background process that keeps them
+//! open cannot hold the request, and every process left in the exec's
+//! process group is killed. A process meant to outlive its exec (a server)
+//! must leave the group itself, with `setsid`.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags};
+
+use crate::providers::process::ProcessProvider;
+use crate::providers::process::enter::Action;
+use crate::providers::process::files::{FsOp, sandbox_path};
+use crate::providers::{EnterError, Provider};
+
+/// How long output is still read after the command exited.
+const DRAIN_GRACE: Duration = Duration::from_millis(100);
+/// Longest environment variable name and value accepted.
+const MAX_ENV_NAME: usize = 256;
+const MAX_ENV_VALUE: usize = 128 * 1024;
+
+/// A failure with the HTTP status and stable code it maps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl OpError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> OpError {
+        OpError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> OpError {
+        OpError::new(400, "BAD_REQUEST", message)
+    }
+
+    fn internal(message: impl Into<String>) -> OpError {
+        OpError::new(500, "INTERNAL_ERROR", message)
+    }
+}
+
+impl From<EnterError> for OpError {
+    fn from(e: EnterError) -> OpError {
+        match e {
+            EnterError::NotRunning(m) => OpError::new(409, "CONFLICT", m),
+            EnterError::Failed(m) => OpError::internal(m),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecMode {
+    Shell,
+    Argv,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecRequest {
+    pub command: String,
+    pub args: Vec<String>,
+    pub mode: ExecMode,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub timeout: Option<Duration>,
+    pub stream: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// Output kept for a non-streamed exec: the first `cap` bytes, and how
+/// many there were in all.
+#[derive(Debug, Default)]
+pub struct Captured {
+    pub bytes: Vec<u8>,
+    pub total: u64,
+}
+
+impl Captured {
+    fn push(&mut self, data: &[u8], cap: usize) {
+        self.total += data.len() as u64;
+        let room = cap.saturating_sub(self.bytes.len());
+        self.bytes.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    pub fn truncated(&self) -> bool {
+        self.total > self.bytes.len() as u64
+    }
+
+    /// The text, with a marker when output was cut.
+    pub fn text(&self) -> String {
+        let mut text = String::from_utf8_lossy(&self.bytes).into_owned();
+        if self.truncated() {
+            text.push_str(&format!(
+                "\n[stacyvmd: output truncated: {} of {} bytes kept]\n",
+                self.bytes.len(),
+                self.total
+            ));
+        }
+        text
+    }
+}
+
+#[derive(Debug)]
+pub struct ExecOutcome {
+    pub exit_code: i32,
+    pub timed_out: bool,
+    /// The client went away (stream mode): the command was killed.
+    pub abandoned: bool,
+    pub duration: Duration,
+    pub timeout: Duration,
+    pub stdout: Captured,
+    pub stderr: Captured,
+}
+
+/// Where output goes: `Capture` keeps it for the answer, `Stream` hands
+/// each piece to a writer as it comes (an error there ends the exec).
+pub enum Sink<'a> {
+    Capture,
+    Stream(&'a mut dyn FnMut(Stream, &[u8]) -> io::Result<()>),
+}
+
+/// The process provider behind a sandbox, or why there is none.
+pub fn process_of(provider: &Arc<dyn Provider>) -> Result<&ProcessProvider, OpError> {
+    provider.as_process().ok_or_else(|| {
+        OpError::bad(format!(
+            "provider {:?} does not run commands or hold files; use provider \"process\"",
+            provider.name()
+        ))
+    })
+}
+
+/// Quotes `arg` for /bin/sh.
+fn shell_quote(arg: &str) -> String {
+    if !arg.is_empty()
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
+        return arg.to_owned();
+    }
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+fn check_text(field: &str, text: &str) -> Result<(), OpError> {
+    if text.contains('\0') {
+        return Err(OpError::bad(format!(
+            "field `{field}` must not contain NUL bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// The argv, environment and working directory of an exec.
+type Prepared = (Vec<String>, Vec<(String, String)>, String);
+
+/// The argv, environment and working directory of an exec, validated.
+fn prepare(p: &ProcessProvider, sandbox_id: &str, req: &ExecRequest) -> Result<Prepared, OpError> {
+    check_text("command", &req.command)?;
+    for a in &req.args {
+        check_text("args", a)?;
+    }
+    if req.command.trim().is_empty() {
+        return Err(OpError::bad("field `command` must not be empty"));
+    }
+    let argv = match req.mode {
+        // StacyVM: args are appended to the command, each shell-quoted.
+        ExecMode::Shell => {
+            let mut line = req.command.clone();
+            for a in &req.args {
+                line.push(' ');
+                line.push_str(&shell_quote(a));
+            }
+            vec!["/bin/sh".to_owned(), "-c".to_owned(), line]
+        }
+        ExecMode::Argv => std::iter::once(req.command.clone())
+            .chain(req.args.iter().cloned())
+            .collect(),
+    };
+    let mut env: BTreeMap<String, String> = p.base_env(sandbox_id).into_iter().collect();
+    for (k, v) in &req.env {
+        if k.is_empty()
+            || k.len() > MAX_ENV_NAME
+            || k.contains(['=', '\0'])
+            || v.len() > MAX_ENV_VALUE
+            || v.contains('\0')
+        {
+            return Err(OpError::bad(format!(
+                "field `env`: {k:?} is not a valid variable (names 1 to {MAX_ENV_NAME} bytes without `=` or NUL, values up to {MAX_ENV_VALUE} bytes without NUL)"
+            )));
+        }
+        env.insert(k.clone(), v.clone());
+    }
+    let workdir = match &req.workdir {
+        Some(w) if !w.is_empty() => sandbox_path(w)
+            .map_err(|e| OpError::bad(format!("field `workdir`: {e}")))?
+            .to_string_lossy()
+            .into_owned(),
+        _ => crate::providers::process::files::WORKSPACE.to_owned(),
+    };
+    Ok((argv, env.into_iter().collect(), workdir))
+}
+
+fn poll_timeout(left: Duration) -> rustix::time::Timespec {
+    rustix::time::Timespec {
+        tv_sec: left.as_secs() as i64,
+        tv_nsec: i64::from(left.subsec_nanos()),
+    }
+}
+
+/// One SIGKILL to the whole group.
+fn signal_group(pgid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pgid as i32) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// How long `kill_group` waits for a killed group to be gone.
+const GROUP_EXIT_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Kills every process of the helper's group (the helper and the command
+/// it started, and their children that kept the group), and waits until
+/// the group is gone: killed processes count against the sandbox's process
+/// limit until the sandbox's init has reaped them, and the next exec should
+/// find that budget free. The signal is repeated while waiting, for
+/// processes forked while an earlier one was on its way (a fork bomb).
+fn kill_group(pgid: u32) {
+    let Some(pid) = rustix::process::Pid::from_raw(pgid as i32) else {
+        return;
+    };
+    let until = Instant::now() + GROUP_EXIT_DEADLINE;
+    while rustix::process::kill_process_group(pid, rustix::process::Signal::KILL).is_ok() {
+        if Instant::now() >= until {
+            log::warn!(
+                "process group {pgid} still has members {GROUP_EXIT_DEADLINE:?} after SIGKILL"
+            );
+            return;
+        }
+        // Nothing to block on for "group empty": a short pause between
+        // checks, bounded by the deadline above.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Checks an exec request before anything runs, so that a streamed exec
+/// can still answer with an error status.
+pub fn validate(p: &ProcessProvider, sandbox_id: &str, req: &ExecRequest) -> Result<(), OpError> {
+    let config = p.config();
+    let timeout = req.timeout.unwrap_or(config.exec_timeout);
+    if timeout.is_zero() || timeout > config.max_exec_timeout {
+        return Err(OpError::bad(format!(
+            "field `timeout` must be positive and at most {}",
+            crate::time::format_duration(config.max_exec_timeout)
+        )));
+    }
+    prepare(p, sandbox_id, req)?;
+    p.check_running(sandbox_id)?;
+    Ok(())
+}
+
+/// Runs a command in the sandbox. Timeouts are not errors here: the
+/// outcome says `timed_out`, and the caller answers 408 or ends the stream.
+pub fn exec(
+    p: &ProcessProvider,
+    sandbox_id: &str,
+    req: &ExecRequest,
+    mut sink: Sink<'_>,
+) -> Result<ExecOutcome, OpError> {
+    let config = p.config();
+    validate(p, sandbox_id, req)?;
+    let timeout = req.timeout.unwrap_or(config.exec_timeout);
+    let (argv, env, workdir) = prepare(p, sandbox_id, req)?;
+    let mut command = p.enter_command(sandbox_id, Action::Exec { argv, workdir }, &env)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let mut child = command
+        .spawn()
+        .map_err(|e| OpError::internal(format!("starting the exec helper: {e}")))?;
+    let pgid = child.id();
+    let result = drive(&mut child, deadline, config.exec_output_bytes, &mut sink);
+    // An exec owns its process group: whatever is left in it when the
+    // command ends (or times out, or its client goes away) is killed, so
+    // nothing an exec started outlives it unless it detached on purpose
+    // (`setsid`).
+    signal_group(pgid);
+    // Reaped first: as a zombie, the helper would itself keep the group
+    // alive for kill_group's wait.
+    let status = child
+        .wait()
+        .map_err(|e| OpError::internal(format!("waiting for the exec helper: {e}")));
+    kill_group(pgid);
+    let status = status?;
+    let mut outcome = result?;
+    outcome.duration = started.elapsed();
+    outcome.timeout = timeout;
+    outcome.exit_code = if outcome.timed_out {
+        124
+    } else {
+        use std::os::unix::process::ExitStatusExt;
+        status
+            .code()
+            .or_else(|| status.signal().map(|s| 128 + s))
+            .unwrap_or(-1)
+    };
+    Ok(outcome)
+}
+
+/// The poll loop of one exec; see the module doc.
+fn drive(
+    child: &mut Child,
+    deadline: Instant,
+    cap: usize,
+    sink: &mut Sink<'_>,
+) -> Result<ExecOutcome, OpError> {
+    let mut outcome = ExecOutcome {
+        exit_code: 0,
+        timed_out: false,
+        abandoned: false,
+        duration: Duration::ZERO,
+        timeout: Duration::ZERO,
+        stdout: Captured::default(),
+        stderr: Captured::default(),
+    };
+    let pid = rustix::process::Pid::from_raw(child.id() as i32)
+        .ok_or_else(|| OpError::internal("helper has no pid"))?;
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+        .map_err(|e| OpError::internal(format!("pidfd_open: {e}")))?;
+    // Both pipes as plain files, so one loop reads either.
+    let mut out = child
+        .stdout
+        .take()
+        .map(|o| std::fs::File::from(std::os::fd::OwnedFd::from(o)));
+    let mut err = child
+        .stderr
+        .take()
+        .map(|e| std::fs::File::from(std::os::fd::OwnedFd::from(e)));
+    let mut exited_at: Option<Instant> = None;
+    let mut killed_at: Option<Instant> = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if out.is_none() && err.is_none() && exited_at.is_some() {
+            break;
+        }
+        let now = Instant::now();
+        let until = match exited_at {
+            Some(at) => at + DRAIN_GRACE,
+            None if outcome.timed_out => killed_at.unwrap_or(now) + Duration::from_secs(5),
+            None => deadline,
+        };
+        let Some(left) = until.checked_duration_since(now) else {
+            if exited_at.is_some() {
+                break; // grace over: close the pipes
+            }
+            if !outcome.timed_out {
+                outcome.timed_out = true;
+                killed_at = Some(now);
+                kill_group(child.id());
+                continue;
+            }
+            return Err(OpError::internal("the command survived SIGKILL"));
+        };
+        let mut fds = Vec::with_capacity(3);
+        fds.push(PollFd::new(&pidfd, PollFlags::IN));
+        if let Some(o) = &out {
+            fds.push(PollFd::new(o, PollFlags::IN));
+        }
+        if let Some(e) = &err {
+            fds.push(PollFd::new(e, PollFlags::IN));
+        }
+        match rustix::event::poll(&mut fds, Some(&poll_timeout(left))) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(OpError::internal(format!("poll: {e}"))),
+        }
+        let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+        drop(fds);
+        let mut i = 1;
+        for (pipe, stream) in [(&mut out, Stream::Stdout), (&mut err, Stream::Stderr)] {
+            let Some(reader) = pipe else {
+                continue;
+            };
+            let is_ready = ready[i];
+            i += 1;
+            if !is_ready {
+                continue;
+            }
+            match reader.read(&mut buf) {
+                Ok(0) => *pipe = None,
+                Ok(n) => {
+                    let data = &buf[..n];
+                    match sink {
+                        Sink::Capture => match stream {
+                            Stream::Stdout => outcome.stdout.push(data, cap),
+                            Stream::Stderr => outcome.stderr.push(data, cap),
+                        },
+                        Sink::Stream(write) => {
+                            if write(stream, data).is_err() {
+                                outcome.abandoned = true;
+                                return Ok(outcome);
+                            }
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => *pipe = None,
+            }
+        }
+        if ready[0] && exited_at.is_none() {
+            exited_at = Some(Instant::now());
+        }
+    }
+    Ok(outcome)
+}
+
+/// Starts the helper for a file operation, with stdout and stderr piped.
+fn fs_helper(
+    p: &ProcessProvider,
+    sandbox_id: &str,
+    op: FsOp,
+    stdin: bool,
+) -> Result<Child, OpError> {
+    let mut command: Command = p.enter_command(sandbox_id, Action::Fs(op), &[])?;
+    command
+        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    command
+        .spawn()
+        .map_err(|e| OpError::internal(format!("starting the file helper: {e}")))
+}
+
+/// The helper's error report: the last line of its stderr.
+fn helper_error(stderr: &[u8]) -> OpError {
+    let text = String::from_utf8_lossy(stderr);
+    let last = text.lines().last().unwrap_or("");
+    #[derive(serde::Deserialize)]
+    struct Report {
+        status: u16,
+        code: String,
+        message: String,
+    }
+    match serde_json::from_str::<Report>(last) {
+        Ok(r) => {
+            let code = match r.code.as_str() {
+                "BAD_REQUEST" => "BAD_REQUEST",
+                "NOT_FOUND" => "NOT_FOUND",
+                "FORBIDDEN" => "FORBIDDEN",
+                "CONFLICT" => "CONFLICT",
+                "PAYLOAD_TOO_LARGE" => "PAYLOAD_TOO_LARGE",
+                _ => "INTERNAL_ERROR",
+            };
+            OpError::new(r.status, code, r.message)
+        }
+        Err(_) => OpError::internal(format!("file helper failed: {}", text.trim())),
+    }
+}
+
+/// Runs a file operation whose answer is one JSON document; `input`, if
+/// any, is copied to the helper's stdin (a file's new content).
+pub fn file_op(
+    p: &ProcessProvider,
+    sandbox_id: &str,
+    op: FsOp,
+    input: Option<&mut dyn Read>,
+) -> Result<Vec<u8>, OpError> {
+    let mut child = fs_helper(p, sandbox_id, op, input.is_some())?;
+    let mut copy_error = None;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A helper that failed early closes its end: the copy stops with
+        // EPIPE and its report says why.
+        if let Err(e) = io::copy(input, &mut stdin)
+            && e.kind() != io::ErrorKind::BrokenPipe
+        {
+            copy_error = Some(e);
+        }
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| OpError::internal(format!("waiting for the file helper: {e}")))?;
+    if !output.status.success() {
+        return Err(helper_error(&output.stderr));
+    }
+    if let Some(e) = copy_error {
+        return Err(OpError::bad(format!("reading the request body: {e}")));
+    }
+    Ok(output.stdout)
+}
+
+/// A file being read out of a sandbox: `len` bytes to come from the
+/// helper's stdout. Dropping it ends the helper.
+pub struct FileReader {
+    child: Child,
+    reader: io::Take<BufReader<std::process::ChildStdout>>,
+    pub len: u64,
+}
+
+impl Read for FileReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+impl Drop for FileReader {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn read_file(p: &ProcessProvider, sandbox_id: &str, path: &str) -> Result<FileReader, OpError> {
+    let op = FsOp::Read {
+        path: path.to_owned(),
+    };
+    let mut child = fs_helper(p, sandbox_id, op, false)?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| OpError::internal("file helper has no stdout"))?;
+    let mut reader = BufReader::new(stdout);
+    let mut head = String::new();
+    let _ = reader.take_line(&mut head);
+    if let Some(len) = head
+        .strip_prefix("ok ")
+        .and_then(|n| n.trim_end().parse::<u64>().ok())
+    {
+        return Ok(FileReader {
+            child,
+            reader: reader.take(len),
+            len,
+        });
+    }
+    let mut stderr = Vec::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_end(&mut stderr);
+    }
+    let _ = child.wait();
+    Err(helper_error(&stderr))
+}
+
+/// One bounded header line, so a misbehaving helper cannot make the
+/// daemon buffer without end.
+trait TakeLine {
+    fn take_line(&mut self, line: &mut String) -> io::Result<usize>;
+}
+
+impl<R: Read> TakeLine for BufReader<R> {
+    fn take_line(&mut self, line: &mut String) -> io::Result<usize> {
+        (&mut *self).take(64).read_line(line)
+    }
+}
+
+/// Writes NDJSON lines of a streamed exec, keeping a partial UTF-8
+/// character for the next piece of the same stream.
+#[derive(Default)]
+pub struct NdjsonLines {
+    carry: [Vec<u8>; 2],
+}
+
+impl NdjsonLines {
+    pub fn chunk(&mut self, out: &mut dyn Write, stream: Stream, data: &[u8]) -> io::Result<()> {
+        let carry = &mut self.carry[stream as usize];
+        carry.extend_from_slice(data);
+        let valid = match std::str::from_utf8(carry) {
+            Ok(_) => carry.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => carry.len(), // invalid bytes: sent as replacement characters
+        };
+        if valid == 0 {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&carry[..valid]).into_owned();
+        carry.drain(..valid);
+        line(out, stream.as_str(), &text)
+    }
+
+    /// Flushes what is left of both streams, then the exit line.
+    pub fn finish(&mut self, out: &mut dyn Write, outcome: &ExecOutcome) -> io::Result<()> {
+        for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+            if !self.carry[i].is_empty() {
+                let text = String::from_utf8_lossy(&self.carry[i]).into_owned();
+                self.carry[i].clear();
+                line(out, stream.as_str(), &text)?;
+            }
+        }
+        if outcome.timed_out {
+            line(
+                out,
+                "stderr",
+                &format!(
+                    "stacyvmd: command timed out after {}; its process group was killed\n",
+                    crate::time::format_duration(outcome.timeout)
+                ),
+            )?;
+        }
+        let exit = serde_json::json!({
+            "stream": "exit",
+            "data": outcome.exit_code.to_string(),
+            "timed_out": outcome.timed_out,
+            "duration": crate::time::format_duration(outcome.duration),
+        });
+        emit(out, &exit)
+    }
+
+    /// Ends a stream that could not run its command.
+    pub fn fail(&mut self, out: &mut dyn Write, e: &OpError) -> io::Result<()> {
+        line(
+            out,
+            "stderr",
+            &format!("stacyvmd: {} ({})\n", e.message, e.code),
+        )?;
+        emit(
+            out,
+            &serde_json::json!({"stream": "exit", "data": "-1", "error": e.code}),
+        )
+    }
+}
+
+/// One NDJSON line in one write, then a flush: each line reaches the
+/// client as soon as it is produced.
+fn line(out: &mut dyn Write, stream: &str, data: &str) -> io::Result<()> {
+    emit(out, &serde_json::json!({"stream": stream, "data": data}))
+}
+
+fn emit(out: &mut dyn Write, value: &serde_json::Value) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(value).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    out.write_all(&bytes)?;
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting_round_trips_through_sh() {
+        for arg in ["plain", "a b", "it's", "$HOME", "", "a\"b", "*", "x;y"] {
+            let out = Command::new("/bin/sh")
+                .args(["-c", &format!("printf %s {}", shell_quote(arg))])
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), arg, "{arg:?}");
+        }
+    }
+
+    #[test]
+    fn capture_keeps_a_prefix_and_marks_the_cut() {
+        let mut c = Captured::default();
+        c.push(b"hello ", 8);
+        c.push(b"world", 8);
+        assert_eq!(c.bytes, b"hello wo");
+        assert!(c.truncated());
+        assert!(
+            c.text()
+                .starts_with("hello wo\n[stacyvmd: output truncated: 8 of 11")
+        );
+        let mut whole = Captured::default();
+        whole.push(b"ok", 8);
+        assert_eq!(whole.text(), "ok");
+    }
+
+    #[test]
+    fn ndjson_keeps_split_characters_whole() {
+        let mut lines = NdjsonLines::default();
+        let mut out = Vec::new();
+        let e_acute = "é".as_bytes();
+        lines
+            .chunk(&mut out, Stream::Stdout, &[b'a', e_acute[0]])
+            .unwrap();
+        lines
+            .chunk(&mut out, Stream::Stdout, &[e_acute[1], b'b'])
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let data: Vec<String> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["data"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(data.concat(), "aéb");
+        assert!(!data.iter().any(|d| d.contains('\u{fffd}')));
+    }
+}
