@@ -216,6 +216,7 @@ impl AdmissionMetrics {
 pub struct Metrics {
     /// Admin-socket events dropped because subscribers fell behind.
     pub events_dropped: Counter,
+    pub sandbox_io: SandboxIoMetrics,
     pub http: HttpMetrics,
     pub admission: AdmissionMetrics,
     pub store: StoreMetrics,
@@ -237,6 +238,7 @@ impl Metrics {
                 auth_failures: Counter::default(),
             },
             events_dropped: Counter::default(),
+            sandbox_io: SandboxIoMetrics::default(),
             admission: AdmissionMetrics {
                 allowed: Counter::default(),
                 denied: Default::default(),
@@ -317,6 +319,59 @@ impl ProcessFigures {
                 .unwrap_or(0);
         }
         p
+    }
+}
+
+/// Exec and file operations in sandboxes.
+#[derive(Default)]
+pub struct SandboxIoMetrics {
+    /// Execs whose command ran to its end (any exit code).
+    pub execs_completed: Counter,
+    pub execs_timed_out: Counter,
+    /// Streamed execs whose client went away (the command was killed).
+    pub execs_abandoned: Counter,
+    /// Execs refused or failed before or while starting.
+    pub execs_failed: Counter,
+    pub file_ops: Counter,
+    pub file_op_errors: Counter,
+}
+
+/// One provider's figures for the Prometheus text.
+pub struct ProviderFigures {
+    pub name: String,
+    pub healthy: bool,
+    pub runtimes: usize,
+}
+
+/// Provider health and runtime counts.
+pub fn render_providers(out: &mut String, providers: &[ProviderFigures]) {
+    family(
+        out,
+        "stacyvmd_provider_healthy",
+        "gauge",
+        "1 when the provider can start sandboxes, else 0.",
+    );
+    for p in providers {
+        let _ = writeln!(
+            out,
+            "stacyvmd_provider_healthy{{provider=\"{}\"}} {}",
+            label(&p.name),
+            u8::from(p.healthy)
+        );
+    }
+    family(
+        out,
+        "stacyvmd_provider_runtimes",
+        "gauge",
+        "Sandbox runtimes the provider has on this worker.",
+    );
+    for p in providers {
+        let _ = writeln!(
+            out,
+            "stacyvmd_provider_runtimes{{provider=\"{}\"}} {}",
+            label(&p.name),
+            p.runtimes
+        );
     }
 }
 
@@ -579,6 +634,36 @@ pub fn render_prometheus(
             "stacyvmd_admin_events_dropped_total",
             "Admin-socket events dropped because the event queue was full.",
             &m.events_dropped,
+        ),
+        (
+            "stacyvmd_sandbox_execs_completed_total",
+            "Execs whose command ran to its end, whatever its exit code.",
+            &m.sandbox_io.execs_completed,
+        ),
+        (
+            "stacyvmd_sandbox_execs_timed_out_total",
+            "Execs killed at their timeout.",
+            &m.sandbox_io.execs_timed_out,
+        ),
+        (
+            "stacyvmd_sandbox_execs_abandoned_total",
+            "Streamed execs killed because their client went away.",
+            &m.sandbox_io.execs_abandoned,
+        ),
+        (
+            "stacyvmd_sandbox_execs_failed_total",
+            "Execs that could not start (bad request, sandbox not running, helper failure).",
+            &m.sandbox_io.execs_failed,
+        ),
+        (
+            "stacyvmd_sandbox_file_ops_total",
+            "File operations in sandboxes, successful or not.",
+            &m.sandbox_io.file_ops,
+        ),
+        (
+            "stacyvmd_sandbox_file_op_errors_total",
+            "File operations in sandboxes that answered an error.",
+            &m.sandbox_io.file_op_errors,
         ),
     ] {
         family(&mut out, name, "counter", help);

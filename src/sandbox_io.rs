@@ -297,6 +297,23 @@ pub fn exec(
     p: &ProcessProvider,
     sandbox_id: &str,
     req: &ExecRequest,
+    sink: Sink<'_>,
+) -> Result<ExecOutcome, OpError> {
+    let io = &crate::metrics::METRICS.sandbox_io;
+    let result = run_exec(p, sandbox_id, req, sink);
+    match &result {
+        Ok(o) if o.timed_out => io.execs_timed_out.inc(),
+        Ok(o) if o.abandoned => io.execs_abandoned.inc(),
+        Ok(_) => io.execs_completed.inc(),
+        Err(_) => io.execs_failed.inc(),
+    }
+    result
+}
+
+fn run_exec(
+    p: &ProcessProvider,
+    sandbox_id: &str,
+    req: &ExecRequest,
     mut sink: Sink<'_>,
 ) -> Result<ExecOutcome, OpError> {
     let config = p.config();
@@ -392,7 +409,10 @@ fn drive(
             if !outcome.timed_out {
                 outcome.timed_out = true;
                 killed_at = Some(now);
-                kill_group(child.id());
+                // Signal only: the helper stays a zombie until exec()
+                // reaps it, and kill_group would wait on it for its whole
+                // deadline. exec() waits for the group once it is reaped.
+                signal_group(child.id());
                 continue;
             }
             return Err(OpError::internal("the command survived SIGKILL"));
@@ -502,6 +522,24 @@ pub fn file_op(
     op: FsOp,
     input: Option<&mut dyn Read>,
 ) -> Result<Vec<u8>, OpError> {
+    counted(run_file_op(p, sandbox_id, op, input))
+}
+
+fn counted<T>(result: Result<T, OpError>) -> Result<T, OpError> {
+    let io = &crate::metrics::METRICS.sandbox_io;
+    io.file_ops.inc();
+    if result.is_err() {
+        io.file_op_errors.inc();
+    }
+    result
+}
+
+fn run_file_op(
+    p: &ProcessProvider,
+    sandbox_id: &str,
+    op: FsOp,
+    input: Option<&mut dyn Read>,
+) -> Result<Vec<u8>, OpError> {
     let mut child = fs_helper(p, sandbox_id, op, input.is_some())?;
     let mut copy_error = None;
     if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
@@ -547,6 +585,10 @@ impl Drop for FileReader {
 }
 
 pub fn read_file(p: &ProcessProvider, sandbox_id: &str, path: &str) -> Result<FileReader, OpError> {
+    counted(open_file(p, sandbox_id, path))
+}
+
+fn open_file(p: &ProcessProvider, sandbox_id: &str, path: &str) -> Result<FileReader, OpError> {
     let op = FsOp::Read {
         path: path.to_owned(),
     };

@@ -73,6 +73,13 @@ fn systemd_unit_verifies() {
     let dir = TempDir::new("unit");
     let copy = dir.join("stacyvmd.service");
     std::fs::write(&copy, &patched).unwrap();
+    // The process-sandbox drop-in is verified with the unit: systemd-analyze
+    // reads drop-ins from <unit>.d/ beside the unit file it is given.
+    let dropin_dir = dir.join("stacyvmd.service.d");
+    std::fs::create_dir_all(&dropin_dir).unwrap();
+    let dropin = repo_path("contrib/systemd/stacyvmd.service.d/process-sandboxes.conf");
+    std::fs::copy(&dropin, dropin_dir.join("process-sandboxes.conf"))
+        .unwrap_or_else(|e| panic!("copy {}: {e}", dropin.display()));
     // Documentation=man:... is checked with man(1): let it find the pages
     // shipped in man/ rather than requiring them to be installed.
     let manpath = dir.join("man");
@@ -98,7 +105,11 @@ fn systemd_unit_verifies() {
     );
     let about_unit: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains("stacyvmd.service") || l.contains(&*copy.to_string_lossy()))
+        .filter(|l| {
+            l.contains("stacyvmd.service")
+                || l.contains(&*copy.to_string_lossy())
+                || l.contains("process-sandboxes.conf")
+        })
         .collect();
     assert!(
         out.status.success() && about_unit.is_empty(),

@@ -336,12 +336,23 @@ fn metrics_json(ctx: &Ctx) -> Result<Reply, ApiError> {
 fn prometheus(ctx: &Ctx) -> Result<Reply, ApiError> {
     let figures = ctx.scheduler.figures()?;
     let tallies = ctx.store.tallies(now_ms());
-    let text = render_prometheus(
+    let mut text = render_prometheus(
         &figures,
         &tallies,
         &ProcessFigures::read(),
         ctx.store.wal_bytes(),
     );
+    let providers: Vec<crate::metrics::ProviderFigures> = ctx
+        .lifecycle
+        .providers()
+        .all()
+        .map(|p| crate::metrics::ProviderFigures {
+            name: p.name().to_owned(),
+            healthy: p.health().is_ok(),
+            runtimes: p.list_runtimes().map_or(0, |r| r.len()),
+        })
+        .collect();
+    crate::metrics::render_providers(&mut text, &providers);
     Ok(Reply {
         status: 200,
         content_type: "text/plain; version=0.0.4; charset=utf-8",

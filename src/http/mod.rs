@@ -245,13 +245,18 @@ fn serve(ctx: &Ctx, mut request: tiny_http::Request) {
         }
         Some(Streamed::File(reader)) => {
             let len = reader.len as usize;
-            request.respond(tiny_http::Response::new(
-                tiny_http::StatusCode(status),
-                headers,
-                reader,
-                Some(len),
-                None,
-            ))
+            // Content-Length whatever the size: tiny_http would switch to
+            // chunked from 32 KiB, and the length is known up front.
+            request.respond(
+                tiny_http::Response::new(
+                    tiny_http::StatusCode(status),
+                    headers,
+                    reader,
+                    Some(len),
+                    None,
+                )
+                .with_chunked_threshold(usize::MAX),
+            )
         }
         Some(Streamed::Ndjson(produce)) => stream_ndjson(request, status, &headers, produce),
     };

@@ -86,13 +86,16 @@ impl ProcessProvider {
         let base = fs::canonicalize(&base).map_err(|e| format!("{}: {e}", base.display()))?;
         let data_dir =
             fs::canonicalize(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
-        let exe =
-            std::env::current_exe().map_err(|e| format!("finding the stacyvmd binary: {e}"))?;
+        let exe = helper_binary()?;
         let rootless = !rustix::process::geteuid().is_root();
         let unusable = ["setsid", "unshare"]
             .iter()
             .find(|p| which(p).is_none())
-            .map(|p| format!("`{p}` (util-linux) is not on PATH"));
+            .map(|p| format!("`{p}` (util-linux) is not on PATH"))
+            .or_else(|| probe_namespaces(rootless).err());
+        if let Some(why) = &unusable {
+            log::warn!("process provider: sandboxes cannot start here: {why}");
+        }
         let cgroups = if rootless {
             None
         } else {
@@ -389,6 +392,53 @@ impl ProcessProvider {
     pub fn config(&self) -> &ProcessConfig {
         &self.config
     }
+}
+
+/// The binary that runs `sandbox-init` and `sandbox-enter`: this one. When
+/// it was replaced on disk after the daemon started (an upgrade, a
+/// rebuild), the kernel names it `<path> (deleted)`; the path then holds
+/// the new binary, which is the one to run.
+fn helper_binary() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("finding the stacyvmd binary: {e}"))?;
+    Ok(
+        match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+            Some(path) => PathBuf::from(path),
+            None => exe,
+        },
+    )
+}
+
+/// Creates the namespaces a sandbox needs once, at open, so that a host
+/// (or a systemd unit) that forbids them shows as an unhealthy provider
+/// instead of failing every spawn.
+fn probe_namespaces(rootless: bool) -> Result<(), String> {
+    let mut command = Command::new("unshare");
+    if rootless {
+        command.args(["--user", "--map-root-user"]);
+    }
+    let output = command
+        .args([
+            "--pid",
+            "--mount",
+            "--uts",
+            "--ipc",
+            "--net",
+            "--fork",
+            "--propagation",
+            "private",
+            "true",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run unshare: {e}"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "cannot create namespaces ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    ))
 }
 
 /// Reads one line from `pipe` before `deadline`; `None` on EOF, timeout or
