@@ -126,7 +126,14 @@ fn build(args: &InitArgs) -> Result<(), String> {
             Some(c"mode=0755,size=4m"),
         ),
     )?;
-    bind_image(&args.image, &root)?;
+    let rootless = !rustix::process::getuid().is_root()
+        || fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| {
+            // A user namespace maps a small range, not the whole id space.
+            !m.split_whitespace()
+                .nth(2)
+                .is_some_and(|n| n == "4294967295")
+        });
+    bind_image(&args.image, &root, rootless)?;
     for (name, from) in [
         ("workspace", args.state.join("workspace")),
         ("tmp", args.state.join("tmp")),
@@ -165,8 +172,21 @@ fn build(args: &InitArgs) -> Result<(), String> {
             )?;
         }
     }
+    // /proc of the new PID namespace, mounted while the host's /proc is
+    // still visible here: in a user namespace the kernel allows a new
+    // procfs only where a fully visible one exists.
     let proc_dir = root.join("proc");
     ctx(|| "creating /proc".into(), fs::create_dir(&proc_dir))?;
+    m(
+        "mounting /proc".into(),
+        rustix::mount::mount(
+            "proc",
+            &proc_dir,
+            "proc",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            None,
+        ),
+    )?;
 
     // Into the new root; the old one is detached and gone from this
     // namespace.
@@ -180,16 +200,6 @@ fn build(args: &InitArgs) -> Result<(), String> {
         rustix::mount::unmount(".", UnmountFlags::DETACH),
     )?;
     ctx(|| "chdir /".into(), std::env::set_current_dir("/"))?;
-    m(
-        "mounting /proc".into(),
-        rustix::mount::mount(
-            "proc",
-            "/proc",
-            "proc",
-            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-            None,
-        ),
-    )?;
     m(
         "making / read-only".into(),
         rustix::mount::mount_remount("/", MountFlags::RDONLY | MountFlags::NOSUID, c""),
@@ -226,7 +236,7 @@ fn loopback_up() {
 
 /// Read-only binds of each top-level entry of the image into `root`.
 /// Symlinks (`/bin -> usr/bin`) are recreated as symlinks.
-fn bind_image(image: &Path, root: &Path) -> Result<(), String> {
+fn bind_image(image: &Path, root: &Path, rootless: bool) -> Result<(), String> {
     let entries = ctx(
         || format!("reading image {}", image.display()),
         fs::read_dir(image),
@@ -260,20 +270,44 @@ fn bind_image(image: &Path, root: &Path) -> Result<(), String> {
         } else {
             continue;
         }
-        errno(
-            || format!("binding {}", from.display()),
-            rustix::mount::mount_bind(&from, &at),
-        )?;
-        errno(
-            || format!("making {} read-only", at.display()),
-            rustix::mount::mount_remount(
-                &at,
-                MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
-                c"",
-            ),
-        )?;
+        // In a user namespace (rootless daemon) a mount with mounts below
+        // it can only be bound with them (the kernel locks them together).
+        let bind = if rootless {
+            rustix::mount::mount_bind_recursive(&from, &at)
+        } else {
+            rustix::mount::mount_bind(&from, &at)
+        };
+        errno(|| format!("binding {}", from.display()), bind)?;
+        read_only(&at)?;
     }
     Ok(())
+}
+
+/// Remounts a bind mount read-only, nosuid and nodev, keeping the flags it
+/// already has: in a user namespace, flags inherited from the host mount
+/// (noexec, the atime ones) are locked, and dropping one is refused.
+fn read_only(at: &Path) -> Result<(), String> {
+    use rustix::fs::StatVfsMountFlags as S;
+    let have = errno(
+        || format!("statvfs {}", at.display()),
+        rustix::fs::statvfs(at),
+    )?
+    .f_flag;
+    let mut flags = MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
+    for (st, ms) in [
+        (S::NOEXEC, MountFlags::NOEXEC),
+        (S::NOATIME, MountFlags::NOATIME),
+        (S::NODIRATIME, MountFlags::NODIRATIME),
+        (S::RELATIME, MountFlags::RELATIME),
+    ] {
+        if have.contains(st) {
+            flags |= ms;
+        }
+    }
+    errno(
+        || format!("making {} read-only", at.display()),
+        rustix::mount::mount_remount(at, flags, c""),
+    )
 }
 
 fn build_dev(root: &Path) -> Result<(), String> {
