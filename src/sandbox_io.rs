@@ -10,9 +10,9 @@
 //! the deadline the whole process group is killed. Once the command has
 //! exited, output still in the pipes is drained for a short grace period;
 //! then the pipes are closed, so a background process that keeps them
-//! open cannot hold the request, and every process left in the exec's
-//! process group is killed. A process meant to outlive its exec (a server)
-//! must leave the group itself, with `setsid`.
+//! open cannot hold the request. The helper kills what the command left in
+//! its process group (see `providers::process::enter`); a process meant to
+//! outlive its exec (a server) must leave the group itself, with `setsid`.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -28,6 +28,8 @@ use crate::providers::process::enter::Action;
 use crate::providers::process::files::{FsOp, sandbox_path};
 use crate::providers::{EnterError, Provider};
 
+/// Longest silence on a streamed exec before a keep-alive blank line.
+const KEEPALIVE: Duration = Duration::from_secs(1);
 /// How long output is still read after the command exited.
 const DRAIN_GRACE: Duration = Duration::from_millis(100);
 /// Longest environment variable name and value accepted.
@@ -241,37 +243,34 @@ fn poll_timeout(left: Duration) -> rustix::time::Timespec {
     }
 }
 
-/// One SIGKILL to the whole group.
-fn signal_group(pgid: u32) {
-    if let Some(pid) = rustix::process::Pid::from_raw(pgid as i32) {
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+/// How long a helper told to stop has to kill and reap its command.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Asks the exec helper to kill its command's process group (SIGTERM; the
+/// helper kills with SIGKILL and reaps, see `enter::exec`).
+fn ask_to_stop(helper: &Child) {
+    if let Some(pid) = rustix::process::Pid::from_raw(helper.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     }
 }
 
-/// How long `kill_group` waits for a killed group to be gone.
-const GROUP_EXIT_DEADLINE: Duration = Duration::from_secs(2);
-
-/// Kills every process of the helper's group (the helper and the command
-/// it started, and their children that kept the group), and waits until
-/// the group is gone: killed processes count against the sandbox's process
-/// limit until the sandbox's init has reaped them, and the next exec should
-/// find that budget free. The signal is repeated while waiting, for
-/// processes forked while an earlier one was on its way (a fork bomb).
-fn kill_group(pgid: u32) {
-    let Some(pid) = rustix::process::Pid::from_raw(pgid as i32) else {
-        return;
-    };
-    let until = Instant::now() + GROUP_EXIT_DEADLINE;
-    while rustix::process::kill_process_group(pid, rustix::process::Signal::KILL).is_ok() {
-        if Instant::now() >= until {
-            log::warn!(
-                "process group {pgid} still has members {GROUP_EXIT_DEADLINE:?} after SIGKILL"
-            );
-            return;
-        }
-        // Nothing to block on for "group empty": a short pause between
-        // checks, bounded by the deadline above.
-        std::thread::sleep(Duration::from_millis(2));
+/// Stops the helper and waits for it, bounded: SIGTERM, then SIGKILL if it
+/// has not exited by the deadline (its command may then be left to the
+/// sandbox's init; logged).
+fn stop_helper(helper: &mut Child) {
+    ask_to_stop(helper);
+    let exited = rustix::process::Pid::from_raw(helper.id() as i32)
+        .and_then(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok())
+        .is_some_and(|pidfd| {
+            let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+            matches!(rustix::event::poll(&mut fds, Some(&poll_timeout(STOP_DEADLINE))), Ok(n) if n > 0)
+        });
+    if !exited {
+        log::warn!(
+            "exec helper {} did not stop within {STOP_DEADLINE:?}; killing it",
+            helper.id()
+        );
+        let _ = helper.kill();
     }
 }
 
@@ -331,20 +330,17 @@ fn run_exec(
     let mut child = command
         .spawn()
         .map_err(|e| OpError::internal(format!("starting the exec helper: {e}")))?;
-    let pgid = child.id();
     let result = drive(&mut child, deadline, config.exec_output_bytes, &mut sink);
-    // An exec owns its process group: whatever is left in it when the
-    // command ends (or times out, or its client goes away) is killed, so
-    // nothing an exec started outlives it unless it detached on purpose
-    // (`setsid`).
-    signal_group(pgid);
-    // Reaped first: as a zombie, the helper would itself keep the group
-    // alive for kill_group's wait.
+    // An exec owns its process group: the helper kills what the command
+    // left in it and waits until it is gone before it exits, so nothing an
+    // exec started outlives it unless it detached on purpose (`setsid`).
+    // A client gone away, or a failure here, stops the command now.
+    if result.as_ref().map_or(true, |o| o.abandoned) {
+        stop_helper(&mut child);
+    }
     let status = child
         .wait()
-        .map_err(|e| OpError::internal(format!("waiting for the exec helper: {e}")));
-    kill_group(pgid);
-    let status = status?;
+        .map_err(|e| OpError::internal(format!("waiting for the exec helper: {e}")))?;
     let mut outcome = result?;
     outcome.duration = started.elapsed();
     outcome.timeout = timeout;
@@ -391,6 +387,8 @@ fn drive(
         .map(|e| std::fs::File::from(std::os::fd::OwnedFd::from(e)));
     let mut exited_at: Option<Instant> = None;
     let mut killed_at: Option<Instant> = None;
+    let mut last_sent = Instant::now();
+    let streaming = matches!(sink, Sink::Stream(_));
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         if out.is_none() && err.is_none() && exited_at.is_some() {
@@ -399,7 +397,7 @@ fn drive(
         let now = Instant::now();
         let until = match exited_at {
             Some(at) => at + DRAIN_GRACE,
-            None if outcome.timed_out => killed_at.unwrap_or(now) + Duration::from_secs(5),
+            None if outcome.timed_out => killed_at.unwrap_or(now) + STOP_DEADLINE,
             None => deadline,
         };
         let Some(left) = until.checked_duration_since(now) else {
@@ -409,13 +407,12 @@ fn drive(
             if !outcome.timed_out {
                 outcome.timed_out = true;
                 killed_at = Some(now);
-                // Signal only: the helper stays a zombie until exec()
-                // reaps it, and kill_group would wait on it for its whole
-                // deadline. exec() waits for the group once it is reaped.
-                signal_group(child.id());
+                ask_to_stop(child);
                 continue;
             }
-            return Err(OpError::internal("the command survived SIGKILL"));
+            return Err(OpError::internal(
+                "the exec helper did not stop its timed-out command",
+            ));
         };
         let mut fds = Vec::with_capacity(3);
         fds.push(PollFd::new(&pidfd, PollFlags::IN));
@@ -425,6 +422,15 @@ fn drive(
         if let Some(e) = &err {
             fds.push(PollFd::new(e, PollFlags::IN));
         }
+        // A streamed exec that prints nothing still writes a blank line
+        // every KEEPALIVE: a client that went away is noticed (and its
+        // command stopped) within about that, and a client's read timeout
+        // does not fire on a quiet command.
+        let left = if streaming {
+            left.min(KEEPALIVE.saturating_sub(now - last_sent))
+        } else {
+            left
+        };
         match rustix::event::poll(&mut fds, Some(&poll_timeout(left))) {
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,
@@ -432,6 +438,15 @@ fn drive(
         }
         let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
         drop(fds);
+        if let Sink::Stream(write) = sink
+            && last_sent.elapsed() >= KEEPALIVE
+        {
+            if write(Stream::Stdout, &[]).is_err() {
+                outcome.abandoned = true;
+                return Ok(outcome);
+            }
+            last_sent = Instant::now();
+        }
         let mut i = 1;
         for (pipe, stream) in [(&mut out, Stream::Stdout), (&mut err, Stream::Stderr)] {
             let Some(reader) = pipe else {
@@ -456,6 +471,7 @@ fn drive(
                                 outcome.abandoned = true;
                                 return Ok(outcome);
                             }
+                            last_sent = Instant::now();
                         }
                     }
                 }
@@ -638,7 +654,13 @@ pub struct NdjsonLines {
 }
 
 impl NdjsonLines {
+    /// Writes one piece of output; an empty piece is a keep-alive, sent as
+    /// a blank line (NDJSON readers skip blank lines).
     pub fn chunk(&mut self, out: &mut dyn Write, stream: Stream, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            out.write_all(b"\n")?;
+            return out.flush();
+        }
         let carry = &mut self.carry[stream as usize];
         carry.extend_from_slice(data);
         let valid = match std::str::from_utf8(carry) {

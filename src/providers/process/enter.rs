@@ -156,13 +156,34 @@ fn become_user(spec: &EnterSpec) -> Result<(), String> {
     Ok(())
 }
 
+/// How long the helper waits for its command's killed process group to be
+/// gone.
+const GROUP_EXIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs the command in a process group of its own and waits for it. The
+/// helper stays alive until the command is reaped: the command's parent is
+/// outside the sandbox's PID namespace, and were the helper to die first,
+/// the command would be re-parented to the host's init, not the sandbox's,
+/// and could linger as a zombie there. SIGTERM (the daemon's timeout or a
+/// client gone away) kills the command's group; either way, when the
+/// command ends, what it left in its group is killed and the helper waits
+/// until the group is gone (its members' zombies are the sandbox init's
+/// to reap), so the sandbox's process budget is free for the next exec.
 fn exec(spec: &EnterSpec, argv: &[String], workdir: &str) -> i32 {
+    use signal_hook::consts::{SIGCHLD, SIGTERM};
     let Some((program, args)) = argv.split_first() else {
         eprintln!("stacyvmd: empty command");
         return EXIT_CANNOT_RUN;
     };
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGCHLD]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("stacyvmd: cannot watch signals: {e}");
+            return EXIT_ENTER_FAILED;
+        }
+    };
     let mut command = Command::new(program);
-    command.args(args).current_dir(workdir);
+    command.args(args).current_dir(workdir).process_group(0);
     if let Some(uid) = spec.uid {
         // std clears supplementary groups and sets gid, then uid, in the
         // child before exec; capabilities go with the uid change.
@@ -175,14 +196,43 @@ fn exec(spec: &EnterSpec, argv: &[String], workdir: &str) -> i32 {
             return EXIT_CANNOT_RUN;
         }
     };
-    match child.wait() {
-        Ok(status) => status
+    let group = Pid::from_raw(child.id() as i32);
+    let kill = |group: Option<Pid>| {
+        if let Some(g) = group {
+            let _ = rustix::process::kill_process_group(g, rustix::process::Signal::KILL);
+        }
+    };
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("stacyvmd: waiting for the command: {e}");
+                break None;
+            }
+        }
+        // SIGCHLD wakes this up when the command ends; SIGTERM asks for it
+        // to be killed (the loop then reaps it).
+        if signals.wait().any(|s| s == SIGTERM) {
+            kill(group);
+        }
+    };
+    // Leftovers of the command's group, and the wait until they are gone.
+    let until = std::time::Instant::now() + GROUP_EXIT_DEADLINE;
+    while let Some(g) = group {
+        if rustix::process::kill_process_group(g, rustix::process::Signal::KILL).is_err()
+            || std::time::Instant::now() >= until
+        {
+            break;
+        }
+        // Nothing to block on for "group empty": a short pause, bounded.
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    match status {
+        Some(status) => status
             .code()
             .or_else(|| status.signal().map(|s| 128 + s))
             .unwrap_or(EXIT_ENTER_FAILED),
-        Err(e) => {
-            eprintln!("stacyvmd: waiting for the command: {e}");
-            EXIT_ENTER_FAILED
-        }
+        None => EXIT_ENTER_FAILED,
     }
 }
