@@ -164,11 +164,17 @@ pub struct TempDir {
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
+        TempDir::new_in(&std::env::temp_dir(), tag)
+    }
+
+    /// Like `new`, under `parent` (for a data dir that must not be under
+    /// /tmp, e.g. because sandboxes get their own /tmp).
+    pub fn new_in(parent: &Path, tag: &str) -> TempDir {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .expect("clock")
             .subsec_nanos();
-        let path = std::env::temp_dir().join(format!(
+        let path = parent.join(format!(
             "stacyvmd-test-{tag}-{}-{}-{nanos}",
             std::process::id(),
             NEXT_DIR.fetch_add(1, Ordering::Relaxed)
