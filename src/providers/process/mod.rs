@@ -48,6 +48,7 @@ pub struct ProcessProvider {
     base: PathBuf,
     /// Host paths hidden from sandboxes (the daemon's data directory).
     masks: Vec<PathBuf>,
+    /// `/proc/<daemon pid>/exe` (see [`helper_binary`]).
     exe: PathBuf,
     rootless: bool,
     cgroups: Option<Cgroups>,
@@ -86,7 +87,7 @@ impl ProcessProvider {
         let base = fs::canonicalize(&base).map_err(|e| format!("{}: {e}", base.display()))?;
         let data_dir =
             fs::canonicalize(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
-        let exe = helper_binary()?;
+        let exe = helper_binary();
         let rootless = !rustix::process::geteuid().is_root();
         let unusable = ["setsid", "unshare"]
             .iter()
@@ -394,18 +395,13 @@ impl ProcessProvider {
     }
 }
 
-/// The binary that runs `sandbox-init` and `sandbox-enter`: this one. When
-/// it was replaced on disk after the daemon started (an upgrade, a
-/// rebuild), the kernel names it `<path> (deleted)`; the path then holds
-/// the new binary, which is the one to run.
-fn helper_binary() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("finding the stacyvmd binary: {e}"))?;
-    Ok(
-        match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
-            Some(path) => PathBuf::from(path),
-            None => exe,
-        },
-    )
+/// The binary that runs `sandbox-init` and `sandbox-enter`: exactly this
+/// daemon's, through `/proc/<pid>/exe`, which names the running binary's
+/// file even after it was replaced or deleted on disk (an upgrade, a
+/// rebuild). A daemon and its helpers therefore always agree on the
+/// protocol between them; a restarted daemon brings the new one.
+fn helper_binary() -> PathBuf {
+    PathBuf::from(format!("/proc/{}/exe", std::process::id()))
 }
 
 /// Creates the namespaces a sandbox needs once, at open, so that a host
