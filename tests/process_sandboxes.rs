@@ -1,0 +1,1028 @@
+//! The `process` provider over REST against the real binary: spawn and the
+//! providers document, exec (shell and argv modes, env, workdir, timeout,
+//! output cap, streaming, concurrency), what a sandbox can and cannot see,
+//! the files API and its confinement, faults (fork bomb, memory hog,
+//! destroyed sandboxes, destroy of a whole tree), and a `kill -9` of the
+//! daemon with sandboxes running.
+//!
+//! Each daemon's temp dir is under Cargo's target tmp dir, not /tmp: a
+//! sandbox has its own /tmp, so a data dir under /tmp would be invisible
+//! inside for the wrong reason. Each daemon also gets its own `uid_base`,
+//! so that sandboxes of daemons running side by side never share a uid
+//! (RLIMIT_NPROC counts per uid, host-wide). Sandboxes outlive their
+//! daemon by design: every test holds a [`Reaper`] that kills what is left
+//! when it ends, pass or fail.
+
+mod common;
+mod sandbox_support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{
+    Client, Daemon, IO_TIMEOUT, Request, Response, TempDir, assert_error, assert_status,
+    names_field, poll_until,
+};
+use sandbox_support::{SANDBOXES, destroy_ok, get_sandbox, id_of, list, spawn, spawn_ok};
+use serde_json::{Value, json};
+
+/// Distinct per daemon within this test binary (see the module doc).
+static NEXT_UID_BLOCK: AtomicU32 = AtomicU32::new(0);
+/// Distinct per marker process within this test binary.
+static NEXT_MARKER: AtomicU32 = AtomicU32::new(0);
+
+/// The spawn body of a process sandbox on the host image.
+fn process_body() -> Value {
+    json!({"provider": "process", "image": "host"})
+}
+
+// ---------------------------------------------------------------------------
+// Daemons and their sandboxes
+
+/// Kills every sandbox init recorded under a data dir when dropped, so no
+/// test leaves process trees behind; holds the temp dir until then.
+struct Reaper {
+    dir: Arc<TempDir>,
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let base = self.dir.join("data").join("process");
+        for entry in std::fs::read_dir(base).into_iter().flatten().flatten() {
+            if let Some((pid, start_time)) = init_of(&entry.path())
+                && start_time_of(pid) == Some(start_time)
+            {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// A daemon whose data dir is outside /tmp, with `extra` appended to its
+/// `[providers.process]` section, and the reaper of its sandboxes.
+fn start_daemon(extra: &str) -> (Daemon, Reaper) {
+    let uid_base = 2_000_000_000
+        + (std::process::id() % 10_000) * 10_000
+        + NEXT_UID_BLOCK.fetch_add(1, Ordering::Relaxed) * 100;
+    let dir = Arc::new(TempDir::new_in(
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "ps",
+    ));
+    // No admin socket: not under test, and a long checkout path could make
+    // its path too long for a Unix socket.
+    let config = format!(
+        "[admin]\nenabled = false\n\n[providers.process]\nuid_base = {uid_base}\n{extra}\n"
+    );
+    let daemon = Daemon::builder().config(&config).dir(dir.clone()).start();
+    (daemon, Reaper { dir })
+}
+
+/// Spawns a process sandbox with `extra` fields; returns its id.
+#[track_caller]
+fn spawn_process(daemon: &Daemon, extra: Value) -> String {
+    let mut body = process_body();
+    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+        b.extend(e);
+    }
+    let sandbox = spawn_ok(daemon, &body);
+    assert_eq!(sandbox["state"], "running", "{sandbox}");
+    assert_eq!(sandbox["provider"], "process", "{sandbox}");
+    id_of(&sandbox)
+}
+
+fn state_dir(daemon: &Daemon, id: &str) -> PathBuf {
+    daemon.data_dir().join("process").join(id)
+}
+
+/// The host pid and start time an init recorded in its state dir.
+fn init_of(state_dir: &Path) -> Option<(u32, u64)> {
+    let text = std::fs::read_to_string(state_dir.join("init.json")).ok()?;
+    let record: Value = serde_json::from_str(&text).ok()?;
+    Some((
+        u32::try_from(record["pid"].as_u64()?).ok()?,
+        record["start_time"].as_u64()?,
+    ))
+}
+
+/// The sandbox's uid, from the spec the daemon recorded.
+fn sandbox_uid(daemon: &Daemon, id: &str) -> u32 {
+    let path = state_dir(daemon, id).join("spec.json");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let spec: Value = serde_json::from_str(&text).expect("spec.json is JSON");
+    spec["uid"].as_u64().expect("uid in spec.json") as u32
+}
+
+// ---------------------------------------------------------------------------
+// Host processes
+
+/// `/proc/<pid>/stat` after the command name: state first.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Start time of a live (not zombie) process, as the daemon records it.
+fn start_time_of(pid: u32) -> Option<u64> {
+    let fields = stat_fields(pid)?;
+    if fields.first()? == "Z" {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+fn host_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Host processes with `arg` as one of their arguments (zombies have no
+/// arguments, so only live processes count).
+fn host_pids_with_arg(arg: &str) -> Vec<u32> {
+    host_pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+        })
+        .collect()
+}
+
+/// Live host processes whose real uid is `uid`.
+fn host_pids_of_uid(uid: u32) -> Vec<u32> {
+    host_pids()
+        .into_iter()
+        .filter(|pid| start_time_of(*pid).is_some())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .and_then(|ids| ids.split_whitespace().next()?.parse::<u32>().ok())
+                    == Some(uid)
+            })
+        })
+        .collect()
+}
+
+/// A `sleep` duration no other process has: `sleep <marker>` is found on
+/// the host by its argument.
+fn marker() -> String {
+    format!(
+        "1000.{}{:04}",
+        std::process::id(),
+        NEXT_MARKER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn daemon_is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .expect("stat /proc/self")
+        .uid()
+        == 0
+}
+
+// ---------------------------------------------------------------------------
+// Exec and files requests
+
+fn exec_path(id: &str) -> String {
+    format!("{SANDBOXES}/{id}/exec")
+}
+
+fn exec(daemon: &Daemon, id: &str, body: &Value) -> Response {
+    daemon.send(&Request::post(&exec_path(id)).json(body))
+}
+
+/// Exec that must answer 200; returns the answer.
+#[track_caller]
+fn exec_ok(daemon: &Daemon, id: &str, body: &Value) -> Value {
+    let resp = exec(daemon, id, body);
+    assert_status(&resp, 200);
+    resp.json()
+}
+
+/// A shell command that must exit 0; returns its stdout.
+#[track_caller]
+fn sh(daemon: &Daemon, id: &str, command: &str) -> String {
+    let out = exec_ok(daemon, id, &json!({"command": command}));
+    assert_eq!(out["exit_code"], 0, "{command:?}: {out}");
+    out["stdout"].as_str().expect("stdout").to_owned()
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+fn enc(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn files_path(id: &str, op: &str, query: &str) -> String {
+    let op = if op.is_empty() {
+        String::new()
+    } else {
+        format!("/{op}")
+    };
+    format!("{SANDBOXES}/{id}/files{op}?{query}")
+}
+
+fn read_file(daemon: &Daemon, id: &str, path: &str) -> Response {
+    daemon.get(&files_path(id, "", &format!("path={}", enc(path))))
+}
+
+fn write_file(daemon: &Daemon, id: &str, body: &Value) -> Response {
+    daemon.send(&Request::post(&files_path(id, "", "")).json(body))
+}
+
+fn stat(daemon: &Daemon, id: &str, path: &str) -> Response {
+    daemon.get(&files_path(id, "stat", &format!("path={}", enc(path))))
+}
+
+/// Pseudo-random bytes (xorshift64), the same for the same seed.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.max(1);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A streamed exec, read one NDJSON line at a time as the daemon sends it.
+struct NdjsonStream {
+    reader: BufReader<TcpStream>,
+    pending: Vec<u8>,
+    ended: bool,
+}
+
+impl NdjsonStream {
+    fn open(addr: SocketAddr, id: &str, body: &Value) -> NdjsonStream {
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut reader = BufReader::new(stream);
+        reader
+            .get_mut()
+            .write_all(&Request::post(&exec_path(id)).json(body).to_bytes())
+            .expect("send exec");
+        let status = Self::line(&mut reader);
+        assert!(status.starts_with("HTTP/1.1 200"), "status line {status:?}");
+        let mut headers = Vec::new();
+        loop {
+            let line = Self::line(&mut reader);
+            if line.is_empty() {
+                break;
+            }
+            headers.push(line.to_ascii_lowercase());
+        }
+        assert!(
+            headers.iter().any(|h| h == "transfer-encoding: chunked"),
+            "{headers:?}"
+        );
+        assert!(
+            headers
+                .iter()
+                .any(|h| h.starts_with("content-type: application/x-ndjson")),
+            "{headers:?}"
+        );
+        NdjsonStream {
+            reader,
+            pending: Vec::new(),
+            ended: false,
+        }
+    }
+
+    fn line(reader: &mut BufReader<TcpStream>) -> String {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("read from the stream");
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    }
+
+    /// The next NDJSON value, or `None` at the end of the body. Blank
+    /// lines (the daemon's keep-alives on a quiet command) are skipped.
+    fn next_value(&mut self) -> Option<Value> {
+        loop {
+            if let Some(at) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=at).collect();
+                if line.trim_ascii().is_empty() {
+                    continue;
+                }
+                return Some(serde_json::from_slice(&line).unwrap_or_else(|e| {
+                    panic!("not JSON ({e}): {}", String::from_utf8_lossy(&line))
+                }));
+            }
+            if self.ended {
+                assert!(self.pending.is_empty(), "unterminated line");
+                return None;
+            }
+            let size = Self::line(&mut self.reader);
+            let size = usize::from_str_radix(size.split(';').next().unwrap(), 16)
+                .unwrap_or_else(|_| panic!("bad chunk size {size:?}"));
+            if size == 0 {
+                while !Self::line(&mut self.reader).is_empty() {}
+                self.ended = true;
+                continue;
+            }
+            let start = self.pending.len();
+            self.pending.resize(start + size, 0);
+            self.reader
+                .read_exact(&mut self.pending[start..])
+                .expect("read chunk");
+            assert_eq!(
+                Self::line(&mut self.reader),
+                "",
+                "chunk not followed by CRLF"
+            );
+        }
+    }
+}
+
+/// The `process` entry of `GET /api/v1/providers`.
+#[track_caller]
+fn process_provider(daemon: &Daemon) -> Value {
+    let resp = daemon.get("/api/v1/providers");
+    assert_status(&resp, 200);
+    let all = resp.json();
+    all.as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == "process"))
+        .unwrap_or_else(|| panic!("no process provider in {all}"))
+        .clone()
+}
+
+// ---------------------------------------------------------------------------
+// Spawn and providers
+
+#[test]
+fn spawn_runs_a_sandbox_and_providers_report_it() {
+    let (daemon, _reaper) = start_daemon("[providers.process.images]\nalt = \"/nonexistent\"\n");
+    let before = process_provider(&daemon);
+    assert!(
+        ["rlimits", "cgroup-v2"].contains(&before["limits"].as_str().unwrap_or_default()),
+        "{before}"
+    );
+    assert_eq!(before["healthy"], true, "{before}");
+    assert_eq!(before["runtimes"], 0, "{before}");
+    for cap in ["exec", "exec_stream", "files"] {
+        assert!(
+            before["capabilities"]
+                .as_array()
+                .is_some_and(|c| c.contains(&json!(cap))),
+            "{before}"
+        );
+    }
+
+    let id = spawn_process(&daemon, json!({}));
+    let got = get_sandbox(&daemon, &id);
+    assert_status(&got, 200);
+    assert_eq!(got.json()["state"], "running", "{got}");
+    assert_eq!(got.json()["image"], "host", "{got}");
+    let (pid, start_time) =
+        init_of(&state_dir(&daemon, &id)).expect("init.json of a running sandbox");
+    assert_eq!(start_time_of(pid), Some(start_time), "init {pid} not alive");
+    assert_eq!(process_provider(&daemon)["runtimes"], 1);
+
+    // An image that is not configured: 400 naming the configured ones.
+    let resp = spawn(&daemon, &json!({"provider": "process", "image": "nope"}));
+    let message = assert_error(&resp, 400, "BAD_REQUEST");
+    for name in ["nope", "host", "alt"] {
+        assert!(names_field(&message, name), "{name} not in {message:?}");
+    }
+    assert_eq!(process_provider(&daemon)["runtimes"], 1);
+
+    // A mock sandbox runs no commands and holds no files.
+    let mock = id_of(&spawn_ok(&daemon, &json!({"provider": "mock"})));
+    let message = assert_error(
+        &exec(&daemon, &mock, &json!({"command": "true"})),
+        400,
+        "BAD_REQUEST",
+    );
+    assert!(message.contains("process"), "{message}");
+    assert_error(&read_file(&daemon, &mock, "x"), 400, "BAD_REQUEST");
+}
+
+// ---------------------------------------------------------------------------
+// Exec
+
+#[test]
+fn exec_runs_commands_in_shell_and_argv_modes() {
+    let (daemon, _reaper) = start_daemon("");
+    let id = spawn_process(&daemon, json!({}));
+
+    let out = exec_ok(
+        &daemon,
+        &id,
+        &json!({"command": "echo out; echo err >&2; exit 3"}),
+    );
+    assert_eq!(out["exit_code"], 3, "{out}");
+    assert_eq!(out["stdout"], "out\n", "{out}");
+    assert_eq!(out["stderr"], "err\n", "{out}");
+    assert!(out["duration"].is_string(), "{out}");
+    assert_eq!(out["stdout_truncated"], false, "{out}");
+
+    // Shell mode: args are appended, each quoted for the shell.
+    let out = exec_ok(
+        &daemon,
+        &id,
+        &json!({"command": "printf '[%s]'", "args": ["a b", "it's", "$HOME", "*", ""]}),
+    );
+    assert_eq!(out["stdout"], "[a b][it's][$HOME][*][]", "{out}");
+    // Argv mode: no shell at all.
+    let out = exec_ok(
+        &daemon,
+        &id,
+        &json!({"command": "printf", "mode": "argv", "args": ["%s|", "x y", "$HOME;"]}),
+    );
+    assert_eq!(out["stdout"], "x y|$HOME;|", "{out}");
+    let out = exec_ok(
+        &daemon,
+        &id,
+        &json!({"command": "no-such-program", "mode": "argv"}),
+    );
+    assert_eq!(out["exit_code"], 127, "{out}");
+
+    // env is laid over the base environment.
+    let out = exec_ok(
+        &daemon,
+        &id,
+        &json!({"command": "echo \"$GREETING|$HOME|$PATH\"", "env": {"GREETING": "hi there"}}),
+    );
+    let stdout = out["stdout"].as_str().unwrap();
+    assert!(stdout.starts_with("hi there|/workspace|"), "{out}");
+    assert!(stdout.contains("/usr/bin"), "{out}");
+
+    // workdir: /workspace by default, absolute, or relative to /workspace.
+    assert_eq!(sh(&daemon, &id, "pwd"), "/workspace\n");
+    sh(&daemon, &id, "mkdir -p sub/dir");
+    let out = exec_ok(&daemon, &id, &json!({"command": "pwd", "workdir": "/tmp"}));
+    assert_eq!(out["stdout"], "/tmp\n", "{out}");
+    let out = exec_ok(
+        &daemon,
+        &id,
+        &json!({"command": "pwd", "workdir": "sub/dir"}),
+    );
+    assert_eq!(out["stdout"], "/workspace/sub/dir\n", "{out}");
+
+    // Bad requests.
+    for body in [
+        json!({"command": ""}),
+        json!({"args": ["x"]}),
+        json!({"command": "pwd", "workdir": "../etc"}),
+        json!({"command": "true", "mode": "exec"}),
+        json!({"command": "true", "timeout": "0s"}),
+        json!({"command": "true", "env": {"A=B": "x"}}),
+    ] {
+        assert_error(&exec(&daemon, &id, &body), 400, "BAD_REQUEST");
+    }
+}
+
+#[test]
+fn exec_is_isolated_from_the_host() {
+    let (daemon, _reaper) = start_daemon("");
+    let id = spawn_process(&daemon, json!({}));
+
+    assert_eq!(sh(&daemon, &id, "hostname"), format!("{id}\n"));
+    // Its own PID namespace: the init is PID 1.
+    let init = sh(&daemon, &id, "tr '\\0' ' ' < /proc/1/cmdline");
+    assert!(init.contains("sandbox-init"), "{init}");
+
+    // No network but loopback.
+    let dev = sh(&daemon, &id, "cat /proc/net/dev");
+    let interfaces: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    assert_eq!(interfaces, vec!["lo"], "{dev}");
+
+    // The daemon's data directory is masked (and is there on the host).
+    let data = std::fs::canonicalize(daemon.data_dir()).unwrap();
+    assert!(data.join("stacyvmd.db").exists());
+    let seen = sh(&daemon, &id, &format!("ls -A {}", data.display()));
+    assert_eq!(seen, "", "data dir visible inside");
+
+    // / is read-only; /workspace and /tmp are writable and the sandbox's
+    // own.
+    let out = exec_ok(
+        &daemon,
+        &id,
+        &json!({"command": "touch /stacyvmd-test-file"}),
+    );
+    assert_ne!(out["exit_code"], 0, "{out}");
+    assert!(
+        out["stderr"].as_str().unwrap().contains("Read-only"),
+        "{out}"
+    );
+    let out = exec_ok(
+        &daemon,
+        &id,
+        &json!({"command": "touch /etc/stacyvmd-test"}),
+    );
+    assert_ne!(out["exit_code"], 0, "{out}");
+    let name = format!("private-{}", marker());
+    sh(
+        &daemon,
+        &id,
+        &format!("echo w > /workspace/{name} && echo t > /tmp/{name}"),
+    );
+    assert!(
+        !Path::new("/tmp").join(&name).exists(),
+        "/tmp is the host's"
+    );
+    let dir = state_dir(&daemon, &id);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("tmp").join(&name)).unwrap(),
+        "t\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("workspace").join(&name)).unwrap(),
+        "w\n"
+    );
+
+    // A root daemon runs commands as the sandbox's own, unprivileged uid.
+    if daemon_is_root() {
+        let uid: u32 = sh(&daemon, &id, "id -u").trim().parse().unwrap();
+        assert_ne!(uid, 0);
+        assert_eq!(uid, sandbox_uid(&daemon, &id));
+        let out = exec_ok(&daemon, &id, &json!({"command": "cat /etc/shadow"}));
+        assert_ne!(out["exit_code"], 0, "{out}");
+    }
+}
+
+#[test]
+fn exec_timeout_kills_the_whole_process_group() {
+    let (daemon, _reaper) = start_daemon("");
+    let id = spawn_process(&daemon, json!({}));
+    let (a, b) = (marker(), marker());
+    let addr = daemon.addr;
+    let body = json!({"command": format!("sleep {a} & sleep {b}"), "timeout": "1s"});
+    let request = thread::spawn(move || {
+        let started = Instant::now();
+        let resp = Client::connect(addr).request(&Request::post(&exec_path(&id)).json(&body));
+        (resp, started.elapsed())
+    });
+    // Polled: the command starts asynchronously to this thread; this shows
+    // the markers are seen on the host while they run.
+    poll_until(Duration::from_secs(5), "both sleeps to run", || {
+        !host_pids_with_arg(&a).is_empty() && !host_pids_with_arg(&b).is_empty()
+    });
+    let (resp, elapsed) = request.join().expect("exec thread");
+    let message = assert_error(&resp, 408, "TIMEOUT");
+    assert!(message.contains("1s"), "{message}");
+    // The answer comes after the deadline and well before the daemon's
+    // last resort (SIGKILL of a helper that has not stopped 5 s after
+    // SIGTERM). Typically 1.0-1.1 s; kept loose because a CPU-starved
+    // host (load 26 on 2 CPUs) was seen to take up to 3.8 s.
+    assert!(
+        (Duration::from_secs(1)..Duration::from_millis(5500)).contains(&elapsed),
+        "took {elapsed:?}"
+    );
+    // By the time of the answer, the group is gone: no polling here.
+    assert_eq!(host_pids_with_arg(&a), Vec::<u32>::new(), "sleep {a} left");
+    assert_eq!(host_pids_with_arg(&b), Vec::<u32>::new(), "sleep {b} left");
+}
+
+#[test]
+fn exec_output_is_capped_with_a_marker() {
+    let (daemon, _reaper) = start_daemon("exec_output_bytes = 1024");
+    let id = spawn_process(&daemon, json!({}));
+    let out = exec_ok(
+        &daemon,
+        &id,
+        &json!({"command": "head -c 5000 /dev/zero | tr '\\0' x; head -c 1000 /dev/zero | tr '\\0' y >&2"}),
+    );
+    assert_eq!(out["exit_code"], 0, "{out}");
+    assert_eq!(out["stdout_truncated"], true, "{out}");
+    assert_eq!(out["stderr_truncated"], false, "{out}");
+    let stdout = out["stdout"].as_str().unwrap();
+    let (kept, rest) = stdout.split_at(1024);
+    assert_eq!(kept, "x".repeat(1024));
+    assert!(
+        rest.contains("output truncated: 1024 of 5000 bytes kept"),
+        "{rest:?}"
+    );
+    assert_eq!(out["stderr"], "y".repeat(1000), "{out}");
+}
+
+#[test]
+fn exec_stream_sends_lines_while_the_command_runs() {
+    let (daemon, _reaper) = start_daemon("");
+    let id = spawn_process(&daemon, json!({}));
+    // The command cannot finish before the test has the first line: it
+    // waits for a file the test writes only then.
+    let command = "echo first; \
+        while [ ! -e /workspace/go ]; do sleep 0.01; done; \
+        echo second; echo oops >&2; exit 7";
+    let mut stream = NdjsonStream::open(
+        daemon.addr,
+        &id,
+        &json!({"command": command, "stream": true, "timeout": "8s"}),
+    );
+    assert_eq!(
+        stream.next_value(),
+        Some(json!({"stream": "stdout", "data": "first\n"}))
+    );
+    let resp = write_file(&daemon, &id, &json!({"path": "go", "content": ""}));
+    assert_status(&resp, 200);
+
+    let mut rest = Vec::new();
+    while let Some(value) = stream.next_value() {
+        rest.push(value);
+    }
+    let (exit, output) = rest.split_last().expect("an exit line");
+    assert_eq!(exit["stream"], "exit", "{rest:?}");
+    assert_eq!(exit["data"], "7", "{rest:?}");
+    assert_eq!(exit["timed_out"], false, "{rest:?}");
+    let text = |name: &str| -> String {
+        output
+            .iter()
+            .filter(|v| v["stream"] == name)
+            .map(|v| v["data"].as_str().unwrap())
+            .collect()
+    };
+    assert_eq!(text("stdout"), "second\n", "{rest:?}");
+    assert_eq!(text("stderr"), "oops\n", "{rest:?}");
+
+    // A streamed exec that cannot start still answers with a status.
+    let resp = exec(&daemon, &id, &json!({"command": "", "stream": true}));
+    assert_error(&resp, 400, "BAD_REQUEST");
+}
+
+#[test]
+fn several_execs_run_at_once_in_one_sandbox() {
+    const N: usize = 6;
+    let (daemon, _reaper) = start_daemon("");
+    let id = spawn_process(&daemon, json!({}));
+    // Each command waits until all N have started: run one after the
+    // other, they would time out.
+    let addr = daemon.addr;
+    let answers: Vec<Response> = thread::scope(|s| {
+        let handles: Vec<_> = (0..N)
+            .map(|i| {
+                let id = &id;
+                s.spawn(move || {
+                    let command = format!(
+                        "touch /workspace/r.{i}; \
+                         until [ $(ls /workspace | grep -c '^r\\.') -ge {N} ]; do sleep 0.01; done; \
+                         echo done {i}"
+                    );
+                    Client::connect(addr).request(
+                        &Request::post(&exec_path(id))
+                            .json(&json!({"command": command, "timeout": "8s"})),
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("exec thread"))
+            .collect()
+    });
+    for (i, resp) in answers.iter().enumerate() {
+        assert_status(resp, 200);
+        let out = resp.json();
+        assert_eq!(out["exit_code"], 0, "{out}");
+        assert_eq!(out["stdout"], format!("done {i}\n"), "{out}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Files
+
+#[test]
+fn files_write_read_upload_list_stat_glob_move_chmod_delete() {
+    let (daemon, _reaper) = start_daemon("");
+    let id = spawn_process(&daemon, json!({}));
+
+    // Write (JSON) with a mode, read back raw.
+    let resp = write_file(
+        &daemon,
+        &id,
+        &json!({"path": "notes/a.txt", "content": "hello\nworld\n", "mode": "600"}),
+    );
+    assert_status(&resp, 200);
+    assert_eq!(resp.json()["path"], "/workspace/notes/a.txt", "{resp}");
+    assert_eq!(resp.json()["size"], 12, "{resp}");
+    let resp = read_file(&daemon, &id, "/workspace/notes/a.txt");
+    assert_status(&resp, 200);
+    assert_eq!(resp.body, b"hello\nworld\n");
+    let info = stat(&daemon, &id, "notes/a.txt").json();
+    assert_eq!(info["mode"], "0600", "{info}");
+    assert_eq!(info["size"], 12, "{info}");
+    assert_eq!(info["is_dir"], false, "{info}");
+    assert_eq!(info["name"], "a.txt", "{info}");
+    // The sandbox sees what the API wrote, owned by its user.
+    assert_eq!(
+        sh(&daemon, &id, "cat notes/a.txt; stat -c %a notes/a.txt"),
+        "hello\nworld\n600\n"
+    );
+
+    // A raw upload of 20 MB, streamed; read back whole.
+    let big = noise(20 << 20, 7);
+    let resp = daemon
+        .send(&Request::new("PUT", &files_path(&id, "", "path=/tmp/big.bin")).body(big.clone()));
+    assert_status(&resp, 200);
+    assert_eq!(resp.json()["size"], big.len(), "{resp}");
+    let resp = read_file(&daemon, &id, "/tmp/big.bin");
+    assert_status(&resp, 200);
+    assert_eq!(
+        resp.header("Content-Length"),
+        Some(big.len().to_string().as_str())
+    );
+    assert!(resp.body == big, "20 MB read back differs");
+    assert_eq!(
+        sh(&daemon, &id, "wc -c < /tmp/big.bin").trim(),
+        big.len().to_string()
+    );
+
+    // List and glob.
+    for path in ["d/e/f/x.txt", "d/y.txt", "top.txt", "d/e/skip.log"] {
+        assert_status(
+            &write_file(&daemon, &id, &json!({"path": path, "content": path})),
+            200,
+        );
+    }
+    let resp = daemon.get(&files_path(&id, "list", "path=/workspace/d"));
+    assert_status(&resp, 200);
+    let listed = resp.json();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["e", "y.txt"], "{listed}");
+    assert_eq!(listed[0]["is_dir"], true, "{listed}");
+    let resp = daemon.get(&files_path(&id, "list", ""));
+    assert_status(&resp, 200);
+    let top: Vec<String> = resp
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        top,
+        vec!["/workspace/d", "/workspace/notes", "/workspace/top.txt"]
+    );
+    let resp = daemon.get(&files_path(
+        &id,
+        "glob",
+        &format!("pattern={}", enc("/workspace/**/*.txt")),
+    ));
+    assert_status(&resp, 200);
+    assert_eq!(
+        resp.json(),
+        json!([
+            "/workspace/d/e/f/x.txt",
+            "/workspace/d/y.txt",
+            "/workspace/notes/a.txt",
+            "/workspace/top.txt"
+        ])
+    );
+
+    // Move: within /workspace, and across /tmp and /workspace both ways.
+    let mv = |from: &str, to: &str| {
+        daemon.send(
+            &Request::post(&files_path(&id, "move", ""))
+                .json(&json!({"old_path": from, "new_path": to})),
+        )
+    };
+    let resp = mv("top.txt", "moved/top.txt");
+    assert_status(&resp, 200);
+    assert_eq!(resp.json()["new_path"], "/workspace/moved/top.txt");
+    assert_error(&stat(&daemon, &id, "top.txt"), 404, "NOT_FOUND");
+    assert_status(&mv("moved/top.txt", "/tmp/top.txt"), 200);
+    assert_eq!(read_file(&daemon, &id, "/tmp/top.txt").body, b"top.txt");
+    assert_status(&mv("/tmp/top.txt", "/workspace/back.txt"), 200);
+    assert_eq!(read_file(&daemon, &id, "back.txt").body, b"top.txt");
+    assert_error(&stat(&daemon, &id, "/tmp/top.txt"), 404, "NOT_FOUND");
+    assert_error(&mv("nothing", "x"), 404, "NOT_FOUND");
+
+    // Chmod.
+    let resp = daemon.send(
+        &Request::post(&files_path(&id, "chmod", ""))
+            .json(&json!({"path": "back.txt", "mode": "751"})),
+    );
+    assert_status(&resp, 200);
+    assert_eq!(stat(&daemon, &id, "back.txt").json()["mode"], "0751");
+
+    // Delete: a file; a non-empty directory only when recursive.
+    let delete = |query: &str| daemon.send(&Request::delete(&files_path(&id, "", query)));
+    assert_status(&delete("path=back.txt"), 200);
+    assert_error(&stat(&daemon, &id, "back.txt"), 404, "NOT_FOUND");
+    assert_error(&delete("path=d"), 400, "BAD_REQUEST");
+    assert_status(&stat(&daemon, &id, "d/e/f/x.txt"), 200);
+    assert_status(&delete("path=d&recursive=true"), 200);
+    assert_error(&stat(&daemon, &id, "d"), 404, "NOT_FOUND");
+    assert_error(&delete("path=d"), 404, "NOT_FOUND");
+    assert_eq!(sh(&daemon, &id, "ls /workspace"), "moved\nnotes\n");
+}
+
+#[test]
+fn files_are_confined_to_the_sandbox() {
+    let (daemon, _reaper) = start_daemon("");
+    let id = spawn_process(&daemon, json!({}));
+    sh(
+        &daemon,
+        &id,
+        "ln -s /etc/shadow shadow && ln -s loop2 loop1 && ln -s loop1 loop2 && echo ok > real",
+    );
+
+    assert_error(&read_file(&daemon, &id, "missing.txt"), 404, "NOT_FOUND");
+    assert_error(&stat(&daemon, &id, "/nowhere/x"), 404, "NOT_FOUND");
+    for bad in ["../etc/passwd", "/workspace/../etc/passwd", "a/../../real"] {
+        let message = assert_error(&read_file(&daemon, &id, bad), 400, "BAD_REQUEST");
+        assert!(message.contains(".."), "{message}");
+        assert_error(
+            &write_file(&daemon, &id, &json!({"path": bad, "content": "x"})),
+            400,
+            "BAD_REQUEST",
+        );
+    }
+    let message = assert_error(
+        &daemon.get(&files_path(&id, "", "path=real%00.txt")),
+        400,
+        "BAD_REQUEST",
+    );
+    assert!(message.contains("NUL"), "{message}");
+    assert_error(
+        &write_file(&daemon, &id, &json!({"path": "a\u{0}b", "content": "x"})),
+        400,
+        "BAD_REQUEST",
+    );
+
+    // A symlink to the host's /etc/shadow: the sandbox user may not read
+    // it, so neither may the API.
+    if daemon_is_root() {
+        assert!(Path::new("/etc/shadow").exists());
+        assert_error(&read_file(&daemon, &id, "shadow"), 403, "FORBIDDEN");
+    }
+    assert_eq!(
+        stat(&daemon, &id, "shadow").json()["is_symlink"],
+        true,
+        "stat does not follow symlinks"
+    );
+    let message = assert_error(&read_file(&daemon, &id, "loop1"), 400, "BAD_REQUEST");
+    assert!(message.contains("symbolic links"), "{message}");
+
+    // The root is read-only: writes outside /workspace and /tmp fail.
+    for path in ["/x.txt", "/etc/stacyvmd-test", "/usr/x"] {
+        let message = assert_error(
+            &write_file(&daemon, &id, &json!({"path": path, "content": "x"})),
+            400,
+            "BAD_REQUEST",
+        );
+        assert!(message.contains("read-only"), "{path}: {message}");
+    }
+    assert!(!Path::new("/x.txt").exists());
+    assert_eq!(read_file(&daemon, &id, "real").body, b"ok\n");
+}
+
+// ---------------------------------------------------------------------------
+// Faults
+
+#[test]
+fn fork_bomb_is_contained() {
+    let (daemon, _reaper) = start_daemon("");
+    let bomb = spawn_process(&daemon, json!({}));
+    let other = spawn_process(&daemon, json!({}));
+    let resp = exec(
+        &daemon,
+        &bomb,
+        &json!({"command": "b(){ b|b& }; b", "timeout": "3s"}),
+    );
+    assert!(
+        [200, 408].contains(&resp.status),
+        "fork bomb answer:\n{resp}"
+    );
+    // Nothing of the bomb is left on the host.
+    if daemon_is_root() {
+        let uid = sandbox_uid(&daemon, &bomb);
+        assert_eq!(host_pids_of_uid(uid), Vec::<u32>::new(), "bomb left");
+    }
+    assert_status(&daemon.get("/api/v1/health"), 200);
+    assert_eq!(sh(&daemon, &other, "echo fine"), "fine\n");
+    assert_eq!(sh(&daemon, &bomb, "true; echo again"), "again\n");
+}
+
+#[test]
+fn memory_hog_fails_inside_the_sandbox() {
+    let (daemon, _reaper) = start_daemon("");
+    let hog = spawn_process(&daemon, json!({"memory_mb": 64}));
+    // tail keeps a line that never ends: it grows until the limit stops it
+    // (out of address space with rlimits, OOM-killed with a cgroup).
+    let out = exec_ok(
+        &daemon,
+        &hog,
+        &json!({"command": "head -c 4G /dev/zero | tail -n 1 > /dev/null", "timeout": "30s"}),
+    );
+    assert_ne!(out["exit_code"], 0, "{out}");
+    assert_status(&daemon.get("/api/v1/health"), 200);
+    assert_eq!(sh(&daemon, &hog, "echo alive"), "alive\n");
+    let other = spawn_process(&daemon, json!({}));
+    assert_eq!(sh(&daemon, &other, "echo fine"), "fine\n");
+}
+
+#[test]
+fn destroy_kills_the_whole_tree_and_removes_its_state() {
+    let (daemon, _reaper) = start_daemon("");
+    let id = spawn_process(&daemon, json!({}));
+    let mark = marker();
+    // A process that left the exec's group on purpose survives the exec...
+    sh(
+        &daemon,
+        &id,
+        &format!(
+            "setsid sh -c 'touch /workspace/started; exec sleep {mark}' \
+             > /dev/null 2>&1 < /dev/null & \
+             while [ ! -e /workspace/started ]; do sleep 0.01; done"
+        ),
+    );
+    // Polled: the detached shell execs sleep after the exec answered.
+    poll_until(Duration::from_secs(5), "the detached sleep to run", || {
+        !host_pids_with_arg(&mark).is_empty()
+    });
+    let dir = state_dir(&daemon, &id);
+    assert!(dir.is_dir());
+
+    // ...and not its sandbox's destruction.
+    destroy_ok(&daemon, &id);
+    assert_eq!(host_pids_with_arg(&mark), Vec::<u32>::new(), "sleep left");
+    assert!(!dir.exists(), "{} left", dir.display());
+    assert_eq!(process_provider(&daemon)["runtimes"], 0);
+
+    assert_error(
+        &exec(&daemon, &id, &json!({"command": "true"})),
+        404,
+        "NOT_FOUND",
+    );
+    assert_error(&read_file(&daemon, &id, "x"), 404, "NOT_FOUND");
+}
+
+#[test]
+fn restart_after_kill_9_adopts_live_sandboxes_and_marks_vanished_lost() {
+    let (mut daemon, _reaper) = start_daemon("");
+    let a = spawn_process(&daemon, json!({}));
+    let b = spawn_process(&daemon, json!({}));
+    let vanished = spawn_process(&daemon, json!({}));
+    sh(&daemon, &a, "echo kept > /workspace/file");
+    let (pid, _) = init_of(&state_dir(&daemon, &vanished)).expect("init.json");
+
+    daemon.kill9();
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    // Polled: SIGKILL is delivered asynchronously.
+    poll_until(Duration::from_secs(5), "the killed init to be gone", || {
+        start_time_of(pid).is_none()
+    });
+
+    let daemon = daemon.restart();
+    let listed = list(&daemon);
+    let state = |id: &str| {
+        listed
+            .iter()
+            .find(|s| s["id"] == id)
+            .map(|s| s["state"].clone())
+    };
+    assert_eq!(state(&a), Some(json!("running")), "{listed:?}");
+    assert_eq!(state(&b), Some(json!("running")), "{listed:?}");
+    assert_ne!(state(&vanished), Some(json!("running")), "{listed:?}");
+    assert_eq!(get_sandbox(&daemon, &vanished).json()["state"], "lost");
+    assert!(
+        !state_dir(&daemon, &vanished).exists(),
+        "state of the vanished sandbox left"
+    );
+    assert_eq!(process_provider(&daemon)["runtimes"], 2);
+
+    assert_eq!(sh(&daemon, &a, "cat /workspace/file"), "kept\n");
+    assert_eq!(sh(&daemon, &b, "hostname"), format!("{b}\n"));
+    assert_error(
+        &exec(&daemon, &vanished, &json!({"command": "true"})),
+        409,
+        "CONFLICT",
+    );
+}
