@@ -250,15 +250,17 @@ fn run(
         }
         Method::WorkerStatus => {
             Params::only(&e.params, &[])?;
-            let (view, reservations) = ctx.scheduler.worker_and_reservations(&me)?;
-            let tallies = ctx.store.tallies(now);
+            // From the scheduler's published snapshot and the store's
+            // cached count: no thread hop, no scan (docs/ARCHITECTURE.md).
+            let local = ctx.scheduler.local_status()?;
+            let view = local.worker();
             Ok(json!({
-                "worker": view.as_ref().map(|v| to_value(&WorkerJson::from(v))),
+                "worker": view.map(|v| to_value(&WorkerJson::from(v))),
                 "draining": ctx.draining.load(Ordering::SeqCst),
                 "providers": ctx.lifecycle.providers().names(),
-                "sandboxes_owned": view.as_ref().map_or(0, |v| v.active_sandboxes),
-                "leases_held": tallies.leases_by_holder.get(&me).copied().unwrap_or(0),
-                "reservations": reservations,
+                "sandboxes_owned": view.map_or(0, |v| v.active_sandboxes),
+                "leases_held": ctx.store.leases_held(&me, now),
+                "reservations": local.reservations(),
                 "uptime_seconds": crate::metrics::METRICS.started.elapsed().as_secs_f64(),
                 "version": env!("CARGO_PKG_VERSION"),
             }))

@@ -12,6 +12,7 @@
 //! the thread exits when every handle is dropped.
 
 pub mod health;
+mod snapshot;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::thread::JoinHandle;
@@ -24,6 +25,8 @@ use crate::metrics::{METRICS, WorkerFigures};
 use crate::store::StoreHandle;
 use crate::workers::{Heartbeat, Worker, WorkerStatus};
 use health::{Health, Ineligible, Windows};
+use snapshot::Board;
+pub use snapshot::LocalStatus;
 
 const REPLY_DEADLINE: Duration = Duration::from_secs(5);
 const INBOX_CAPACITY: usize = 4096;
@@ -205,11 +208,6 @@ pub enum SchedulerRequest {
         now_ms: i64,
         reply: Sender<Refresh>,
     },
-    /// One worker and the reservations in flight (cheap: `worker.status`).
-    WorkerAndReservations {
-        id: String,
-        reply: Sender<(Option<WorkerView>, usize)>,
-    },
     /// Per-worker reasons for `scheduler.explain`.
     ExplainWorkers {
         provider: String,
@@ -275,6 +273,7 @@ pub enum SchedulerRequest {
 #[derive(Clone)]
 pub struct SchedulerHandle {
     inbox: Sender<SchedulerRequest>,
+    board: Board,
 }
 
 impl SchedulerHandle {
@@ -318,14 +317,11 @@ impl SchedulerHandle {
             reply,
         })
     }
-    pub fn worker_and_reservations(
-        &self,
-        id: &str,
-    ) -> Result<(Option<WorkerView>, usize), SchedulerError> {
-        self.call(|reply| SchedulerRequest::WorkerAndReservations {
-            id: id.to_owned(),
-            reply,
-        })
+    /// The local worker and the reservations in flight, read from the
+    /// snapshot the scheduler publishes (see [`snapshot`]): no hop to the
+    /// scheduler thread, so readers on many threads do not queue behind it.
+    pub fn local_status(&self) -> Result<LocalStatus, SchedulerError> {
+        self.board.read()
     }
     pub fn explain_workers(
         &self,
@@ -470,16 +466,14 @@ impl ClusterView {
     }
 
     fn view_ref<'e>(&self, entry: &'e Entry, now: Instant) -> WorkerRef<'e> {
-        let last_seen = now.saturating_duration_since(entry.last_seen);
-        let health = health::health(last_seen, self.windows);
-        WorkerRef {
-            worker: &entry.worker,
-            health,
-            stale: last_seen > self.windows.stale_after,
-            ineligible: health::ineligibility(&entry.worker, health, entry.load()),
-            active_sandboxes: entry.active,
-            last_seen,
-        }
+        derive(
+            &entry.worker,
+            entry.last_seen,
+            entry.active,
+            entry.reserved,
+            self.windows,
+            now,
+        )
     }
 
     /// Re-files one worker in the eligible index after any change to it.
@@ -815,6 +809,28 @@ impl ClusterView {
     }
 }
 
+/// A worker's derived view at `now`: the one rule for health, staleness and
+/// eligibility, used on the scheduler thread and by snapshot readers.
+fn derive(
+    worker: &Worker,
+    last_seen: Instant,
+    active: u32,
+    reserved: u32,
+    windows: Windows,
+    now: Instant,
+) -> WorkerRef<'_> {
+    let age = now.saturating_duration_since(last_seen);
+    let health = health::health(age, windows);
+    WorkerRef {
+        worker,
+        health,
+        stale: age > windows.stale_after,
+        ineligible: health::ineligibility(worker, health, active + reserved),
+        active_sandboxes: active,
+        last_seen: age,
+    }
+}
+
 /// Starts the scheduler thread with the workers and live sandbox counts
 /// loaded from the store.
 pub fn start(
@@ -850,25 +866,52 @@ pub fn start(
         view.refile(&id, now);
     }
     let (inbox, requests) = bounded(INBOX_CAPACITY);
+    let board = Board::new(&view, now);
+    let thread_board = board.clone();
     let thread = std::thread::Builder::new()
         .name("scheduler".into())
         .spawn(move || {
             let _exit = on_exit.guard("scheduler");
-            run(view, requests, &store);
+            let _closed = CloseOnExit(&thread_board);
+            run(view, requests, &store, &thread_board);
         })?;
-    Ok((SchedulerHandle { inbox }, thread))
+    Ok((SchedulerHandle { inbox, board }, thread))
 }
 
-fn run(mut view: ClusterView, requests: Receiver<SchedulerRequest>, store: &StoreHandle) {
+/// Closes the board when the scheduler thread ends, however it ends, so
+/// snapshot readers get `Unavailable` as callers of a stopped thread do.
+struct CloseOnExit<'a>(&'a Board);
+
+impl Drop for CloseOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+fn run(
+    mut view: ClusterView,
+    requests: Receiver<SchedulerRequest>,
+    store: &StoreHandle,
+    board: &Board,
+) {
     let ticks = tick(HEALTH_TICK);
     loop {
         select! {
             recv(requests) -> request => match request {
-                Ok(request) => handle(&mut view, request),
+                Ok(request) => {
+                    let now = Instant::now();
+                    let reply = handle(&mut view, request, now);
+                    // Published before the reply, so the caller (and anyone
+                    // it tells) reads its own change from the snapshot.
+                    board.publish(&view, now, false);
+                    reply();
+                }
                 Err(_) => break,
             },
             recv(ticks) -> _ => {
-                view.evaluate(Instant::now());
+                let now = Instant::now();
+                view.evaluate(now);
+                board.publish(&view, now, true);
                 flush(&mut view, store);
             }
         }
@@ -888,34 +931,33 @@ fn flush(view: &mut ClusterView, store: &StoreHandle) {
     }
 }
 
-fn handle(view: &mut ClusterView, request: SchedulerRequest) {
-    let now = Instant::now();
+/// A reply held back until the snapshot is published (see `run`).
+type Reply = Box<dyn FnOnce()>;
+
+fn send<T: 'static>(reply: Sender<T>, value: T) -> Reply {
     // A caller that timed out dropped its receiver; ignoring the send error
     // is correct.
+    Box::new(move || {
+        let _ = reply.send(value);
+    })
+}
+
+/// Applies one request to the view and returns its reply, unsent.
+fn handle(view: &mut ClusterView, request: SchedulerRequest, now: Instant) -> Reply {
     match request {
         SchedulerRequest::Observe {
             worker,
             received,
             reply,
-        } => {
-            let _ = reply.send(view.observe(worker, received, now));
-        }
+        } => send(reply, view.observe(worker, received, now)),
         SchedulerRequest::Refresh {
             heartbeat,
             received,
             now_ms,
             reply,
-        } => {
-            let _ = reply.send(view.refresh(&heartbeat, received, now_ms, now));
-        }
-        SchedulerRequest::WorkerAndReservations { id, reply } => {
-            let _ = reply.send((
-                view.workers.get(&id).map(|e| view.view(e, now)),
-                view.reservations.len(),
-            ));
-        }
+        } => send(reply, view.refresh(&heartbeat, received, now_ms, now)),
         SchedulerRequest::ExplainWorkers { provider, reply } => {
-            let _ = reply.send(view.reasons(&provider, now));
+            send(reply, view.reasons(&provider, now))
         }
         SchedulerRequest::SetStatus { id, status, reply } => {
             let updated = view
@@ -927,54 +969,49 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest) {
                 view.refile(&id, now);
                 log::info!("worker {id} status set to {status}");
             }
-            let _ = reply.send(view.workers.get(&id).map(|e| view.view(e, now)));
+            send(reply, view.workers.get(&id).map(|e| view.view(e, now)))
         }
         SchedulerRequest::Forget { id, reply } => {
             let removed = view.forget(&id);
             if removed {
                 log::info!("worker {id} removed from the cluster view");
             }
-            let _ = reply.send(removed);
+            send(reply, removed)
         }
         SchedulerRequest::Get { id, reply } => {
-            let _ = reply.send(view.workers.get(&id).map(|e| view.view(e, now)));
+            send(reply, view.workers.get(&id).map(|e| view.view(e, now)))
         }
-        SchedulerRequest::List { reply } => {
-            let _ = reply.send(view.workers.values().map(|e| view.view(e, now)).collect());
-        }
+        SchedulerRequest::List { reply } => send(
+            reply,
+            view.workers.values().map(|e| view.view(e, now)).collect(),
+        ),
         SchedulerRequest::Render { render, reply } => {
             let refs: Vec<WorkerRef<'_>> = view
                 .workers
                 .values()
                 .map(|e| view.view_ref(e, now))
                 .collect();
-            let _ = reply.send(render(&refs));
+            send(reply, render(&refs))
         }
-        SchedulerRequest::Figures { reply } => {
-            let _ = reply.send(view.figures(now));
-        }
-        SchedulerRequest::Status { reply } => {
-            let _ = reply.send(view.status(now));
-        }
+        SchedulerRequest::Figures { reply } => send(reply, view.figures(now)),
+        SchedulerRequest::Status { reply } => send(reply, view.status(now)),
         SchedulerRequest::SetWindows { windows, reply } => {
             view.windows = windows;
             view.evaluate(now);
-            let _ = reply.send(());
+            send(reply, ())
         }
         SchedulerRequest::Admit {
             query,
             explain,
             reply,
-        } => {
-            let _ = reply.send(view.admit(&query, explain, now));
-        }
+        } => send(reply, view.admit(&query, explain, now)),
         SchedulerRequest::Settle {
             reservation,
             created,
             reply,
         } => {
             view.settle(&reservation, created, now);
-            let _ = reply.send(());
+            send(reply, ())
         }
         SchedulerRequest::SandboxCount {
             worker_id,
@@ -983,11 +1020,11 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest) {
             reply,
         } => {
             view.adjust(&worker_id, &owner_id, delta, 0, now);
-            let _ = reply.send(());
+            send(reply, ())
         }
         SchedulerRequest::SetPolicy { policy, reply } => {
             view.policy = policy;
-            let _ = reply.send(());
+            send(reply, ())
         }
     }
 }
