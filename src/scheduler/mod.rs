@@ -415,6 +415,9 @@ struct Entry {
     reserved: u32,
     /// The load under which it is filed in `eligible`, if it is.
     filed: Option<u32>,
+    /// The reason it is counted under in `reasons` (`None` = eligible), as
+    /// of its last filing; `None` until it is filed.
+    counted: Option<Option<Ineligible>>,
 }
 
 impl Entry {
@@ -433,6 +436,12 @@ struct ClusterView {
     workers: BTreeMap<String, Entry>,
     /// (load, id) of every worker eligible at its last evaluation.
     eligible: BTreeSet<(u32, String)>,
+    /// Every worker counted by the reason it was filed under.
+    reasons: ReasonCounts,
+    /// (instant its heartbeat goes stale, id) of every worker filed as
+    /// online and fresh: the ones whose reason time alone can change
+    /// (to `stale`) before they are filed again.
+    lapses: BTreeSet<(Instant, String)>,
     windows: Windows,
     local_worker_id: String,
     policy: PlacementPolicy,
@@ -450,6 +459,8 @@ impl ClusterView {
         ClusterView {
             workers: BTreeMap::new(),
             eligible: BTreeSet::new(),
+            reasons: ReasonCounts::default(),
+            lapses: BTreeSet::new(),
             windows,
             local_worker_id,
             policy,
@@ -476,39 +487,70 @@ impl ClusterView {
         )
     }
 
-    /// Re-files one worker in the eligible index after any change to it.
+    /// Re-files one worker in the indexes after any change to it.
     fn refile(&mut self, id: &str, now: Instant) {
+        self.unfile(id);
+        self.file(id, now);
+    }
+
+    /// Takes a worker out of the indexes (`eligible`, `reasons`, `lapses`),
+    /// by what it was filed under.
+    fn unfile(&mut self, id: &str) {
+        let Some(entry) = self.workers.get_mut(id) else {
+            return;
+        };
+        if let Some(load) = entry.filed.take() {
+            self.eligible.remove(&(load, id.to_owned()));
+        }
+        if let Some(reason) = entry.counted.take() {
+            self.reasons.remove(&entry.worker, reason);
+            // Its key cannot have moved: `observe` and `set_windows` unfile
+            // before they change the receive time or the windows.
+            self.lapses
+                .remove(&(entry.last_seen + self.windows.stale_after, id.to_owned()));
+        }
+    }
+
+    /// Files an unfiled worker in the indexes as it is at `now`.
+    fn file(&mut self, id: &str, now: Instant) {
         let windows = self.windows;
         let Some(entry) = self.workers.get_mut(id) else {
             return;
         };
         let age = now.saturating_duration_since(entry.last_seen);
-        let eligible =
-            health::ineligibility(&entry.worker, health::health(age, windows), entry.load())
-                .is_none();
-        if let Some(load) = entry.filed.take() {
-            self.eligible.remove(&(load, id.to_owned()));
-        }
-        if eligible {
+        let reason =
+            health::ineligibility(&entry.worker, health::health(age, windows), entry.load());
+        if reason.is_none() {
             entry.filed = Some(entry.load());
             self.eligible.insert((entry.load(), id.to_owned()));
         }
+        // Filed online and fresh: only time can make it stale unfiled.
+        if reason != Some(Ineligible::Stale) && entry.worker.status == WorkerStatus::Online {
+            self.lapses
+                .insert((entry.last_seen + windows.stale_after, id.to_owned()));
+        }
+        self.reasons.add(&entry.worker, reason);
+        entry.counted = Some(reason);
     }
 
     fn observe(&mut self, worker: Worker, received: Instant, now: Instant) -> WorkerView {
         let id = worker.id.clone();
+        // Unfiled by what the previous record was filed under, before the
+        // record (its status, providers, receive time) is replaced.
+        self.unfile(&id);
         let previous = self
             .workers
             .get(&id)
-            .map(|e| (e.health, e.active, e.reserved, e.filed));
-        let (active, reserved, filed) = previous.map_or((0, 0, None), |(_, a, r, f)| (a, r, f));
+            .map(|e| (e.health, e.active, e.reserved));
+        let (active, reserved) = previous.map_or((0, 0), |(_, a, r)| (a, r));
         let entry = Entry {
             worker,
             last_seen: received,
             health: Health::Ready,
             active,
             reserved,
-            filed,
+            filed: None,
+            counted: None,
         };
         let view = self.view(&entry, now);
         match previous {
@@ -520,7 +562,7 @@ impl ClusterView {
                     serde_json::json!({"id": id}),
                 );
             }
-            Some((old, _, _, _)) if old != view.health => {
+            Some((old, _, _)) if old != view.health => {
                 METRICS.workers.health_changes.inc();
                 crate::events::publish(
                     "worker",
@@ -542,7 +584,7 @@ impl ClusterView {
                 ..entry
             },
         );
-        self.refile(&id, now);
+        self.file(&id, now);
         view
     }
 
@@ -575,15 +617,22 @@ impl ClusterView {
 
     fn forget(&mut self, id: &str) -> bool {
         self.dirty.remove(id);
-        match self.workers.remove(id) {
-            Some(entry) => {
-                if let Some(load) = entry.filed {
-                    self.eligible.remove(&(load, id.to_owned()));
-                }
-                true
-            }
-            None => false,
+        self.unfile(id);
+        self.workers.remove(id).is_some()
+    }
+
+    /// New health windows: every worker's reason and lapse instant may
+    /// move, so every worker is re-filed.
+    fn set_windows(&mut self, windows: Windows, now: Instant) {
+        let ids: Vec<String> = self.workers.keys().cloned().collect();
+        for id in &ids {
+            self.unfile(id);
         }
+        self.windows = windows;
+        for id in &ids {
+            self.file(id, now);
+        }
+        self.evaluate(now);
     }
 
     /// Re-derives health for every worker, logs each change once, and
@@ -674,23 +723,39 @@ impl ClusterView {
             .collect()
     }
 
-    /// Per-worker reasons, for explanations and for "nothing fits" answers.
+    /// Eligible workers for `provider` at `now`, and the others counted by
+    /// reason, for explanations and for "nothing fits" answers. Read from
+    /// the counts kept at filing, corrected for the workers that went
+    /// stale since they were filed (at most the last health tick's worth):
+    /// the same answer as judging every worker at `now`, without visiting
+    /// every worker.
     fn explain(&self, provider: &str, now: Instant) -> (usize, BTreeMap<&'static str, usize>) {
-        let mut eligible = 0;
-        let mut rejections = BTreeMap::new();
-        for entry in self.workers.values() {
-            let v = self.view(entry, now);
-            let reason = if health::supports(&entry.worker, provider) {
-                v.ineligible
-            } else {
-                Some(health::Ineligible::ProviderUnsupported)
+        let mut counts = self.reasons.supporting(provider);
+        // Lapsed: still filed as fresh, but their age is past `stale_after`.
+        for (_, id) in self.lapses.range(..(now, String::new())) {
+            let Some(entry) = self.workers.get(id) else {
+                continue;
             };
-            match reason {
-                None => eligible += 1,
-                Some(r) => *rejections.entry(r.as_str()).or_default() += 1,
+            if let Some(reason) = entry
+                .counted
+                .filter(|_| health::supports(&entry.worker, provider))
+            {
+                counts.take(reason);
+                counts.put(Some(Ineligible::Stale));
             }
         }
-        (eligible, rejections)
+        let mut rejections = BTreeMap::new();
+        let unsupported = self.reasons.all.total() - counts.total();
+        if unsupported > 0 {
+            rejections.insert(Ineligible::ProviderUnsupported.as_str(), unsupported);
+        }
+        for reason in Ineligible::ALL {
+            let n = counts.get(Some(reason));
+            if n > 0 {
+                rejections.insert(reason.as_str(), n);
+            }
+        }
+        (counts.get(None), rejections)
     }
 
     fn admit(&mut self, q: &AdmissionQuery, explain: bool, now: Instant) -> Admission {
@@ -809,6 +874,102 @@ impl ClusterView {
     }
 }
 
+/// Workers by reason (`None` = eligible), one slot per reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counts([usize; 6]);
+
+impl Counts {
+    fn slot(reason: Option<Ineligible>) -> usize {
+        match reason {
+            None => 0,
+            Some(Ineligible::NotOnline) => 1,
+            Some(Ineligible::Draining) => 2,
+            Some(Ineligible::Stale) => 3,
+            Some(Ineligible::Full) => 4,
+            Some(Ineligible::ProviderUnsupported) => 5,
+        }
+    }
+    fn get(&self, reason: Option<Ineligible>) -> usize {
+        self.0[Counts::slot(reason)]
+    }
+    fn put(&mut self, reason: Option<Ineligible>) {
+        self.0[Counts::slot(reason)] += 1;
+    }
+    fn take(&mut self, reason: Option<Ineligible>) {
+        let n = &mut self.0[Counts::slot(reason)];
+        *n = n.saturating_sub(1);
+    }
+    fn total(&self) -> usize {
+        self.0.iter().sum()
+    }
+    fn plus(mut self, other: &Counts) -> Counts {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0) {
+            *mine += theirs;
+        }
+        self
+    }
+}
+
+/// Filed workers counted by reason, split by provider support, so the
+/// counts for one provider cost no walk over the workers.
+#[derive(Default)]
+struct ReasonCounts {
+    /// Every filed worker.
+    all: Counts,
+    /// Workers with no provider list: they run every provider.
+    every_provider: Counts,
+    /// provider -> workers that list it (once, however often listed).
+    listed: HashMap<String, Counts>,
+}
+
+impl ReasonCounts {
+    /// The providers a worker lists, each once.
+    fn listed_by(worker: &Worker) -> impl Iterator<Item = &String> {
+        worker
+            .providers
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| !worker.providers[..*i].contains(p))
+            .map(|(_, p)| p)
+    }
+
+    fn add(&mut self, worker: &Worker, reason: Option<Ineligible>) {
+        self.all.put(reason);
+        if worker.providers.is_empty() {
+            self.every_provider.put(reason);
+        }
+        for p in ReasonCounts::listed_by(worker) {
+            self.listed.entry(p.clone()).or_default().put(reason);
+        }
+    }
+
+    fn remove(&mut self, worker: &Worker, reason: Option<Ineligible>) {
+        self.all.take(reason);
+        if worker.providers.is_empty() {
+            self.every_provider.take(reason);
+        }
+        for p in ReasonCounts::listed_by(worker) {
+            if let Some(counts) = self.listed.get_mut(p) {
+                counts.take(reason);
+                if counts.total() == 0 {
+                    self.listed.remove(p);
+                }
+            }
+        }
+    }
+
+    /// The workers that run `provider` (`""`: every worker), by reason.
+    fn supporting(&self, provider: &str) -> Counts {
+        if provider.is_empty() {
+            return self.all;
+        }
+        match self.listed.get(provider) {
+            Some(listed) => self.every_provider.plus(listed),
+            None => self.every_provider,
+        }
+    }
+}
+
 /// A worker's derived view at `now`: the one rule for health, staleness and
 /// eligibility, used on the scheduler thread and by snapshot readers.
 fn derive(
@@ -855,6 +1016,7 @@ pub fn start(
                 active: 0,
                 reserved: 0,
                 filed: None,
+                counted: None,
             },
         );
     }
@@ -996,8 +1158,7 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest, now: Instant) -> Re
         SchedulerRequest::Figures { reply } => send(reply, view.figures(now)),
         SchedulerRequest::Status { reply } => send(reply, view.status(now)),
         SchedulerRequest::SetWindows { windows, reply } => {
-            view.windows = windows;
-            view.evaluate(now);
+            view.set_windows(windows, now);
             send(reply, ())
         }
         SchedulerRequest::Admit {
@@ -1033,6 +1194,126 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest, now: Instant) -> Re
 mod tests {
     use super::*;
     use crate::workers::Capacity;
+    use proptest::prelude::*;
+
+    /// What `explain` answered before it kept counts: every worker judged
+    /// at `now`. The reference the counts must agree with.
+    fn explain_by_walking(
+        v: &ClusterView,
+        provider: &str,
+        now: Instant,
+    ) -> (usize, BTreeMap<&'static str, usize>) {
+        let mut eligible = 0;
+        let mut rejections = BTreeMap::new();
+        for entry in v.workers.values() {
+            let reason = if health::supports(&entry.worker, provider) {
+                v.view_ref(entry, now).ineligible
+            } else {
+                Some(Ineligible::ProviderUnsupported)
+            };
+            match reason {
+                None => eligible += 1,
+                Some(r) => *rejections.entry(r.as_str()).or_default() += 1,
+            }
+        }
+        (eligible, rejections)
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A heartbeat from worker `id`, received `age_s` seconds ago.
+        Observe {
+            id: u8,
+            status: u8,
+            providers: Vec<u8>,
+            max: Option<u32>,
+            age_s: u64,
+        },
+        Load {
+            id: u8,
+            live: i32,
+            reserved: i32,
+        },
+        SetStatus {
+            id: u8,
+            status: u8,
+        },
+        Forget {
+            id: u8,
+        },
+        Windows {
+            stale_s: u64,
+        },
+        Evaluate,
+        Wait {
+            s: u64,
+        },
+    }
+
+    fn status_of(n: u8) -> WorkerStatus {
+        [
+            WorkerStatus::Online,
+            WorkerStatus::Online,
+            WorkerStatus::Draining,
+            WorkerStatus::Unhealthy,
+            WorkerStatus::Offline,
+        ][usize::from(n) % 5]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..6u8, 0..5u8, proptest::collection::vec(0..3u8, 0..4), proptest::option::of(0..4u32), 0..40u64)
+                .prop_map(|(id, status, providers, max, age_s)| Op::Observe { id, status, providers, max, age_s }),
+            2 => (0..6u8, -1..3i32, -1..2i32).prop_map(|(id, live, reserved)| Op::Load { id, live, reserved }),
+            1 => (0..6u8, 0..5u8).prop_map(|(id, status)| Op::SetStatus { id, status }),
+            1 => (0..6u8).prop_map(|id| Op::Forget { id }),
+            1 => (5..30u64).prop_map(|stale_s| Op::Windows { stale_s }),
+            1 => Just(Op::Evaluate),
+            2 => (0..20u64).prop_map(|s| Op::Wait { s }),
+        ]
+    }
+
+    proptest! {
+        /// The kept counts answer exactly as walking every worker does, for
+        /// every provider, after any sequence of changes and waits.
+        #[test]
+        fn explain_counts_match_walking_every_worker(ops in proptest::collection::vec(op(), 1..60)) {
+            let names = ["mock", "process", "vm"];
+            let start = Instant::now();
+            let mut now = start + Duration::from_secs(100);
+            let mut v = ClusterView::new("w0".into(), W, PlacementPolicy::Spread);
+            for op in ops {
+                match op {
+                    Op::Observe { id, status, providers, max, age_s } => {
+                        let mut w = worker(&format!("w{id}"), status_of(status));
+                        w.providers = providers.iter().map(|p| names[usize::from(*p)].to_owned()).collect();
+                        w.capacity.max_sandboxes = max;
+                        v.observe(w, now - Duration::from_secs(age_s), now);
+                    }
+                    Op::Load { id, live, reserved } => v.adjust(&format!("w{id}"), "", live, reserved, now),
+                    Op::SetStatus { id, status } => {
+                        let id = format!("w{id}");
+                        if let Some(e) = v.workers.get_mut(&id) {
+                            e.worker.status = status_of(status);
+                            v.refile(&id, now);
+                        }
+                    }
+                    Op::Forget { id } => {
+                        v.forget(&format!("w{id}"));
+                    }
+                    Op::Windows { stale_s } => v.set_windows(
+                        Windows { stale_after: Duration::from_secs(stale_s), down_after: Duration::from_secs(stale_s * 4) },
+                        now,
+                    ),
+                    Op::Evaluate => v.evaluate(now),
+                    Op::Wait { s } => now += Duration::from_secs(s),
+                }
+                for provider in ["", "mock", "process", "vm", "none"] {
+                    prop_assert_eq!(v.explain(provider, now), explain_by_walking(&v, provider, now), "provider {:?}", provider);
+                }
+            }
+        }
+    }
 
     const W: Windows = Windows {
         stale_after: Duration::from_secs(15),
