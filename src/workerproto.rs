@@ -472,6 +472,7 @@ pub fn ok_reply_serialized(id: Option<&str>, result: &str) -> String {
         Ok(id) => id,
         Err(e) => return unserialisable(None, &e),
     };
+    // Room for the envelope and the newline the writer adds.
     let mut line = String::with_capacity(id.len() + result.len() + 32);
     line.push_str("{\"id\":");
     line.push_str(&id);

@@ -291,7 +291,12 @@ fn run(
                 uptime_seconds: crate::metrics::METRICS.started.elapsed().as_secs_f64(),
                 version: env!("CARGO_PKG_VERSION"),
             };
-            serde_json::to_string(&status)
+            // Sized for a typical answer (about 600 bytes), so the
+            // serialiser does not grow the buffer.
+            let mut out = Vec::with_capacity(1024);
+            serde_json::to_writer(&mut out, &status)
+                .map_err(|err| err.to_string())
+                .and_then(|()| String::from_utf8(out).map_err(|err| err.to_string()))
                 .map(Answer::Serialized)
                 .map_err(|err| {
                     ProtoError::new(ErrorCode::Internal, format!("cannot serialise: {err}"))
