@@ -506,8 +506,9 @@ impl ClusterView {
             self.reasons.remove(&entry.worker, reason);
             // Its key cannot have moved: `observe` and `set_windows` unfile
             // before they change the receive time or the windows.
-            self.lapses
-                .remove(&(entry.last_seen + self.windows.stale_after, id.to_owned()));
+            if let Some(at) = entry.last_seen.checked_add(self.windows.stale_after) {
+                self.lapses.remove(&(at, id.to_owned()));
+            }
         }
     }
 
@@ -524,10 +525,12 @@ impl ClusterView {
             entry.filed = Some(entry.load());
             self.eligible.insert((entry.load(), id.to_owned()));
         }
-        // Filed online and fresh: only time can make it stale unfiled.
+        // Filed online and fresh: only time can make it stale unfiled (and
+        // not within the life of the process, if `stale_after` is absurd).
         if reason != Some(Ineligible::Stale) && entry.worker.status == WorkerStatus::Online {
-            self.lapses
-                .insert((entry.last_seen + windows.stale_after, id.to_owned()));
+            if let Some(at) = entry.last_seen.checked_add(windows.stale_after) {
+                self.lapses.insert((at, id.to_owned()));
+            }
         }
         self.reasons.add(&entry.worker, reason);
         entry.counted = Some(reason);
@@ -1271,6 +1274,25 @@ mod tests {
             1 => Just(Op::Evaluate),
             2 => (0..20u64).prop_map(|s| Op::Wait { s }),
         ]
+    }
+
+    #[test]
+    fn an_absurd_stale_window_neither_panics_nor_miscounts() {
+        let now = Instant::now();
+        let huge = Windows {
+            stale_after: Duration::MAX,
+            down_after: Duration::MAX,
+        };
+        let mut v = ClusterView::new("local".into(), huge, PlacementPolicy::Spread);
+        v.observe(with_capacity("local", 4, &[]), now, now);
+        v.adjust("local", "", 1, 0, now);
+        v.set_windows(W, now);
+        v.set_windows(huge, now);
+        v.forget("local");
+        v.observe(with_capacity("local", 4, &[]), now, now);
+        let later = now + Duration::from_secs(3600);
+        assert_eq!(v.explain("", later), explain_by_walking(&v, "", later));
+        assert_eq!(v.explain("", later).0, 1);
     }
 
     proptest! {
