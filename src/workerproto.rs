@@ -439,8 +439,47 @@ pub fn check_lease(
     Ok(())
 }
 
-pub fn ok_reply(id: Option<&str>, result: Value) -> String {
-    json!({"id": id, "ok": true, "result": result}).to_string()
+pub fn ok_reply(id: Option<&str>, result: &Value) -> String {
+    #[derive(serde::Serialize)]
+    struct OkReply<'a> {
+        id: Option<&'a str>,
+        ok: bool,
+        result: &'a Value,
+    }
+    serde_json::to_string(&OkReply {
+        id,
+        ok: true,
+        result,
+    })
+    .unwrap_or_else(|e| unserialisable(id, &e))
+}
+
+/// Unreachable for `Value`s and strings (their map keys are strings), but
+/// answered rather than panicked on.
+fn unserialisable(id: Option<&str>, e: &serde_json::Error) -> String {
+    error_reply(
+        id,
+        &ProtoError::new(
+            ErrorCode::Internal,
+            format!("cannot serialise the reply: {e}"),
+        ),
+    )
+}
+
+/// [`ok_reply`] around a result that is already serialised JSON.
+pub fn ok_reply_serialized(id: Option<&str>, result: &str) -> String {
+    let id = match serde_json::to_string(&id) {
+        Ok(id) => id,
+        Err(e) => return unserialisable(None, &e),
+    };
+    // Room for the envelope and the newline the writer adds.
+    let mut line = String::with_capacity(id.len() + result.len() + 32);
+    line.push_str("{\"id\":");
+    line.push_str(&id);
+    line.push_str(",\"ok\":true,\"result\":");
+    line.push_str(result);
+    line.push('}');
+    line
 }
 
 pub fn error_reply(id: Option<&str>, error: &ProtoError) -> String {
@@ -512,6 +551,18 @@ mod tests {
                 .as_deref(),
             Some("7")
         );
+    }
+
+    #[test]
+    fn both_ok_replies_have_the_same_shape() {
+        for id in [None, Some("1"), Some("quote \" and \\ and \u{1}")] {
+            let result = json!({"a": [1, "x"], "b": null});
+            let from_value: Value = serde_json::from_str(&ok_reply(id, &result)).unwrap();
+            let serialized = ok_reply_serialized(id, &result.to_string());
+            let from_text: Value = serde_json::from_str(&serialized).unwrap();
+            assert_eq!(from_value, from_text, "{serialized}");
+            assert_eq!(from_text, json!({"id": id, "ok": true, "result": result}));
+        }
     }
 
     #[test]

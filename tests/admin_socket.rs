@@ -930,6 +930,51 @@ fn sandboxes_through_the_socket_are_the_rest_sandboxes() {
     assert_eq!(conn.err("sandbox.get", json!({})), "invalid_params");
 }
 
+/// worker.status is read from the scheduler's published snapshot and the
+/// store's cached lease count; neither may lag a change that was answered.
+#[test]
+fn worker_status_shows_each_answered_change_at_once() {
+    let daemon = Daemon::start();
+    let mut conn = Conn::connect(&admin_path(&daemon));
+    let counts = |conn: &mut Conn| {
+        let s = conn.ok("worker.status", json!({}));
+        (
+            s["sandboxes_owned"].as_u64().unwrap(),
+            s["worker"]["active_sandboxes"].as_u64().unwrap(),
+            s["leases_held"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(counts(&mut conn), (0, 0, 0));
+    let a = conn.ok("sandbox.spawn", json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(counts(&mut conn), (1, 1, 1));
+    // A change through the other door, answered before we ask.
+    let b = rest_spawn(&daemon, &json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(counts(&mut conn), (2, 2, 2));
+    conn.ok(
+        "lease.acquire",
+        json!({"resource_id": "extra", "holder_id": "local", "ttl": "10m"}),
+    );
+    assert_eq!(counts(&mut conn), (2, 2, 3));
+    conn.ok(
+        "lease.release",
+        json!({"resource_id": "extra", "holder_id": "local"}),
+    );
+    assert_eq!(counts(&mut conn), (2, 2, 2));
+    conn.ok("sandbox.destroy", json!({"id": a}));
+    assert_eq!(counts(&mut conn), (1, 1, 1));
+    assert_status(
+        &daemon.send(&Request::delete(&format!("/api/v1/sandboxes/{b}"))),
+        200,
+    );
+    assert_eq!(counts(&mut conn), (0, 0, 0));
+}
+
 #[test]
 fn leases_acquire_renew_release_get_list() {
     let daemon = Daemon::start();

@@ -61,9 +61,36 @@ pub fn handle(
         }
     }
     match result {
-        Ok(value) => workerproto::ok_reply(id.as_deref(), value),
+        Ok(Answer::Value(value)) => workerproto::ok_reply(id.as_deref(), &value),
+        Ok(Answer::Serialized(result)) => workerproto::ok_reply_serialized(id.as_deref(), &result),
         Err(error) => workerproto::error_reply(id.as_deref(), &error),
     }
+}
+
+/// A method's result: a JSON value, or a result already serialised from
+/// borrowed fields (`worker.status`, the hot read, builds no `Value` tree).
+enum Answer {
+    Value(Value),
+    Serialized(String),
+}
+
+impl From<Value> for Answer {
+    fn from(value: Value) -> Answer {
+        Answer::Value(value)
+    }
+}
+
+/// The result of `worker.status`.
+#[derive(serde::Serialize)]
+struct WorkerStatusJson<'a> {
+    worker: Option<WorkerJson<'a>>,
+    draining: bool,
+    providers: Vec<&'a str>,
+    sandboxes_owned: u32,
+    leases_held: u64,
+    reservations: usize,
+    uptime_seconds: f64,
+    version: &'static str,
 }
 
 fn target_of(e: &Envelope) -> String {
@@ -178,7 +205,7 @@ fn run(
     peer: Peer,
     claims: &Claims,
     writer: &Writer,
-) -> Result<Value, ProtoError> {
+) -> Result<Answer, ProtoError> {
     let now = now_ms();
     if !claims.allows(e.method, now) {
         return Err(ProtoError::new(
@@ -229,7 +256,7 @@ fn run(
             )?;
             let next = config.worker.heartbeat_interval;
             Ok(
-                json!({"worker": to_value(&WorkerJson::from(&view)), "next_heartbeat_in": crate::time::format_duration(next)}),
+                json!({"worker": to_value(&WorkerJson::from(&view)), "next_heartbeat_in": crate::time::format_duration(next)}).into(),
             )
         }
         Method::WorkerSpawn => {
@@ -238,7 +265,7 @@ fn run(
             let mut req = parse_spawn(params.as_bytes()).map_err(|err| invalid(err.message))?;
             req.sandbox_id = Some(lease.resource_id.clone());
             let (sandbox, _) = ctx.lifecycle.spawn(&req)?;
-            Ok(to_value(&SandboxJson::from(&sandbox)))
+            Ok(to_value(&SandboxJson::from(&sandbox)).into())
         }
         Method::WorkerDestroy | Method::SandboxDestroy => {
             let id = match &e.lease {
@@ -246,22 +273,34 @@ fn run(
                 _ => Params::only(&e.params, &["id"])?.required("id")?.to_owned(),
             };
             ctx.lifecycle.destroy(&id)?;
-            Ok(json!({"status": "destroyed", "id": id}))
+            Ok(json!({"status": "destroyed", "id": id}).into())
         }
         Method::WorkerStatus => {
             Params::only(&e.params, &[])?;
-            let (view, reservations) = ctx.scheduler.worker_and_reservations(&me)?;
-            let tallies = ctx.store.tallies(now);
-            Ok(json!({
-                "worker": view.as_ref().map(|v| to_value(&WorkerJson::from(v))),
-                "draining": ctx.draining.load(Ordering::SeqCst),
-                "providers": ctx.lifecycle.providers().names(),
-                "sandboxes_owned": view.as_ref().map_or(0, |v| v.active_sandboxes),
-                "leases_held": tallies.leases_by_holder.get(&me).copied().unwrap_or(0),
-                "reservations": reservations,
-                "uptime_seconds": crate::metrics::METRICS.started.elapsed().as_secs_f64(),
-                "version": env!("CARGO_PKG_VERSION"),
-            }))
+            // From the scheduler's published snapshot and the store's
+            // cached count: no thread hop, no scan (docs/ARCHITECTURE.md).
+            let local = ctx.scheduler.local_status()?;
+            let view = local.worker();
+            let status = WorkerStatusJson {
+                worker: view.map(WorkerJson::from),
+                draining: ctx.draining.load(Ordering::SeqCst),
+                providers: ctx.lifecycle.providers().names(),
+                sandboxes_owned: view.map_or(0, |v| v.active_sandboxes),
+                leases_held: ctx.store.leases_held(&me, now),
+                reservations: local.reservations(),
+                uptime_seconds: crate::metrics::METRICS.started.elapsed().as_secs_f64(),
+                version: env!("CARGO_PKG_VERSION"),
+            };
+            // Sized for a typical answer (about 600 bytes), so the
+            // serialiser does not grow the buffer.
+            let mut out = Vec::with_capacity(1024);
+            serde_json::to_writer(&mut out, &status)
+                .map_err(|err| err.to_string())
+                .and_then(|()| String::from_utf8(out).map_err(|err| err.to_string()))
+                .map(Answer::Serialized)
+                .map_err(|err| {
+                    ProtoError::new(ErrorCode::Internal, format!("cannot serialise: {err}"))
+                })
         }
         Method::WorkerRenewLease => {
             let lease = e.lease.as_ref().expect("checked above");
@@ -269,9 +308,9 @@ fn run(
                 .duration_ms("ttl")?
                 .unwrap_or(lease_ttl);
             let renewed = ctx.store.renew_lease(&lease.resource_id, &me, ttl, now)??;
-            Ok(to_value(&LeaseJson::new(&renewed, now)))
+            Ok(to_value(&LeaseJson::new(&renewed, now)).into())
         }
-        Method::WorkerShutdown => shutdown(ctx, e, &me),
+        Method::WorkerShutdown => shutdown(ctx, e, &me).map(Answer::Value),
         Method::WorkerList => {
             Params::only(&e.params, &[])?;
             let views = ctx.scheduler.list()?;
@@ -280,14 +319,15 @@ fn run(
                     .iter()
                     .map(|v| to_value(&WorkerJson::from(v)))
                     .collect(),
-            ))
+            )
+            .into())
         }
         Method::WorkerGet => {
             let id = worker_id_param(&Params::only(&e.params, &["id"])?)?;
             let view = ctx.scheduler.get(&id)?.ok_or_else(|| {
                 ProtoError::new(ErrorCode::NotFound, format!("worker {id} not found"))
             })?;
-            Ok(to_value(&WorkerJson::from(&view)))
+            Ok(to_value(&WorkerJson::from(&view)).into())
         }
         Method::WorkerDelete => {
             let p = Params::only(&e.params, &["id", "force"])?;
@@ -316,7 +356,7 @@ fn run(
             match ctx.store.delete_worker(&id, audit)? {
                 crate::store::Deleted::Yes => {
                     ctx.scheduler.forget(&id)?;
-                    Ok(json!({"status": "deleted"}))
+                    Ok(json!({"status": "deleted"}).into())
                 }
                 crate::store::Deleted::NotFound => Err(ProtoError::new(
                     ErrorCode::NotFound,
@@ -349,7 +389,9 @@ fn run(
                 "worker.status",
                 json!({"id": id, "status": status.as_str()}),
             );
-            Ok(view.map_or(Value::Null, |v| to_value(&WorkerJson::from(&v))))
+            Ok(view
+                .map_or(Value::Null, |v| to_value(&WorkerJson::from(&v)))
+                .into())
         }
         Method::SandboxList => {
             Params::only(&e.params, &[])?;
@@ -358,17 +400,18 @@ fn run(
                 all.iter()
                     .map(|s| to_value(&SandboxJson::from(s)))
                     .collect(),
-            ))
+            )
+            .into())
         }
         Method::SandboxGet => {
             let id = Params::only(&e.params, &["id"])?.required("id")?.to_owned();
-            Ok(to_value(&SandboxJson::from(&ctx.lifecycle.get(&id)?)))
+            Ok(to_value(&SandboxJson::from(&ctx.lifecycle.get(&id)?)).into())
         }
         Method::SandboxSpawn => {
             let params = Value::Object(e.params.clone()).to_string();
             let req = parse_spawn(params.as_bytes()).map_err(|err| invalid(err.message))?;
             let (sandbox, _) = ctx.lifecycle.spawn(&req)?;
-            Ok(to_value(&SandboxJson::from(&sandbox)))
+            Ok(to_value(&SandboxJson::from(&sandbox)).into())
         }
         Method::LeaseAcquire | Method::LeaseRenew | Method::LeaseRelease => {
             let p = Params::only(
@@ -405,14 +448,14 @@ fn run(
                 "lease.changed",
                 json!({"resource_id": resource, "holder_id": lease.holder_id, "generation": lease.generation}),
             );
-            Ok(to_value(&LeaseJson::new(&lease, now)))
+            Ok(to_value(&LeaseJson::new(&lease, now)).into())
         }
         Method::LeaseGet => {
             let resource = Params::only(&e.params, &["resource_id"])?.required("resource_id")?;
             let lease = ctx.store.get_lease(resource)?.ok_or_else(|| {
                 ProtoError::new(ErrorCode::NotFound, format!("no lease for {resource}"))
             })?;
-            Ok(to_value(&LeaseJson::new(&lease, now)))
+            Ok(to_value(&LeaseJson::new(&lease, now)).into())
         }
         Method::LeaseList => {
             Params::only(&e.params, &[])?;
@@ -421,11 +464,12 @@ fn run(
                 all.iter()
                     .map(|l| to_value(&LeaseJson::new(l, now)))
                     .collect(),
-            ))
+            )
+            .into())
         }
         Method::SchedulerStatus => {
             Params::only(&e.params, &[])?;
-            Ok(crate::diagnostics::scheduler_json(&sources(ctx))?)
+            Ok(crate::diagnostics::scheduler_json(&sources(ctx))?.into())
         }
         Method::SchedulerExplain => {
             let p = Params::only(&e.params, &["provider", "owner_id", "ttl"])?;
@@ -451,7 +495,8 @@ fn run(
                 "worker_reason": admission.worker_reason,
                 "rejections": admission.rejections,
                 "workers": per_worker,
-            }))
+            })
+            .into())
         }
         Method::DaemonStatus => {
             Params::only(&e.params, &[])?;
@@ -468,11 +513,12 @@ fn run(
                 "draining": ctx.draining.load(Ordering::SeqCst),
                 "log_level": log::max_level().to_string().to_lowercase(),
                 "admin_connections": ctx.open.load(Ordering::SeqCst),
-            }))
+            })
+            .into())
         }
         Method::DaemonDiagnostics => {
             Params::only(&e.params, &[])?;
-            Ok(crate::diagnostics::diagnostics(&sources(ctx))?)
+            Ok(crate::diagnostics::diagnostics(&sources(ctx))?.into())
         }
         Method::DaemonReload => {
             Params::only(&e.params, &[])?;
@@ -481,7 +527,7 @@ fn run(
                 .map_err(|_| {
                     ProtoError::new(ErrorCode::Unavailable, "the supervisor is stopping")
                 })?;
-            Ok(json!({"status": "reload requested"}))
+            Ok(json!({"status": "reload requested"}).into())
         }
         Method::DaemonLogLevel => {
             let level = Params::only(&e.params, &["level"])?.required("level")?;
@@ -493,7 +539,7 @@ fn run(
                 "log level set to {parsed} by {} (until the next reload)",
                 peer.actor()
             );
-            Ok(json!({"level": parsed.to_string().to_lowercase()}))
+            Ok(json!({"level": parsed.to_string().to_lowercase()}).into())
         }
         Method::EventsSubscribe => {
             let topics = match e.params.get("topics") {
@@ -530,7 +576,7 @@ fn run(
                 )
             })?;
             subs.push(subscriber);
-            Ok(json!({"subscribed": topics}))
+            Ok(json!({"subscribed": topics}).into())
         }
         Method::Help => {
             let only = Params::only(&e.params, &["method"])?.str("method")?;
@@ -542,7 +588,7 @@ fn run(
             if list.is_empty() {
                 return Err(ProtoError::new(ErrorCode::NotFound, "no such method"));
             }
-            Ok(Value::Array(list))
+            Ok(Value::Array(list).into())
         }
     }
 }

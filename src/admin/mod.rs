@@ -93,7 +93,7 @@ impl Subscriber {
             .stack_size(CONN_STACK)
             .spawn(move || {
                 while let Ok(line) = queue.recv() {
-                    if write_line(&out, &line).is_err() {
+                    if write_line(&out, line).is_err() {
                         break;
                     }
                 }
@@ -348,15 +348,14 @@ fn accept_loop(listener: &UnixListener, ctx: &Arc<AdminCtx>, stop: &AtomicBool) 
     }
 }
 
-/// One write per line, so the reader wakes once per reply.
-fn write_line(writer: &Writer, line: &str) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(line.len() + 1);
-    buf.extend_from_slice(line.as_bytes());
-    buf.push(b'\n');
+/// One write per line, so the reader wakes once per reply. Takes the line
+/// by value to add the newline in place.
+fn write_line(writer: &Writer, mut line: String) -> std::io::Result<()> {
+    line.push('\n');
     writer
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .write_all(&buf)
+        .write_all(line.as_bytes())
 }
 
 fn serve(ctx: &Arc<AdminCtx>, stream: UnixStream, peer: Peer, access: Access) {
@@ -367,7 +366,7 @@ fn serve(ctx: &Arc<AdminCtx>, stream: UnixStream, peer: Peer, access: Access) {
         Ok(w) => Arc::new(Mutex::new(w)),
         Err(_) => return,
     };
-    if write_line(&writer, &workerproto::greeting(&config.worker.id)).is_err() {
+    if write_line(&writer, workerproto::greeting(&config.worker.id)).is_err() {
         return;
     }
     let claims = Claims::for_access(access, &config.worker.id);
@@ -388,7 +387,7 @@ fn serve(ctx: &Arc<AdminCtx>, stream: UnixStream, peer: Peer, access: Access) {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) {
                     let error = ProtoError::new(ErrorCode::Unavailable, "idle timeout; closing");
-                    let _ = write_line(&writer, &workerproto::error_reply(None, &error));
+                    let _ = write_line(&writer, workerproto::error_reply(None, &error));
                 }
                 break;
             }
@@ -398,7 +397,7 @@ fn serve(ctx: &Arc<AdminCtx>, stream: UnixStream, peer: Peer, access: Access) {
                 ErrorCode::LineTooLong,
                 format!("a request line may be at most {limit} bytes; closing"),
             );
-            let _ = write_line(&writer, &workerproto::error_reply(None, &error));
+            let _ = write_line(&writer, workerproto::error_reply(None, &error));
             break;
         }
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
@@ -407,7 +406,7 @@ fn serve(ctx: &Arc<AdminCtx>, stream: UnixStream, peer: Peer, access: Access) {
             continue;
         }
         let reply = methods::handle(ctx, text, peer, &claims, &writer);
-        if write_line(&writer, &reply).is_err() {
+        if write_line(&writer, reply).is_err() {
             break;
         }
     }

@@ -98,8 +98,8 @@ impl Registry {
         &self.default
     }
 
-    pub fn names(&self) -> Vec<String> {
-        self.providers.keys().cloned().collect()
+    pub fn names(&self) -> Vec<&str> {
+        self.providers.keys().map(String::as_str).collect()
     }
 
     pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Provider>> {

@@ -53,6 +53,15 @@ pub enum Ineligible {
 }
 
 impl Ineligible {
+    /// The reasons `ineligibility` gives (provider support is judged
+    /// separately, per provider asked for).
+    pub const ALL: [Ineligible; 4] = [
+        Ineligible::NotOnline,
+        Ineligible::Draining,
+        Ineligible::Stale,
+        Ineligible::Full,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Ineligible::NotOnline => "not_online",

@@ -12,6 +12,7 @@
 //! the thread exits when every handle is dropped.
 
 pub mod health;
+mod snapshot;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::thread::JoinHandle;
@@ -24,6 +25,8 @@ use crate::metrics::{METRICS, WorkerFigures};
 use crate::store::StoreHandle;
 use crate::workers::{Heartbeat, Worker, WorkerStatus};
 use health::{Health, Ineligible, Windows};
+use snapshot::Board;
+pub use snapshot::LocalStatus;
 
 const REPLY_DEADLINE: Duration = Duration::from_secs(5);
 const INBOX_CAPACITY: usize = 4096;
@@ -205,11 +208,6 @@ pub enum SchedulerRequest {
         now_ms: i64,
         reply: Sender<Refresh>,
     },
-    /// One worker and the reservations in flight (cheap: `worker.status`).
-    WorkerAndReservations {
-        id: String,
-        reply: Sender<(Option<WorkerView>, usize)>,
-    },
     /// Per-worker reasons for `scheduler.explain`.
     ExplainWorkers {
         provider: String,
@@ -275,6 +273,7 @@ pub enum SchedulerRequest {
 #[derive(Clone)]
 pub struct SchedulerHandle {
     inbox: Sender<SchedulerRequest>,
+    board: Board,
 }
 
 impl SchedulerHandle {
@@ -318,14 +317,11 @@ impl SchedulerHandle {
             reply,
         })
     }
-    pub fn worker_and_reservations(
-        &self,
-        id: &str,
-    ) -> Result<(Option<WorkerView>, usize), SchedulerError> {
-        self.call(|reply| SchedulerRequest::WorkerAndReservations {
-            id: id.to_owned(),
-            reply,
-        })
+    /// The local worker and the reservations in flight, read from the
+    /// snapshot the scheduler publishes (see [`snapshot`]): no hop to the
+    /// scheduler thread, so readers on many threads do not queue behind it.
+    pub fn local_status(&self) -> Result<LocalStatus, SchedulerError> {
+        self.board.read()
     }
     pub fn explain_workers(
         &self,
@@ -419,6 +415,9 @@ struct Entry {
     reserved: u32,
     /// The load under which it is filed in `eligible`, if it is.
     filed: Option<u32>,
+    /// The reason it is counted under in `reasons` (`None` = eligible), as
+    /// of its last filing; `None` until it is filed.
+    counted: Option<Option<Ineligible>>,
 }
 
 impl Entry {
@@ -437,6 +436,12 @@ struct ClusterView {
     workers: BTreeMap<String, Entry>,
     /// (load, id) of every worker eligible at its last evaluation.
     eligible: BTreeSet<(u32, String)>,
+    /// Every worker counted by the reason it was filed under.
+    reasons: ReasonCounts,
+    /// (instant its heartbeat goes stale, id) of every worker filed as
+    /// online and fresh: the ones whose reason time alone can change
+    /// (to `stale`) before they are filed again.
+    lapses: BTreeSet<(Instant, String)>,
     windows: Windows,
     local_worker_id: String,
     policy: PlacementPolicy,
@@ -454,6 +459,8 @@ impl ClusterView {
         ClusterView {
             workers: BTreeMap::new(),
             eligible: BTreeSet::new(),
+            reasons: ReasonCounts::default(),
+            lapses: BTreeSet::new(),
             windows,
             local_worker_id,
             policy,
@@ -470,51 +477,83 @@ impl ClusterView {
     }
 
     fn view_ref<'e>(&self, entry: &'e Entry, now: Instant) -> WorkerRef<'e> {
-        let last_seen = now.saturating_duration_since(entry.last_seen);
-        let health = health::health(last_seen, self.windows);
-        WorkerRef {
-            worker: &entry.worker,
-            health,
-            stale: last_seen > self.windows.stale_after,
-            ineligible: health::ineligibility(&entry.worker, health, entry.load()),
-            active_sandboxes: entry.active,
-            last_seen,
+        derive(
+            &entry.worker,
+            entry.last_seen,
+            entry.active,
+            entry.reserved,
+            self.windows,
+            now,
+        )
+    }
+
+    /// Re-files one worker in the indexes after any change to it.
+    fn refile(&mut self, id: &str, now: Instant) {
+        self.unfile(id);
+        self.file(id, now);
+    }
+
+    /// Takes a worker out of the indexes (`eligible`, `reasons`, `lapses`),
+    /// by what it was filed under.
+    fn unfile(&mut self, id: &str) {
+        let Some(entry) = self.workers.get_mut(id) else {
+            return;
+        };
+        if let Some(load) = entry.filed.take() {
+            self.eligible.remove(&(load, id.to_owned()));
+        }
+        if let Some(reason) = entry.counted.take() {
+            self.reasons.remove(&entry.worker, reason);
+            // Its key cannot have moved: `observe` and `set_windows` unfile
+            // before they change the receive time or the windows.
+            if let Some(at) = entry.last_seen.checked_add(self.windows.stale_after) {
+                self.lapses.remove(&(at, id.to_owned()));
+            }
         }
     }
 
-    /// Re-files one worker in the eligible index after any change to it.
-    fn refile(&mut self, id: &str, now: Instant) {
+    /// Files an unfiled worker in the indexes as it is at `now`.
+    fn file(&mut self, id: &str, now: Instant) {
         let windows = self.windows;
         let Some(entry) = self.workers.get_mut(id) else {
             return;
         };
         let age = now.saturating_duration_since(entry.last_seen);
-        let eligible =
-            health::ineligibility(&entry.worker, health::health(age, windows), entry.load())
-                .is_none();
-        if let Some(load) = entry.filed.take() {
-            self.eligible.remove(&(load, id.to_owned()));
-        }
-        if eligible {
+        let reason =
+            health::ineligibility(&entry.worker, health::health(age, windows), entry.load());
+        if reason.is_none() {
             entry.filed = Some(entry.load());
             self.eligible.insert((entry.load(), id.to_owned()));
         }
+        // Filed online and fresh: only time can make it stale unfiled (and
+        // not within the life of the process, if `stale_after` is absurd).
+        if reason != Some(Ineligible::Stale) && entry.worker.status == WorkerStatus::Online {
+            if let Some(at) = entry.last_seen.checked_add(windows.stale_after) {
+                self.lapses.insert((at, id.to_owned()));
+            }
+        }
+        self.reasons.add(&entry.worker, reason);
+        entry.counted = Some(reason);
     }
 
     fn observe(&mut self, worker: Worker, received: Instant, now: Instant) -> WorkerView {
         let id = worker.id.clone();
+        // Unfiled by what the previous record was filed under, before the
+        // record (its status, providers, receive time) is replaced.
+        self.unfile(&id);
         let previous = self
             .workers
             .get(&id)
-            .map(|e| (e.health, e.active, e.reserved, e.filed));
-        let (active, reserved, filed) = previous.map_or((0, 0, None), |(_, a, r, f)| (a, r, f));
+            .map(|e| (e.health, e.active, e.reserved));
+        let (active, reserved) = previous.map_or((0, 0), |(_, a, r)| (a, r));
         let entry = Entry {
             worker,
             last_seen: received,
             health: Health::Ready,
             active,
             reserved,
-            filed,
+            filed: None,
+            counted: None,
         };
         let view = self.view(&entry, now);
         match previous {
@@ -526,7 +565,7 @@ impl ClusterView {
                     serde_json::json!({"id": id}),
                 );
             }
-            Some((old, _, _, _)) if old != view.health => {
+            Some((old, _, _)) if old != view.health => {
                 METRICS.workers.health_changes.inc();
                 crate::events::publish(
                     "worker",
@@ -548,7 +587,7 @@ impl ClusterView {
                 ..entry
             },
         );
-        self.refile(&id, now);
+        self.file(&id, now);
         view
     }
 
@@ -581,15 +620,22 @@ impl ClusterView {
 
     fn forget(&mut self, id: &str) -> bool {
         self.dirty.remove(id);
-        match self.workers.remove(id) {
-            Some(entry) => {
-                if let Some(load) = entry.filed {
-                    self.eligible.remove(&(load, id.to_owned()));
-                }
-                true
-            }
-            None => false,
+        self.unfile(id);
+        self.workers.remove(id).is_some()
+    }
+
+    /// New health windows: every worker's reason and lapse instant may
+    /// move, so every worker is re-filed.
+    fn set_windows(&mut self, windows: Windows, now: Instant) {
+        let ids: Vec<String> = self.workers.keys().cloned().collect();
+        for id in &ids {
+            self.unfile(id);
         }
+        self.windows = windows;
+        for id in &ids {
+            self.file(id, now);
+        }
+        self.evaluate(now);
     }
 
     /// Re-derives health for every worker, logs each change once, and
@@ -680,23 +726,39 @@ impl ClusterView {
             .collect()
     }
 
-    /// Per-worker reasons, for explanations and for "nothing fits" answers.
+    /// Eligible workers for `provider` at `now`, and the others counted by
+    /// reason, for explanations and for "nothing fits" answers. Read from
+    /// the counts kept at filing, corrected for the workers that went
+    /// stale since they were filed (at most the last health tick's worth):
+    /// the same answer as judging every worker at `now`, without visiting
+    /// every worker.
     fn explain(&self, provider: &str, now: Instant) -> (usize, BTreeMap<&'static str, usize>) {
-        let mut eligible = 0;
-        let mut rejections = BTreeMap::new();
-        for entry in self.workers.values() {
-            let v = self.view(entry, now);
-            let reason = if health::supports(&entry.worker, provider) {
-                v.ineligible
-            } else {
-                Some(health::Ineligible::ProviderUnsupported)
+        let mut counts = self.reasons.supporting(provider);
+        // Lapsed: still filed as fresh, but their age is past `stale_after`.
+        for (_, id) in self.lapses.range(..(now, String::new())) {
+            let Some(entry) = self.workers.get(id) else {
+                continue;
             };
-            match reason {
-                None => eligible += 1,
-                Some(r) => *rejections.entry(r.as_str()).or_default() += 1,
+            if let Some(reason) = entry
+                .counted
+                .filter(|_| health::supports(&entry.worker, provider))
+            {
+                counts.take(reason);
+                counts.put(Some(Ineligible::Stale));
             }
         }
-        (eligible, rejections)
+        let mut rejections = BTreeMap::new();
+        let unsupported = self.reasons.all.total() - counts.total();
+        if unsupported > 0 {
+            rejections.insert(Ineligible::ProviderUnsupported.as_str(), unsupported);
+        }
+        for reason in Ineligible::ALL {
+            let n = counts.get(Some(reason));
+            if n > 0 {
+                rejections.insert(reason.as_str(), n);
+            }
+        }
+        (counts.get(None), rejections)
     }
 
     fn admit(&mut self, q: &AdmissionQuery, explain: bool, now: Instant) -> Admission {
@@ -815,6 +877,124 @@ impl ClusterView {
     }
 }
 
+/// Workers by reason (`None` = eligible), one slot per reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counts([usize; 6]);
+
+impl Counts {
+    fn slot(reason: Option<Ineligible>) -> usize {
+        match reason {
+            None => 0,
+            Some(Ineligible::NotOnline) => 1,
+            Some(Ineligible::Draining) => 2,
+            Some(Ineligible::Stale) => 3,
+            Some(Ineligible::Full) => 4,
+            Some(Ineligible::ProviderUnsupported) => 5,
+        }
+    }
+    fn get(&self, reason: Option<Ineligible>) -> usize {
+        self.0[Counts::slot(reason)]
+    }
+    fn put(&mut self, reason: Option<Ineligible>) {
+        self.0[Counts::slot(reason)] += 1;
+    }
+    fn take(&mut self, reason: Option<Ineligible>) {
+        let n = &mut self.0[Counts::slot(reason)];
+        *n = n.saturating_sub(1);
+    }
+    fn total(&self) -> usize {
+        self.0.iter().sum()
+    }
+    fn plus(mut self, other: &Counts) -> Counts {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0) {
+            *mine += theirs;
+        }
+        self
+    }
+}
+
+/// Filed workers counted by reason, split by provider support, so the
+/// counts for one provider cost no walk over the workers.
+#[derive(Default)]
+struct ReasonCounts {
+    /// Every filed worker.
+    all: Counts,
+    /// Workers with no provider list: they run every provider.
+    every_provider: Counts,
+    /// provider -> workers that list it (once, however often listed).
+    listed: HashMap<String, Counts>,
+}
+
+impl ReasonCounts {
+    /// The providers a worker lists, each once.
+    fn listed_by(worker: &Worker) -> impl Iterator<Item = &String> {
+        worker
+            .providers
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| !worker.providers[..*i].contains(p))
+            .map(|(_, p)| p)
+    }
+
+    fn add(&mut self, worker: &Worker, reason: Option<Ineligible>) {
+        self.all.put(reason);
+        if worker.providers.is_empty() {
+            self.every_provider.put(reason);
+        }
+        for p in ReasonCounts::listed_by(worker) {
+            self.listed.entry(p.clone()).or_default().put(reason);
+        }
+    }
+
+    fn remove(&mut self, worker: &Worker, reason: Option<Ineligible>) {
+        self.all.take(reason);
+        if worker.providers.is_empty() {
+            self.every_provider.take(reason);
+        }
+        for p in ReasonCounts::listed_by(worker) {
+            if let Some(counts) = self.listed.get_mut(p) {
+                counts.take(reason);
+                if counts.total() == 0 {
+                    self.listed.remove(p);
+                }
+            }
+        }
+    }
+
+    /// The workers that run `provider` (`""`: every worker), by reason.
+    fn supporting(&self, provider: &str) -> Counts {
+        if provider.is_empty() {
+            return self.all;
+        }
+        match self.listed.get(provider) {
+            Some(listed) => self.every_provider.plus(listed),
+            None => self.every_provider,
+        }
+    }
+}
+
+/// A worker's derived view at `now`: the one rule for health, staleness and
+/// eligibility, used on the scheduler thread and by snapshot readers.
+fn derive(
+    worker: &Worker,
+    last_seen: Instant,
+    active: u32,
+    reserved: u32,
+    windows: Windows,
+    now: Instant,
+) -> WorkerRef<'_> {
+    let age = now.saturating_duration_since(last_seen);
+    let health = health::health(age, windows);
+    WorkerRef {
+        worker,
+        health,
+        stale: age > windows.stale_after,
+        ineligible: health::ineligibility(worker, health, active + reserved),
+        active_sandboxes: active,
+        last_seen: age,
+    }
+}
+
 /// Starts the scheduler thread with the workers and live sandbox counts
 /// loaded from the store.
 pub fn start(
@@ -839,6 +1019,7 @@ pub fn start(
                 active: 0,
                 reserved: 0,
                 filed: None,
+                counted: None,
             },
         );
     }
@@ -850,25 +1031,52 @@ pub fn start(
         view.refile(&id, now);
     }
     let (inbox, requests) = bounded(INBOX_CAPACITY);
+    let board = Board::new(&view, now);
+    let thread_board = board.clone();
     let thread = std::thread::Builder::new()
         .name("scheduler".into())
         .spawn(move || {
             let _exit = on_exit.guard("scheduler");
-            run(view, requests, &store);
+            let _closed = CloseOnExit(&thread_board);
+            run(view, requests, &store, &thread_board);
         })?;
-    Ok((SchedulerHandle { inbox }, thread))
+    Ok((SchedulerHandle { inbox, board }, thread))
 }
 
-fn run(mut view: ClusterView, requests: Receiver<SchedulerRequest>, store: &StoreHandle) {
+/// Closes the board when the scheduler thread ends, however it ends, so
+/// snapshot readers get `Unavailable` as callers of a stopped thread do.
+struct CloseOnExit<'a>(&'a Board);
+
+impl Drop for CloseOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+fn run(
+    mut view: ClusterView,
+    requests: Receiver<SchedulerRequest>,
+    store: &StoreHandle,
+    board: &Board,
+) {
     let ticks = tick(HEALTH_TICK);
     loop {
         select! {
             recv(requests) -> request => match request {
-                Ok(request) => handle(&mut view, request),
+                Ok(request) => {
+                    let now = Instant::now();
+                    let reply = handle(&mut view, request, now);
+                    // Published before the reply, so the caller (and anyone
+                    // it tells) reads its own change from the snapshot.
+                    board.publish(&view, now, false);
+                    reply();
+                }
                 Err(_) => break,
             },
             recv(ticks) -> _ => {
-                view.evaluate(Instant::now());
+                let now = Instant::now();
+                view.evaluate(now);
+                board.publish(&view, now, true);
                 flush(&mut view, store);
             }
         }
@@ -888,34 +1096,33 @@ fn flush(view: &mut ClusterView, store: &StoreHandle) {
     }
 }
 
-fn handle(view: &mut ClusterView, request: SchedulerRequest) {
-    let now = Instant::now();
+/// A reply held back until the snapshot is published (see `run`).
+type Reply = Box<dyn FnOnce()>;
+
+fn send<T: 'static>(reply: Sender<T>, value: T) -> Reply {
     // A caller that timed out dropped its receiver; ignoring the send error
     // is correct.
+    Box::new(move || {
+        let _ = reply.send(value);
+    })
+}
+
+/// Applies one request to the view and returns its reply, unsent.
+fn handle(view: &mut ClusterView, request: SchedulerRequest, now: Instant) -> Reply {
     match request {
         SchedulerRequest::Observe {
             worker,
             received,
             reply,
-        } => {
-            let _ = reply.send(view.observe(worker, received, now));
-        }
+        } => send(reply, view.observe(worker, received, now)),
         SchedulerRequest::Refresh {
             heartbeat,
             received,
             now_ms,
             reply,
-        } => {
-            let _ = reply.send(view.refresh(&heartbeat, received, now_ms, now));
-        }
-        SchedulerRequest::WorkerAndReservations { id, reply } => {
-            let _ = reply.send((
-                view.workers.get(&id).map(|e| view.view(e, now)),
-                view.reservations.len(),
-            ));
-        }
+        } => send(reply, view.refresh(&heartbeat, received, now_ms, now)),
         SchedulerRequest::ExplainWorkers { provider, reply } => {
-            let _ = reply.send(view.reasons(&provider, now));
+            send(reply, view.reasons(&provider, now))
         }
         SchedulerRequest::SetStatus { id, status, reply } => {
             let updated = view
@@ -927,54 +1134,48 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest) {
                 view.refile(&id, now);
                 log::info!("worker {id} status set to {status}");
             }
-            let _ = reply.send(view.workers.get(&id).map(|e| view.view(e, now)));
+            send(reply, view.workers.get(&id).map(|e| view.view(e, now)))
         }
         SchedulerRequest::Forget { id, reply } => {
             let removed = view.forget(&id);
             if removed {
                 log::info!("worker {id} removed from the cluster view");
             }
-            let _ = reply.send(removed);
+            send(reply, removed)
         }
         SchedulerRequest::Get { id, reply } => {
-            let _ = reply.send(view.workers.get(&id).map(|e| view.view(e, now)));
+            send(reply, view.workers.get(&id).map(|e| view.view(e, now)))
         }
-        SchedulerRequest::List { reply } => {
-            let _ = reply.send(view.workers.values().map(|e| view.view(e, now)).collect());
-        }
+        SchedulerRequest::List { reply } => send(
+            reply,
+            view.workers.values().map(|e| view.view(e, now)).collect(),
+        ),
         SchedulerRequest::Render { render, reply } => {
             let refs: Vec<WorkerRef<'_>> = view
                 .workers
                 .values()
                 .map(|e| view.view_ref(e, now))
                 .collect();
-            let _ = reply.send(render(&refs));
+            send(reply, render(&refs))
         }
-        SchedulerRequest::Figures { reply } => {
-            let _ = reply.send(view.figures(now));
-        }
-        SchedulerRequest::Status { reply } => {
-            let _ = reply.send(view.status(now));
-        }
+        SchedulerRequest::Figures { reply } => send(reply, view.figures(now)),
+        SchedulerRequest::Status { reply } => send(reply, view.status(now)),
         SchedulerRequest::SetWindows { windows, reply } => {
-            view.windows = windows;
-            view.evaluate(now);
-            let _ = reply.send(());
+            view.set_windows(windows, now);
+            send(reply, ())
         }
         SchedulerRequest::Admit {
             query,
             explain,
             reply,
-        } => {
-            let _ = reply.send(view.admit(&query, explain, now));
-        }
+        } => send(reply, view.admit(&query, explain, now)),
         SchedulerRequest::Settle {
             reservation,
             created,
             reply,
         } => {
             view.settle(&reservation, created, now);
-            let _ = reply.send(());
+            send(reply, ())
         }
         SchedulerRequest::SandboxCount {
             worker_id,
@@ -983,11 +1184,11 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest) {
             reply,
         } => {
             view.adjust(&worker_id, &owner_id, delta, 0, now);
-            let _ = reply.send(());
+            send(reply, ())
         }
         SchedulerRequest::SetPolicy { policy, reply } => {
             view.policy = policy;
-            let _ = reply.send(());
+            send(reply, ())
         }
     }
 }
@@ -996,6 +1197,145 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest) {
 mod tests {
     use super::*;
     use crate::workers::Capacity;
+    use proptest::prelude::*;
+
+    /// What `explain` answered before it kept counts: every worker judged
+    /// at `now`. The reference the counts must agree with.
+    fn explain_by_walking(
+        v: &ClusterView,
+        provider: &str,
+        now: Instant,
+    ) -> (usize, BTreeMap<&'static str, usize>) {
+        let mut eligible = 0;
+        let mut rejections = BTreeMap::new();
+        for entry in v.workers.values() {
+            let reason = if health::supports(&entry.worker, provider) {
+                v.view_ref(entry, now).ineligible
+            } else {
+                Some(Ineligible::ProviderUnsupported)
+            };
+            match reason {
+                None => eligible += 1,
+                Some(r) => *rejections.entry(r.as_str()).or_default() += 1,
+            }
+        }
+        (eligible, rejections)
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A heartbeat from worker `id`, received `age_s` seconds ago.
+        Observe {
+            id: u8,
+            status: u8,
+            providers: Vec<u8>,
+            max: Option<u32>,
+            age_s: u64,
+        },
+        Load {
+            id: u8,
+            live: i32,
+            reserved: i32,
+        },
+        SetStatus {
+            id: u8,
+            status: u8,
+        },
+        Forget {
+            id: u8,
+        },
+        Windows {
+            stale_s: u64,
+        },
+        Evaluate,
+        Wait {
+            s: u64,
+        },
+    }
+
+    fn status_of(n: u8) -> WorkerStatus {
+        [
+            WorkerStatus::Online,
+            WorkerStatus::Online,
+            WorkerStatus::Draining,
+            WorkerStatus::Unhealthy,
+            WorkerStatus::Offline,
+        ][usize::from(n) % 5]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..6u8, 0..5u8, proptest::collection::vec(0..3u8, 0..4), proptest::option::of(0..4u32), 0..40u64)
+                .prop_map(|(id, status, providers, max, age_s)| Op::Observe { id, status, providers, max, age_s }),
+            2 => (0..6u8, -1..3i32, -1..2i32).prop_map(|(id, live, reserved)| Op::Load { id, live, reserved }),
+            1 => (0..6u8, 0..5u8).prop_map(|(id, status)| Op::SetStatus { id, status }),
+            1 => (0..6u8).prop_map(|id| Op::Forget { id }),
+            1 => (5..30u64).prop_map(|stale_s| Op::Windows { stale_s }),
+            1 => Just(Op::Evaluate),
+            2 => (0..20u64).prop_map(|s| Op::Wait { s }),
+        ]
+    }
+
+    #[test]
+    fn an_absurd_stale_window_neither_panics_nor_miscounts() {
+        let now = Instant::now();
+        let huge = Windows {
+            stale_after: Duration::MAX,
+            down_after: Duration::MAX,
+        };
+        let mut v = ClusterView::new("local".into(), huge, PlacementPolicy::Spread);
+        v.observe(with_capacity("local", 4, &[]), now, now);
+        v.adjust("local", "", 1, 0, now);
+        v.set_windows(W, now);
+        v.set_windows(huge, now);
+        v.forget("local");
+        v.observe(with_capacity("local", 4, &[]), now, now);
+        let later = now + Duration::from_secs(3600);
+        assert_eq!(v.explain("", later), explain_by_walking(&v, "", later));
+        assert_eq!(v.explain("", later).0, 1);
+    }
+
+    proptest! {
+        /// The kept counts answer exactly as walking every worker does, for
+        /// every provider, after any sequence of changes and waits.
+        #[test]
+        fn explain_counts_match_walking_every_worker(ops in proptest::collection::vec(op(), 1..60)) {
+            let names = ["mock", "process", "vm"];
+            let start = Instant::now();
+            let mut now = start + Duration::from_secs(100);
+            let mut v = ClusterView::new("w0".into(), W, PlacementPolicy::Spread);
+            for op in ops {
+                match op {
+                    Op::Observe { id, status, providers, max, age_s } => {
+                        let mut w = worker(&format!("w{id}"), status_of(status));
+                        w.providers = providers.iter().map(|p| names[usize::from(*p)].to_owned()).collect();
+                        w.capacity.max_sandboxes = max;
+                        v.observe(w, now - Duration::from_secs(age_s), now);
+                    }
+                    Op::Load { id, live, reserved } => v.adjust(&format!("w{id}"), "", live, reserved, now),
+                    Op::SetStatus { id, status } => {
+                        let id = format!("w{id}");
+                        if let Some(e) = v.workers.get_mut(&id) {
+                            e.worker.status = status_of(status);
+                            v.refile(&id, now);
+                        }
+                    }
+                    Op::Forget { id } => {
+                        v.forget(&format!("w{id}"));
+                    }
+                    Op::Windows { stale_s } => v.set_windows(
+                        Windows { stale_after: Duration::from_secs(stale_s), down_after: Duration::from_secs(stale_s * 4) },
+                        now,
+                    ),
+                    Op::Evaluate => v.evaluate(now),
+                    Op::Wait { s } => now += Duration::from_secs(s),
+                }
+                for provider in ["", "mock", "process", "vm", "none"] {
+                    prop_assert_eq!(v.explain(provider, now), explain_by_walking(&v, provider, now), "provider {:?}", provider);
+                }
+            }
+        }
+    }
 
     const W: Windows = Windows {
         stale_after: Duration::from_secs(15),

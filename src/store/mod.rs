@@ -616,6 +616,17 @@ impl StoreHandle {
             .unwrap_or_else(|e| e.into_inner())
             .figures(now_ms)
     }
+
+    /// Active leases held by `holder` (what `worker.status` reports), from
+    /// memory. Counted once per change to the leases and cached until the
+    /// first of them expires, so asking often costs no scan (see
+    /// [`Tallies::held`]).
+    pub fn leases_held(&self, holder: &str, now_ms: i64) -> u64 {
+        self.tallies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .held(holder, now_ms)
+    }
 }
 
 fn wal_path(db: &Path) -> PathBuf {
@@ -631,6 +642,20 @@ pub struct Tallies {
     leases: HashMap<String, (String, i64)>,
     /// (state, provider, worker) -> sandboxes.
     sandboxes: HashMap<(SandboxState, String, String), u64>,
+    /// Bumped by every lease change; a [`HeldCount`] is valid for one.
+    lease_changes: u64,
+    held: Option<HeldCount>,
+}
+
+/// One holder's active-lease count, as counted at `counted_at_ms`.
+struct HeldCount {
+    holder: String,
+    lease_changes: u64,
+    counted_at_ms: i64,
+    /// The earliest expiry among the counted leases: the count can only
+    /// fall, and only when one of them expires.
+    valid_until_ms: i64,
+    count: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -649,6 +674,40 @@ impl Tallies {
             lease.resource_id.clone(),
             (lease.holder_id.clone(), lease.expires_at_ms),
         );
+        self.lease_changes += 1;
+    }
+
+    /// Leases `holder` holds at `now_ms` (held and unexpired), as
+    /// [`Tallies::figures`] counts them. The count is reused while no lease
+    /// changed and `now_ms` lies between when it was counted and the first
+    /// expiry among them (a wall clock stepped back recounts); otherwise it
+    /// is recounted, O(leases).
+    fn held(&mut self, holder: &str, now_ms: i64) -> u64 {
+        if let Some(c) = &self.held {
+            if c.holder == holder
+                && c.lease_changes == self.lease_changes
+                && c.counted_at_ms <= now_ms
+                && now_ms < c.valid_until_ms
+            {
+                return c.count;
+            }
+        }
+        let mut count = 0;
+        let mut valid_until_ms = i64::MAX;
+        for (h, expires) in self.leases.values() {
+            if h == holder && !h.is_empty() && now_ms < *expires {
+                count += 1;
+                valid_until_ms = valid_until_ms.min(*expires);
+            }
+        }
+        self.held = Some(HeldCount {
+            holder: holder.to_owned(),
+            lease_changes: self.lease_changes,
+            counted_at_ms: now_ms,
+            valid_until_ms,
+            count,
+        });
+        count
     }
 
     fn moved(&mut self, from: Option<&Sandbox>, to: &Sandbox) {
@@ -1436,6 +1495,45 @@ fn checkpoint(conn: &Connection) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cached count always equals what `figures` counts, across lease
+    /// changes, expiries and a wall clock stepped back.
+    #[test]
+    fn held_leases_match_the_full_count() {
+        let mut t = Tallies::default();
+        let check = |t: &mut Tallies, now: i64| {
+            let full = t
+                .figures(now)
+                .leases_by_holder
+                .get("me")
+                .copied()
+                .unwrap_or(0);
+            assert_eq!(t.held("me", now), full, "at {now}");
+            // Asked twice: the cached answer is the same.
+            assert_eq!(t.held("me", now), full, "cached at {now}");
+        };
+        check(&mut t, 0);
+        t.lease(&tally_lease("a".into(), "me", 100));
+        t.lease(&tally_lease("b".into(), "me", 200));
+        t.lease(&tally_lease("c".into(), "other", 150));
+        for now in [0, 50, 99, 100, 150, 199, 200, 250] {
+            check(&mut t, now);
+        }
+        // The clock steps back: expired leases count again.
+        check(&mut t, 10);
+        assert_eq!(t.held("me", 10), 2);
+        // A renew, a release and a new holder each change the count.
+        t.lease(&tally_lease("a".into(), "me", 1_000));
+        check(&mut t, 300);
+        assert_eq!(t.held("me", 300), 1);
+        t.lease(&tally_lease("a".into(), "", 1_000));
+        check(&mut t, 300);
+        t.lease(&tally_lease("c".into(), "me", 1_000));
+        check(&mut t, 300);
+        assert_eq!(t.held("me", 300), 1);
+        assert_eq!(t.held("other", 300), 0);
+        check(&mut t, 300);
+    }
 
     fn temp_db(name: &str) -> PathBuf {
         let dir =
