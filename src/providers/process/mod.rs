@@ -251,22 +251,11 @@ impl ProcessProvider {
         let log = fs::File::create(dir.join("init.log"))
             .map_err(|e| format!("creating init.log: {e}"))?;
         let mut command = Command::new("setsid");
-        command.arg("--fork").arg("unshare");
-        if self.rootless {
-            command.args(["--user", "--map-root-user"]);
-        }
         command
-            .args([
-                "--pid",
-                "--mount",
-                "--uts",
-                "--ipc",
-                "--net",
-                "--fork",
-                "--propagation",
-                "private",
-                "--",
-            ])
+            .arg("--fork")
+            .arg("unshare")
+            .args(unshare_args(self.rootless))
+            .arg("--")
             .arg(&self.exe)
             .arg("sandbox-init")
             .arg("--state")
@@ -404,26 +393,34 @@ fn helper_binary() -> PathBuf {
     PathBuf::from(format!("/proc/{}/exe", std::process::id()))
 }
 
+/// util-linux `unshare` options for a sandbox's namespaces: a user
+/// namespace first when rootless, then PID (with the fork that makes the
+/// init its PID 1), mount (private propagation), UTS, IPC and network.
+fn unshare_args(rootless: bool) -> Vec<&'static str> {
+    let mut args = Vec::with_capacity(10);
+    if rootless {
+        args.extend(["--user", "--map-root-user"]);
+    }
+    args.extend([
+        "--pid",
+        "--mount",
+        "--uts",
+        "--ipc",
+        "--net",
+        "--fork",
+        "--propagation",
+        "private",
+    ]);
+    args
+}
+
 /// Creates the namespaces a sandbox needs once, at open, so that a host
 /// (or a systemd unit) that forbids them shows as an unhealthy provider
 /// instead of failing every spawn.
 fn probe_namespaces(rootless: bool) -> Result<(), String> {
-    let mut command = Command::new("unshare");
-    if rootless {
-        command.args(["--user", "--map-root-user"]);
-    }
-    let output = command
-        .args([
-            "--pid",
-            "--mount",
-            "--uts",
-            "--ipc",
-            "--net",
-            "--fork",
-            "--propagation",
-            "private",
-            "true",
-        ])
+    let output = Command::new("unshare")
+        .args(unshare_args(rootless))
+        .arg("true")
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run unshare: {e}"))?;
