@@ -604,6 +604,48 @@ impl Lifecycle {
         }
     }
 
+    /// A running sandbox whose runtime is gone (its processes were killed
+    /// from outside) is marked `lost` when that is noticed, not only at the
+    /// next restart, and the provider's leftovers are removed. Returns
+    /// whether the record was changed.
+    pub fn runtime_vanished(&self, sandbox: &Sandbox) -> bool {
+        let me = self.me();
+        match self.store.mark_lost(&sandbox.id, &me, now_ms()) {
+            Ok(Ok(_)) => {
+                if let Err(e) =
+                    self.scheduler
+                        .sandbox_count(&sandbox.worker_id, &sandbox.owner_id, -1)
+                {
+                    log::warn!(
+                        "sandbox {}: updating the scheduler's count: {e}",
+                        sandbox.id
+                    );
+                }
+                self.forget_fence(&sandbox.id);
+                log::warn!(
+                    "sandbox {} has no runtime any more (killed from outside?); marked lost",
+                    sandbox.id
+                );
+                crate::events::publish("sandbox", "sandbox.lost", json!({"id": sandbox.id}));
+                if let Some(provider) = self.providers.get(&sandbox.provider) {
+                    let timeout = self.live.get().sandboxes.provider_timeout;
+                    if let Err(e) = self.executor.destroy(provider, &sandbox.id, timeout, None) {
+                        log::warn!("sandbox {}: removing what is left of it: {e}", sandbox.id);
+                    }
+                }
+                true
+            }
+            Ok(Err(r)) => {
+                log::warn!("{}", refusal(&sandbox.id, r));
+                false
+            }
+            Err(e) => {
+                log::warn!("marking sandbox {} lost: {e}", sandbox.id);
+                false
+            }
+        }
+    }
+
     /// Startup reconciliation of provider runtimes against the store.
     /// Leases first: this worker takes back the leases of its live
     /// sandboxes in one statement, and leaves alone any sandbox another

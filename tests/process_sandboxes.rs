@@ -1037,3 +1037,34 @@ fn restart_after_kill_9_adopts_live_sandboxes_and_marks_vanished_lost() {
         "CONFLICT",
     );
 }
+
+#[test]
+fn a_sandbox_killed_from_outside_is_marked_lost_when_noticed() {
+    let (daemon, _reaper) = start_daemon("");
+    let id = spawn_process(&daemon, json!({}));
+    let other = spawn_process(&daemon, json!({}));
+    let (pid, _) = init_of(&state_dir(&daemon, &id)).expect("init.json");
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    // Polled: SIGKILL is delivered asynchronously.
+    poll_until(Duration::from_secs(5), "the killed init to be gone", || {
+        start_time_of(pid).is_none()
+    });
+
+    let refused = exec(&daemon, &id, &json!({"command": "true"}));
+    assert_error(&refused, 409, "CONFLICT");
+    assert!(refused.text().contains("marked lost"), "{}", refused.text());
+    assert_eq!(get_sandbox(&daemon, &id).json()["state"], "lost");
+    assert!(
+        !state_dir(&daemon, &id).exists(),
+        "state of the vanished sandbox left"
+    );
+    assert_eq!(process_provider(&daemon)["runtimes"], 1);
+    // The other sandbox is untouched.
+    assert_eq!(sh(&daemon, &other, "hostname"), format!("{other}\n"));
+    // Files answer the same way now that it is lost.
+    assert_error(&read_file(&daemon, &id, "/workspace/x"), 409, "CONFLICT");
+}

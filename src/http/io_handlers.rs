@@ -12,8 +12,8 @@ use super::Ctx;
 use super::api::{ApiError, to_json};
 use super::handlers::{Reply, Streamed};
 use super::router::{FileRoute, query_pairs};
-use crate::providers::Provider;
 use crate::providers::process::files::FsOp;
+use crate::providers::{EnterError, Provider};
 use crate::sandbox_io::{self, ExecMode, ExecRequest, NdjsonLines, OpError, Sink};
 use crate::sandboxes::SandboxState;
 
@@ -45,7 +45,15 @@ fn target(ctx: &Ctx, id: &str) -> Result<Arc<dyn Provider>, ApiError> {
         .get(&sandbox.provider)
         .cloned()
         .ok_or_else(|| ApiError::internal(format!("provider {} is gone", sandbox.provider)))?;
-    sandbox_io::process_of(&provider)?;
+    let process = sandbox_io::process_of(&provider)?;
+    if let Err(EnterError::NotRunning(why)) = process.check_running(id) {
+        let marked = ctx.lifecycle.runtime_vanished(&sandbox);
+        return Err(ApiError::conflict(if marked {
+            format!("{why}; the sandbox is now marked lost")
+        } else {
+            why
+        }));
+    }
     Ok(provider)
 }
 
