@@ -171,6 +171,10 @@ pub struct ProcessConfig {
     pub max_upload_bytes: u64,
     /// `auto`, `off`, or a cgroup v2 directory delegated to the daemon.
     pub cgroup: String,
+    /// When non-zero, `/workspace` and `/tmp` of each sandbox live on an
+    /// ext4 image of this many MiB (a total disk limit); 0 = the data
+    /// directory's filesystem, limited per file only.
+    pub disk_mb: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1020,6 +1024,7 @@ impl Reader {
                 "exec_output_bytes",
                 "max_upload_mb",
                 "cgroup",
+                "disk_mb",
             ],
         );
         let mut images = BTreeMap::new();
@@ -1080,6 +1085,7 @@ impl Reader {
                 as usize,
             max_upload_bytes: (self.integer(t, S, "max_upload_mb", 256, 1, 1 << 20) as u64) << 20,
             cgroup,
+            disk_mb: self.integer(t, S, "disk_mb", 0, 0, 1 << 24) as u64,
         }
     }
 

@@ -1068,3 +1068,56 @@ fn a_sandbox_killed_from_outside_is_marked_lost_when_noticed() {
     // Files answer the same way now that it is lost.
     assert_error(&read_file(&daemon, &id, "/workspace/x"), 409, "CONFLICT");
 }
+
+#[test]
+fn a_disk_filler_is_contained_by_the_disk_image() {
+    let (daemon, _reaper) = start_daemon("disk_mb = 16");
+    let full = spawn_process(&daemon, json!({}));
+    let other = spawn_process(&daemon, json!({}));
+    // /workspace and /tmp share the sandbox's 16 MiB image.
+    let df = sh(&daemon, &full, "df -k /workspace | tail -1");
+    let kib: u64 = df
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("df: {df}"));
+    assert!((8 * 1024..=16 * 1024).contains(&kib), "{df}");
+
+    // Many files, none over the per-file limit: only the image stops them.
+    let out = exec_ok(
+        &daemon,
+        &full,
+        &json!({"command": "i=0; while head -c 1048576 /dev/zero > /workspace/f$i; do i=$((i+1)); [ $i -gt 64 ] && break; done; echo $i"}),
+    );
+    let written: u32 = out["stdout"]
+        .as_str()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        written < 16,
+        "{written} MiB written into a 16 MiB disk: {out}"
+    );
+    assert!(
+        out["stderr"].as_str().unwrap().contains("No space left"),
+        "{out}"
+    );
+
+    // The daemon, the other sandbox and the full one itself all still work.
+    assert_eq!(
+        daemon.get("/api/v1/health").status,
+        200,
+        "daemon unhealthy after the disk filler"
+    );
+    sh(&daemon, &other, "head -c 4194304 /dev/zero > /workspace/ok");
+    sh(
+        &daemon,
+        &full,
+        "rm /workspace/f*; echo again > /workspace/after",
+    );
+    assert_eq!(sh(&daemon, &full, "cat /workspace/after"), "again\n");
+    // Its space is its own: the host's data dir has no 16 MiB of files.
+    let state = state_dir(&daemon, &full);
+    let image = std::fs::metadata(state.join("disk.img")).expect("disk.img");
+    assert_eq!(image.len(), 16 << 20);
+    assert!(!state.join("workspace").join("after").exists());
+}

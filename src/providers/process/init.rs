@@ -39,6 +39,10 @@ pub struct InitArgs {
     pub hostname: String,
     pub masks: Vec<PathBuf>,
     pub cgroup: Option<PathBuf>,
+    /// An ext4 image to hold `/workspace` and `/tmp` (a disk limit).
+    pub disk: Option<PathBuf>,
+    /// Owner (uid = gid) of `/workspace` and `/tmp` on the disk image.
+    pub owner: Option<u32>,
 }
 
 impl InitArgs {
@@ -49,6 +53,8 @@ impl InitArgs {
             hostname: String::new(),
             masks: Vec::new(),
             cgroup: None,
+            disk: None,
+            owner: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -59,6 +65,10 @@ impl InitArgs {
                 "--hostname" => out.hostname = value.clone(),
                 "--mask" => out.masks.push(PathBuf::from(value)),
                 "--cgroup" => out.cgroup = Some(PathBuf::from(value)),
+                "--disk" => out.disk = Some(PathBuf::from(value)),
+                "--owner" => {
+                    out.owner = Some(value.parse().map_err(|_| format!("bad --owner {value}"))?)
+                }
                 other => return Err(format!("unknown argument {other}")),
             }
         }
@@ -132,9 +142,16 @@ fn build(args: &InitArgs) -> Result<(), String> {
             m.split_whitespace().nth(2) != Some("4294967295")
         });
     bind_image(&args.image, &root, rootless)?;
+    // With a disk image, the writable directories live on it: mounted
+    // here, in the sandbox's own mount namespace (the loop device is freed
+    // when the namespace ends).
+    let writable = match &args.disk {
+        Some(image) => mount_disk(image, &args.state.join("disk"), args.owner)?,
+        None => args.state.clone(),
+    };
     for (name, from) in [
-        ("workspace", args.state.join("workspace")),
-        ("tmp", args.state.join("tmp")),
+        ("workspace", writable.join("workspace")),
+        ("tmp", writable.join("tmp")),
     ] {
         let at = root.join(name);
         ctx(|| format!("creating {}", at.display()), fs::create_dir(&at))?;
@@ -214,6 +231,42 @@ fn build(args: &InitArgs) -> Result<(), String> {
         rustix::stdio::dup2_stdout(&null),
     )?;
     Ok(())
+}
+
+/// Mounts the sandbox's ext4 image (util-linux `mount -o loop`) and makes
+/// its `workspace/` and `tmp/`, owned by the sandbox's user.
+fn mount_disk(image: &Path, at: &Path, owner: Option<u32>) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let status = Command::new("mount")
+        .arg("-o")
+        .arg("loop,nosuid,nodev")
+        .arg(image)
+        .arg(at)
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("running mount for the disk image: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "mounting the disk image {} failed ({status})",
+            image.display()
+        ));
+    }
+    for (name, mode) in [("workspace", 0o755), ("tmp", 0o1777)] {
+        let dir = at.join(name);
+        ctx(
+            || format!("creating {}", dir.display()),
+            fs::create_dir(&dir),
+        )?;
+        ctx(
+            || format!("chown {}", dir.display()),
+            std::os::unix::fs::chown(&dir, owner, owner),
+        )?;
+        ctx(
+            || format!("chmod {}", dir.display()),
+            fs::set_permissions(&dir, fs::Permissions::from_mode(mode)),
+        )?;
+    }
+    Ok(at.to_owned())
 }
 
 /// Brings up `lo` in the new network namespace, with iproute2 from the host

@@ -89,10 +89,20 @@ impl ProcessProvider {
             fs::canonicalize(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
         let exe = helper_binary();
         let rootless = !rustix::process::geteuid().is_root();
-        let unusable = ["setsid", "unshare"]
+        let mut needed = vec!["setsid", "unshare"];
+        if config.disk_mb > 0 {
+            if rootless {
+                return Err(
+                    "providers.process.disk_mb needs a daemon running as root (loop devices)"
+                        .into(),
+                );
+            }
+            needed.extend(["mkfs.ext4", "mount"]);
+        }
+        let unusable = needed
             .iter()
             .find(|p| which(p).is_none())
-            .map(|p| format!("`{p}` (util-linux) is not on PATH"))
+            .map(|p| format!("`{p}` is not on PATH (util-linux, e2fsprogs)"))
             .or_else(|| probe_namespaces(rootless).err());
         if let Some(why) = &unusable {
             log::warn!("process provider: sandboxes cannot start here: {why}");
@@ -248,6 +258,11 @@ impl ProcessProvider {
         };
         io("writing spec.json".into(), record.write(dir))?;
 
+        let disk = if self.config.disk_mb > 0 {
+            Some(self.make_disk(dir, uid)?)
+        } else {
+            None
+        };
         let log = fs::File::create(dir.join("init.log"))
             .map_err(|e| format!("creating init.log: {e}"))?;
         let mut command = Command::new("setsid");
@@ -268,6 +283,12 @@ impl ProcessProvider {
         }
         if let Some(cg) = &cgroup {
             command.args(["--cgroup", cg]);
+        }
+        if let Some(image) = &disk {
+            command
+                .arg("--disk")
+                .arg(image)
+                .args(["--owner", &uid.to_string()]);
         }
         command
             .env_clear()
@@ -297,6 +318,31 @@ impl ProcessProvider {
                 })
             }
         }
+    }
+
+    /// Creates the sandbox's ext4 image (sparse, `disk_mb` MiB, no
+    /// journal: it lives and dies with the sandbox) and its mount point.
+    fn make_disk(&self, dir: &Path, uid: u32) -> Result<PathBuf, String> {
+        let image = dir.join("disk.img");
+        let file = fs::File::create(&image).map_err(|e| format!("creating disk.img: {e}"))?;
+        file.set_len(self.config.disk_mb << 20)
+            .map_err(|e| format!("sizing disk.img: {e}"))?;
+        drop(file);
+        let output = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-O", "^has_journal", "-E"])
+            .arg(format!("root_owner={uid}:{uid},lazy_itable_init=1"))
+            .arg(&image)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("running mkfs.ext4: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "mkfs.ext4 failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        fs::create_dir(dir.join("disk")).map_err(|e| format!("creating disk/: {e}"))?;
+        Ok(image)
     }
 
     /// Which CPUs a sandbox's processes may run on (rlimit mode's vCPU
