@@ -616,15 +616,12 @@ impl Lifecycle {
         let ttl = self.lease_ttl_ms();
         let timeout = self.live.get().sandboxes.provider_timeout;
         let (mut kept, mut adopted, mut lost, mut reaped) = (0, 0, 0, 0);
-        let conflicts: HashMap<String, String> = self
-            .store
-            .reclaim_sandbox_leases(&me, ttl, now_ms())?
-            .into_iter()
-            .collect();
+        let reclaimed = self.store.reclaim_sandbox_leases(&me, ttl, now_ms())?;
+        let conflicts: HashMap<String, String> = reclaimed.conflicts.into_iter().collect();
         for (id, holder) in &conflicts {
             log::warn!("reconcile: sandbox {id} is leased by {holder}; leaving it");
         }
-        let records = self.store.live_sandboxes_of(&me)?;
+        let records = reclaimed.live;
         let recorded: std::collections::HashSet<&str> =
             records.iter().map(|r| r.id.as_str()).collect();
         for provider in self.providers.all() {
@@ -655,11 +652,7 @@ impl Lifecycle {
                     match self.store.mark_lost(&record.id, &me, now_ms())? {
                         Ok(_) => {
                             lost += 1;
-                            self.scheduler.sandbox_count(
-                                &record.worker_id,
-                                &record.owner_id,
-                                -1,
-                            )?;
+                            self.scheduler.sandbox_count(&me, &record.owner_id, -1)?;
                             log::warn!(
                                 "reconcile: sandbox {} has no runtime; marked lost",
                                 record.id
