@@ -246,11 +246,14 @@ pub enum StoreRequest {
     ListLeases {
         reply: Sender<StoreResult<Vec<Lease>>>,
     },
-    /// Background renewal of the leases on `holder`'s live sandboxes.
+    /// Background renewal of the leases on `holder`'s live sandboxes: at
+    /// most `limit` of them, soonest expiry first, each to `now_ms +
+    /// ttl_ms`; answers how many.
     RenewSandboxLeases {
         holder: String,
         ttl_ms: i64,
         now_ms: i64,
+        limit: usize,
         reply: Sender<StoreResult<usize>>,
     },
     Ping {
@@ -567,16 +570,20 @@ impl StoreHandle {
         self.call(|reply| StoreRequest::ListLeases { reply })
     }
 
+    /// One chunk of background renewal: see
+    /// [`StoreRequest::RenewSandboxLeases`].
     pub fn renew_sandbox_leases(
         &self,
         holder: &str,
         ttl_ms: i64,
         now_ms: i64,
+        limit: usize,
     ) -> StoreResult<usize> {
         self.call(|reply| StoreRequest::RenewSandboxLeases {
             holder: holder.to_owned(),
             ttl_ms,
             now_ms,
+            limit,
             reply,
         })
     }
@@ -1290,10 +1297,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             holder,
             ttl_ms,
             now_ms,
+            limit,
             reply,
         } => {
             let (result, fx) = isolated_write(tx, |fx| {
-                let renewed = sql::renew_live_sandbox_leases(tx, &holder, ttl_ms, now_ms)?;
+                let renewed = sql::renew_live_sandbox_leases(tx, &holder, ttl_ms, now_ms, limit)?;
                 for (resource_id, expires_at_ms) in &renewed {
                     fx.leases
                         .push(tally_lease(resource_id.clone(), &holder, *expires_at_ms));

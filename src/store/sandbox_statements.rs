@@ -206,21 +206,33 @@ pub fn for_each_lease_holder(
     Ok(())
 }
 
-/// Extends every unexpired lease `holder` has on a live sandbox of its own.
-/// Returns the renewed (resource_id, expires_at) pairs.
+/// Extends up to `limit` of the unexpired leases `holder` has on live
+/// sandboxes of its own to `now_ms + ttl_ms`, soonest expiry first. Only
+/// leases that expire before `now_ms + ttl_ms` are taken, so a renewed one
+/// is not taken again by the next call with the same `now_ms`: calling
+/// until fewer than `limit` come back renews them all, one bounded commit
+/// at a time. Returns the renewed (resource_id, expires_at) pairs.
 pub fn renew_live_sandbox_leases(
     tx: &Transaction<'_>,
     holder: &str,
     ttl_ms: i64,
     now_ms: i64,
+    limit: usize,
 ) -> StoreResult<Vec<(String, i64)>> {
+    // The inner query walks the (holder_id, expires_at) index in expiry
+    // order and checks each candidate's sandbox by primary key, so a chunk
+    // costs O(limit), not a pass over every sandbox.
     let mut stmt = tx.prepare_cached(&format!(
-        "UPDATE leases SET renewed_at = ?2, expires_at = max(expires_at, ?2 + ?3)
-         WHERE holder_id = ?1 AND expires_at > ?2
-           AND resource_id IN (SELECT id FROM sandboxes WHERE {LIVE} AND worker_id = ?1)
+        "UPDATE leases SET renewed_at = ?2, expires_at = ?2 + ?3
+         WHERE resource_id IN (
+             SELECT l.resource_id FROM leases l
+             WHERE l.holder_id = ?1 AND l.expires_at > ?2 AND l.expires_at < ?2 + ?3
+               AND EXISTS (SELECT 1 FROM sandboxes s
+                           WHERE s.id = l.resource_id AND s.worker_id = ?1 AND s.{LIVE})
+             ORDER BY l.expires_at LIMIT ?4)
          RETURNING resource_id, expires_at"
     ))?;
-    let rows = stmt.query_map(params![holder, now_ms, ttl_ms], |r| {
+    let rows = stmt.query_map(params![holder, now_ms, ttl_ms, limit as i64], |r| {
         Ok((r.get(0)?, r.get(1)?))
     })?;
     rows.collect::<Result<Vec<_>, _>>()
@@ -341,4 +353,83 @@ pub fn reclaim_sandbox_leases(
         }
     }
     Ok((reclaimed, taken))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sandboxes `sb-0`.. with leases expiring at the given instants:
+    /// (worker and holder, state, lease expiry).
+    fn fleet(rows: &[(&str, &str, i64)]) -> rusqlite::Connection {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        super::super::migrate::migrate(&mut conn, 0).unwrap();
+        for (i, (who, state, expires)) in rows.iter().enumerate() {
+            conn.execute(
+                "INSERT INTO sandboxes (id, state, provider, image, memory_mb, vcpus, worker_id, created_at, expires_at, updated_at)
+                 VALUES (?1, ?2, 'mock', 'default', 1, 1, ?3, 0, 10000000, 0)",
+                params![format!("sb-{i}"), state, who],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO leases (resource_id, resource_type, holder_id, generation, acquired_at, renewed_at, expires_at, transitions)
+                 VALUES (?1, 'sandbox', ?2, 1, 0, 0, ?3, 1)",
+                params![format!("sb-{i}"), who, expires],
+            )
+            .unwrap();
+        }
+        conn
+    }
+
+    fn expiry(tx: &Transaction<'_>, id: &str) -> i64 {
+        get_lease(tx, id).unwrap().unwrap().expires_at_ms
+    }
+
+    /// Chunked renewal takes the soonest expiries first, never takes a
+    /// lease twice for one `now`, stops (a short chunk) once every lease
+    /// due is renewed, and leaves alone leases that are expired, held by
+    /// another worker, on a sandbox that is not live, or not yet due.
+    #[test]
+    fn renewal_in_chunks_renews_each_due_lease_once() {
+        let mut conn = fleet(&[
+            ("me", "running", 1_500),    // sb-0
+            ("me", "running", 1_100),    // sb-1
+            ("me", "creating", 1_300),   // sb-2
+            ("me", "running", 1_200),    // sb-3
+            ("me", "running", 1_400),    // sb-4
+            ("me", "running", 900),      // sb-5: expired at 1,000
+            ("other", "running", 1_200), // sb-6: another holder
+            ("me", "destroyed", 1_200),  // sb-7: not live
+            ("me", "running", 1_600),    // sb-8: already at now + ttl
+        ]);
+        let tx = conn.transaction().unwrap();
+        let (now, ttl) = (1_000, 600);
+        let mut chunks = Vec::new();
+        loop {
+            let renewed = renew_live_sandbox_leases(&tx, "me", ttl, now, 2).unwrap();
+            let n = renewed.len();
+            chunks.push(renewed.into_iter().map(|(id, _)| id).collect::<Vec<_>>());
+            if n < 2 {
+                break;
+            }
+        }
+        let mut chunks: Vec<Vec<String>> = chunks
+            .into_iter()
+            .map(|mut c| {
+                c.sort();
+                c
+            })
+            .collect();
+        chunks.retain(|c| !c.is_empty());
+        assert_eq!(
+            chunks,
+            vec![vec!["sb-1", "sb-3"], vec!["sb-2", "sb-4"], vec!["sb-0"]]
+        );
+        for id in ["sb-0", "sb-1", "sb-2", "sb-3", "sb-4", "sb-8"] {
+            assert_eq!(expiry(&tx, id), 1_600, "{id}");
+        }
+        for (id, untouched) in [("sb-5", 900), ("sb-6", 1_200), ("sb-7", 1_200)] {
+            assert_eq!(expiry(&tx, id), untouched, "{id}");
+        }
+    }
 }
