@@ -97,6 +97,19 @@ pub fn run(
     let signals = SignalThread::start(events_tx)
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
 
+    // The mock provider reads one marker file per runtime at open (100,000
+    // at fleet scale): it does so on its own thread while the store loads.
+    let mock_opening = {
+        let (dir, latency, failure_rate) = (
+            config.store.data_dir.join("mock-runtimes"),
+            config.providers.mock.latency,
+            config.providers.mock.failure_rate,
+        );
+        std::thread::Builder::new()
+            .name("mock-open".into())
+            .spawn(move || MockProvider::open(dir, latency, failure_rate))
+            .map_err(|e| format!("cannot start opening the mock provider: {e}"))?
+    };
     let store = store::open(&config.store, on_exit.clone())?;
     let local = heartbeat::register_local(&store.handle, &config)
         .map_err(|e| format!("cannot register the local worker: {e}"))?;
@@ -128,12 +141,10 @@ pub fn run(
     )
     .map_err(|e| format!("cannot start the scheduler: {e}"))?;
 
-    let mock = MockProvider::open(
-        config.store.data_dir.join("mock-runtimes"),
-        config.providers.mock.latency,
-        config.providers.mock.failure_rate,
-    )
-    .map_err(|e| format!("cannot open the mock provider: {e}"))?;
+    let mock = mock_opening
+        .join()
+        .map_err(|_| "the mock provider's open panicked".to_string())?
+        .map_err(|e| format!("cannot open the mock provider: {e}"))?;
     let mut enabled = vec![Arc::new(mock) as Arc<dyn Provider>];
     if config.worker.providers.iter().any(|p| p == "process") {
         let process =

@@ -27,6 +27,11 @@ use crate::sandboxes::{Sandbox, SandboxIds, SandboxState, SpawnSpec, validate_ow
 use crate::scheduler::{Admission, AdmissionQuery, Limits, SchedulerError, SchedulerHandle};
 use crate::store::{SandboxRefusal, SpawnStart, StoreError, StoreHandle};
 use crate::time::now_ms;
+
+/// Leases renewed per store request by the background renewal: a commit of
+/// this many row updates takes a few ms, which bounds how long any other
+/// store request waits behind renewal.
+pub const RENEW_CHUNK: usize = 2_000;
 use serde_json::json;
 
 /// Marks `sandbox` destroyed and releases its lease (one transaction), then
@@ -592,15 +597,30 @@ impl Lifecycle {
         }
     }
 
-    /// Keeps the leases of this worker's live sandboxes from lapsing.
+    /// Keeps the leases of this worker's live sandboxes from lapsing: each
+    /// one that expires before `now + ttl` is extended to `now + ttl`, in
+    /// chunks of [`RENEW_CHUNK`], one store request (and commit) each, so
+    /// other requests queued meanwhile are served between chunks instead of
+    /// waiting behind one commit of every lease (0.4-1.7 s at 100,000).
     pub fn renew_leases(&self) {
-        match self
-            .store
-            .renew_sandbox_leases(&self.me(), self.lease_ttl_ms(), now_ms())
-        {
-            Ok(n) if n > 0 => log::trace!("renewed {n} sandbox leases"),
-            Ok(_) => {}
-            Err(e) => log::warn!("lease renewal failed: {e}"),
+        let (me, ttl, now) = (self.me(), self.lease_ttl_ms(), now_ms());
+        let mut renewed = 0;
+        loop {
+            match self.store.renew_sandbox_leases(&me, ttl, now, RENEW_CHUNK) {
+                Ok(n) => {
+                    renewed += n;
+                    if n < RENEW_CHUNK {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    log::warn!("lease renewal failed after {renewed} leases: {e}");
+                    return;
+                }
+            }
+        }
+        if renewed > 0 {
+            log::trace!("renewed {renewed} sandbox leases");
         }
     }
 
@@ -658,15 +678,12 @@ impl Lifecycle {
         let ttl = self.lease_ttl_ms();
         let timeout = self.live.get().sandboxes.provider_timeout;
         let (mut kept, mut adopted, mut lost, mut reaped) = (0, 0, 0, 0);
-        let conflicts: HashMap<String, String> = self
-            .store
-            .reclaim_sandbox_leases(&me, ttl, now_ms())?
-            .into_iter()
-            .collect();
+        let reclaimed = self.store.reclaim_sandbox_leases(&me, ttl, now_ms())?;
+        let conflicts: HashMap<String, String> = reclaimed.conflicts.into_iter().collect();
         for (id, holder) in &conflicts {
             log::warn!("reconcile: sandbox {id} is leased by {holder}; leaving it");
         }
-        let records = self.store.live_sandboxes_of(&me)?;
+        let records = reclaimed.live;
         let recorded: std::collections::HashSet<&str> =
             records.iter().map(|r| r.id.as_str()).collect();
         for provider in self.providers.all() {
@@ -697,11 +714,7 @@ impl Lifecycle {
                     match self.store.mark_lost(&record.id, &me, now_ms())? {
                         Ok(_) => {
                             lost += 1;
-                            self.scheduler.sandbox_count(
-                                &record.worker_id,
-                                &record.owner_id,
-                                -1,
-                            )?;
+                            self.scheduler.sandbox_count(&me, &record.owner_id, -1)?;
                             log::warn!(
                                 "reconcile: sandbox {} has no runtime; marked lost",
                                 record.id

@@ -890,3 +890,85 @@ fn hanging_destroy_leaves_a_consistent_sandbox() {
     );
     assert_eq!(scheduler(&daemon)["reservations"], 0);
 }
+
+/// Restart reclaim: a lease still held is kept as it is; a lapsed or a
+/// released one is taken back with a new generation; a missing one is
+/// created; one a rival holds unexpired is left alone, and its sandbox is
+/// neither marked lost nor touched. All four sandboxes keep running.
+#[test]
+fn restart_reclaims_only_the_leases_it_does_not_hold() {
+    let mut daemon = Daemon::builder().start();
+    let ids: Vec<String> = (0..5)
+        .map(|_| id_of(&spawn_ok(&daemon, &json!({"ttl": "1h"}))))
+        .collect();
+    let before: Vec<Value> = ids.iter().map(|id| lease(&daemon, id)).collect();
+    assert_eq!(daemon.stop().code(), Some(0));
+    let (held, lapsed, released, missing, rival) = (&ids[0], &ids[1], &ids[2], &ids[3], &ids[4]);
+    let far = now_millis() + 60 * MINUTE_MS;
+    {
+        let db = rusqlite::Connection::open(&daemon.db).expect("open the database");
+        db.execute(
+            "UPDATE leases SET expires_at = ?2 WHERE resource_id = ?1",
+            rusqlite::params![held, far],
+        )
+        .unwrap();
+        db.execute(
+            "UPDATE leases SET expires_at = 1 WHERE resource_id = ?1",
+            [lapsed],
+        )
+        .unwrap();
+        db.execute(
+            "UPDATE leases SET holder_id = '' WHERE resource_id = ?1",
+            [released],
+        )
+        .unwrap();
+        db.execute("DELETE FROM leases WHERE resource_id = ?1", [missing])
+            .unwrap();
+        db.execute(
+            "UPDATE leases SET holder_id = 'rival', expires_at = ?2 WHERE resource_id = ?1",
+            rusqlite::params![rival, far],
+        )
+        .unwrap();
+    }
+    let daemon = daemon.restart();
+
+    let generation = |l: &Value| l["generation"].as_u64().unwrap();
+    let after_held = lease(&daemon, held);
+    assert_eq!(after_held["holder_id"], "local", "{after_held}");
+    assert_eq!(
+        generation(&after_held),
+        generation(&before[0]),
+        "{after_held}"
+    );
+    assert_eq!(
+        after_held["acquired_at"], before[0]["acquired_at"],
+        "{after_held}"
+    );
+    for (id, old) in [(lapsed, &before[1]), (released, &before[2])] {
+        let l = lease(&daemon, id);
+        assert_eq!(l["holder_id"], "local", "{l}");
+        assert_eq!(l["expired"], false, "{l}");
+        assert_eq!(generation(&l), generation(old) + 1, "{l}");
+    }
+    let created = lease(&daemon, missing);
+    assert_eq!(created["holder_id"], "local", "{created}");
+    assert_eq!(created["expired"], false, "{created}");
+    assert_eq!(generation(&created), 1, "{created}");
+    let rivals = lease(&daemon, rival);
+    assert_eq!(rivals["holder_id"], "rival", "{rivals}");
+    assert_eq!(generation(&rivals), generation(&before[4]), "{rivals}");
+
+    for id in &ids {
+        let got = get_sandbox(&daemon, id);
+        assert_status(&got, 200);
+        assert_eq!(got.json()["state"], "running", "{id}: {}", got.text());
+    }
+    assert_eq!(
+        markers(&daemon.data_dir()),
+        ids.iter().cloned().collect::<BTreeSet<_>>()
+    );
+    assert_eq!(
+        worker(&daemon, "local")["active_sandboxes"].as_u64(),
+        Some(5)
+    );
+}

@@ -44,7 +44,7 @@ pub trait Provider: Send + Sync {
     /// Stops the runtime and removes its state. Destroying a runtime that
     /// does not exist succeeds (destroy is retried after failures).
     fn destroy(&self, sandbox_id: &str) -> Result<(), ProviderError>;
-    /// Every runtime the provider has, for reconciliation.
+    /// Every runtime the provider has, for reconciliation, in any order.
     fn list_runtimes(&self) -> Result<Vec<String>, ProviderError>;
     fn health(&self) -> Result<(), ProviderError>;
     /// How sandbox limits are enforced, for `GET /api/v1/providers`.

@@ -36,6 +36,7 @@ use crate::metrics::METRICS;
 use crate::sandboxes::{Sandbox, SandboxState};
 use crate::workers::{Heartbeat, Worker, WorkerStatus};
 
+pub use sandbox_statements::{LiveSandbox, Reclaimed};
 pub use statements::AuditEntry;
 
 /// How long a caller waits for a reply before it calls the store unavailable.
@@ -199,17 +200,14 @@ pub enum StoreRequest {
         limit: usize,
         reply: Sender<StoreResult<Vec<Sandbox>>>,
     },
-    /// Startup: take back the leases of this worker's live sandboxes in
-    /// one statement; answers the ones another holder has.
+    /// Startup: take back the leases of this worker's live sandboxes that
+    /// it does not hold unexpired; answers those live sandboxes and the
+    /// ones another holder has.
     ReclaimSandboxLeases {
         holder: String,
         ttl_ms: i64,
         now_ms: i64,
-        reply: Sender<StoreResult<Vec<(String, String)>>>,
-    },
-    LiveSandboxesOf {
-        worker_id: String,
-        reply: Sender<StoreResult<Vec<Sandbox>>>,
+        reply: Sender<StoreResult<Reclaimed>>,
     },
     LiveCounts {
         reply: Sender<StoreResult<Vec<(String, String, u32)>>>,
@@ -248,11 +246,14 @@ pub enum StoreRequest {
     ListLeases {
         reply: Sender<StoreResult<Vec<Lease>>>,
     },
-    /// Background renewal of the leases on `holder`'s live sandboxes.
+    /// Background renewal of the leases on `holder`'s live sandboxes: at
+    /// most `limit` of them, soonest expiry first, each to `now_ms +
+    /// ttl_ms`; answers how many.
     RenewSandboxLeases {
         holder: String,
         ttl_ms: i64,
         now_ms: i64,
+        limit: usize,
         reply: Sender<StoreResult<usize>>,
     },
     Ping {
@@ -452,18 +453,11 @@ impl StoreHandle {
         holder: &str,
         ttl_ms: i64,
         now_ms: i64,
-    ) -> StoreResult<Vec<(String, String)>> {
+    ) -> StoreResult<Reclaimed> {
         self.call(|reply| StoreRequest::ReclaimSandboxLeases {
             holder: holder.to_owned(),
             ttl_ms,
             now_ms,
-            reply,
-        })
-    }
-
-    pub fn live_sandboxes_of(&self, worker_id: &str) -> StoreResult<Vec<Sandbox>> {
-        self.call(|reply| StoreRequest::LiveSandboxesOf {
-            worker_id: worker_id.to_owned(),
             reply,
         })
     }
@@ -576,16 +570,20 @@ impl StoreHandle {
         self.call(|reply| StoreRequest::ListLeases { reply })
     }
 
+    /// One chunk of background renewal: see
+    /// [`StoreRequest::RenewSandboxLeases`].
     pub fn renew_sandbox_leases(
         &self,
         holder: &str,
         ttl_ms: i64,
         now_ms: i64,
+        limit: usize,
     ) -> StoreResult<usize> {
         self.call(|reply| StoreRequest::RenewSandboxLeases {
             holder: holder.to_owned(),
             ttl_ms,
             now_ms,
+            limit,
             reply,
         })
     }
@@ -670,10 +668,15 @@ pub struct TallyFigures {
 
 impl Tallies {
     fn lease(&mut self, lease: &Lease) {
-        self.leases.insert(
+        self.set_lease(
             lease.resource_id.clone(),
-            (lease.holder_id.clone(), lease.expires_at_ms),
+            lease.holder_id.clone(),
+            lease.expires_at_ms,
         );
+    }
+
+    fn set_lease(&mut self, resource_id: String, holder: String, expires_at_ms: i64) {
+        self.leases.insert(resource_id, (holder, expires_at_ms));
         self.lease_changes += 1;
     }
 
@@ -827,9 +830,9 @@ pub fn open(config: &StoreConfig, on_exit: crate::daemon::ExitNotifier) -> Resul
 fn load_tallies(conn: &mut Connection) -> StoreResult<Tallies> {
     let tx = conn.transaction()?;
     let mut t = Tallies::default();
-    for lease in sandbox_statements::list_leases(&tx)? {
-        t.lease(&lease);
-    }
+    sandbox_statements::for_each_lease_holder(&tx, |id, holder, expires_at_ms| {
+        t.set_lease(id, holder, expires_at_ms)
+    })?;
     for (state, provider, worker, n) in sandbox_statements::sandbox_tally(&tx)? {
         t.sandboxes.insert((state, provider, worker), n);
     }
@@ -1233,18 +1236,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             reply,
         } => {
             let (result, fx) = isolated_write(tx, |fx| {
-                let (conflicts, changed) =
-                    sql::reclaim_sandbox_leases(tx, &holder, ttl_ms, now_ms)?;
-                for (resource_id, expires_at_ms) in changed {
-                    fx.leases
-                        .push(tally_lease(resource_id, &holder, expires_at_ms));
-                }
-                Ok(conflicts)
+                let (reclaimed, taken) = sql::reclaim_sandbox_leases(tx, &holder, ttl_ms, now_ms)?;
+                fx.leases.extend(taken);
+                Ok(reclaimed)
             });
             defer(reply, result, fx)
-        }
-        StoreRequest::LiveSandboxesOf { worker_id, reply } => {
-            defer(reply, sql::live_sandboxes_of_worker(tx, &worker_id), none())
         }
         StoreRequest::LiveCounts { reply } => defer(reply, sql::live_counts(tx), none()),
         StoreRequest::AcquireLease {
@@ -1301,10 +1297,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             holder,
             ttl_ms,
             now_ms,
+            limit,
             reply,
         } => {
             let (result, fx) = isolated_write(tx, |fx| {
-                let renewed = sql::renew_live_sandbox_leases(tx, &holder, ttl_ms, now_ms)?;
+                let renewed = sql::renew_live_sandbox_leases(tx, &holder, ttl_ms, now_ms, limit)?;
                 for (resource_id, expires_at_ms) in &renewed {
                     fx.leases
                         .push(tally_lease(resource_id.clone(), &holder, *expires_at_ms));
@@ -1423,9 +1420,9 @@ fn reply_only(request: StoreRequest, error: &StoreError) -> Deferred {
         StoreRequest::GetSandbox { reply, .. } | StoreRequest::FindIdempotent { reply, .. } => {
             fail(reply, error)
         }
-        StoreRequest::ListSandboxes { reply }
-        | StoreRequest::ListExpired { reply, .. }
-        | StoreRequest::LiveSandboxesOf { reply, .. } => fail(reply, error),
+        StoreRequest::ListSandboxes { reply } | StoreRequest::ListExpired { reply, .. } => {
+            fail(reply, error)
+        }
         StoreRequest::ReclaimSandboxLeases { reply, .. } => fail(reply, error),
         StoreRequest::LiveCounts { reply } => fail(reply, error),
         StoreRequest::AcquireLease { reply, .. } => fail(reply, error),

@@ -1,12 +1,12 @@
 //! Statements for sandboxes, leases and idempotency keys, and their row
 //! conversions. Only the store thread calls these, inside its transaction.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 
 use super::{StoreError, StoreResult};
-use crate::leases::Lease;
+use crate::leases::{self, Lease, LeaseError};
 use crate::sandboxes::{Sandbox, SandboxState};
 
 const SANDBOX_COLUMNS: &str = "id, state, provider, image, memory_mb, vcpus, owner_id, metadata, worker_id, created_at, expires_at, updated_at";
@@ -86,18 +86,6 @@ pub fn list_expired(tx: &Transaction<'_>, now_ms: i64, limit: usize) -> StoreRes
         "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE {LIVE} AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
     ))?;
     let rows = stmt.query_map(params![now_ms, limit as i64], sandbox_from_row)?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .map_err(StoreError::from)
-}
-
-pub fn live_sandboxes_of_worker(
-    tx: &Transaction<'_>,
-    worker_id: &str,
-) -> StoreResult<Vec<Sandbox>> {
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE {LIVE} AND worker_id = ?1"
-    ))?;
-    let rows = stmt.query_map(params![worker_id], sandbox_from_row)?;
     rows.collect::<Result<Vec<_>, _>>()
         .map_err(StoreError::from)
 }
@@ -203,21 +191,48 @@ pub fn list_leases(tx: &Transaction<'_>) -> StoreResult<Vec<Lease>> {
         .map_err(StoreError::from)
 }
 
-/// Extends every unexpired lease `holder` has on a live sandbox of its own.
-/// Returns the renewed (resource_id, expires_at) pairs.
+/// Every lease as (resource_id, holder, expires_at), in table order: what
+/// the in-memory tallies keep of a lease, read without the other columns
+/// and without sorting (startup reads 100,000 of them).
+pub fn for_each_lease_holder(
+    tx: &Transaction<'_>,
+    mut each: impl FnMut(String, String, i64),
+) -> StoreResult<()> {
+    let mut stmt = tx.prepare_cached("SELECT resource_id, holder_id, expires_at FROM leases")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        each(row.get(0)?, row.get(1)?, row.get(2)?);
+    }
+    Ok(())
+}
+
+/// Extends up to `limit` of the unexpired leases `holder` has on live
+/// sandboxes of its own to `now_ms + ttl_ms`, soonest expiry first. Only
+/// leases that expire before `now_ms + ttl_ms` are taken, so a renewed one
+/// is not taken again by the next call with the same `now_ms`: calling
+/// until fewer than `limit` come back renews them all, one bounded commit
+/// at a time. Returns the renewed (resource_id, expires_at) pairs.
 pub fn renew_live_sandbox_leases(
     tx: &Transaction<'_>,
     holder: &str,
     ttl_ms: i64,
     now_ms: i64,
+    limit: usize,
 ) -> StoreResult<Vec<(String, i64)>> {
+    // The inner query walks the (holder_id, expires_at) index in expiry
+    // order and checks each candidate's sandbox by primary key, so a chunk
+    // costs O(limit), not a pass over every sandbox.
     let mut stmt = tx.prepare_cached(&format!(
-        "UPDATE leases SET renewed_at = ?2, expires_at = max(expires_at, ?2 + ?3)
-         WHERE holder_id = ?1 AND expires_at > ?2
-           AND resource_id IN (SELECT id FROM sandboxes WHERE {LIVE} AND worker_id = ?1)
+        "UPDATE leases SET renewed_at = ?2, expires_at = ?2 + ?3
+         WHERE resource_id IN (
+             SELECT l.resource_id FROM leases l
+             WHERE l.holder_id = ?1 AND l.expires_at > ?2 AND l.expires_at < ?2 + ?3
+               AND EXISTS (SELECT 1 FROM sandboxes s
+                           WHERE s.id = l.resource_id AND s.worker_id = ?1 AND s.{LIVE})
+             ORDER BY l.expires_at LIMIT ?4)
          RETURNING resource_id, expires_at"
     ))?;
-    let rows = stmt.query_map(params![holder, now_ms, ttl_ms], |r| {
+    let rows = stmt.query_map(params![holder, now_ms, ttl_ms, limit as i64], |r| {
         Ok((r.get(0)?, r.get(1)?))
     })?;
     rows.collect::<Result<Vec<_>, _>>()
@@ -264,54 +279,157 @@ fn lease_from_row(row: &Row<'_>) -> rusqlite::Result<Lease> {
     })
 }
 
-/// (resource_id, other holder) left alone, and (resource_id, expires_at)
-/// taken back.
-pub type Reclaimed = (Vec<(String, String)>, Vec<(String, i64)>);
+/// A live sandbox as startup reconciliation needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveSandbox {
+    pub id: String,
+    pub state: SandboxState,
+    pub provider: String,
+    pub owner_id: String,
+}
 
-/// Startup: takes back the leases on `holder`'s live sandboxes in bulk.
-/// Leases it still holds are left as they are (background renewal extends
-/// them; rewriting 100,000 rows here dominated startup); lapsed or released
-/// ones are taken with a new generation; missing ones are created. Leases another holder
-/// has unexpired are left alone and returned as (resource_id, holder).
-/// Also returns the changed (resource_id, expires_at) for the tallies.
+/// What startup reclaim found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reclaimed {
+    /// The holder's live sandboxes, in no particular order.
+    pub live: Vec<LiveSandbox>,
+    /// (resource_id, other holder) for the live sandboxes whose lease
+    /// another holder has unexpired: left alone.
+    pub conflicts: Vec<(String, String)>,
+}
+
+/// Startup: takes back the leases on `holder`'s live sandboxes and answers
+/// those sandboxes (one read of them serves both). The usual restart finds
+/// every lease still held by `holder` and unexpired; those are left as they
+/// are (background renewal extends them), and finding them costs two index
+/// scans and a set difference, not a write or a lookup per row (rewriting
+/// or probing 100,000 rows here dominated startup). The rest, lapsed,
+/// released or missing, go through the lease rules one by one
+/// ([`leases::acquire`]): taken with a new generation, or created; one that
+/// another holder has unexpired is left alone and reported. Also returns
+/// the leases it wrote, for the tallies.
 pub fn reclaim_sandbox_leases(
     tx: &Transaction<'_>,
     holder: &str,
     ttl_ms: i64,
     now_ms: i64,
-) -> StoreResult<Reclaimed> {
-    let ours = "holder_id = ?1 AND expires_at > ?2";
-    let mut changed: Vec<(String, i64)> = tx
-        .prepare_cached(&format!(
-            "UPDATE leases SET
-                 generation = CASE WHEN {ours} THEN generation ELSE generation + 1 END,
-                 transitions = CASE WHEN {ours} THEN transitions ELSE transitions + 1 END,
-                 acquired_at = CASE WHEN {ours} THEN acquired_at ELSE ?2 END,
-                 holder_id = ?1, renewed_at = ?2, expires_at = max(expires_at, ?2 + ?3)
-             WHERE resource_id IN (SELECT id FROM sandboxes WHERE {LIVE} AND worker_id = ?1)
-               AND (holder_id = '' OR expires_at <= ?2)
-             RETURNING resource_id, expires_at"
-        ))?
-        .query_map(params![holder, now_ms, ttl_ms], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?
+) -> StoreResult<(Reclaimed, Vec<Lease>)> {
+    let held: HashSet<String> = tx
+        .prepare_cached("SELECT resource_id FROM leases WHERE holder_id = ?1 AND expires_at > ?2")?
+        .query_map(params![holder, now_ms], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    let created: Vec<(String, i64)> = tx
-        .prepare_cached(&format!(
-            "INSERT INTO leases (resource_id, resource_type, holder_id, generation, acquired_at, renewed_at, expires_at, transitions)
-             SELECT id, 'sandbox', ?1, 1, ?2, ?2, ?2 + ?3, 1 FROM sandboxes
-             WHERE {LIVE} AND worker_id = ?1 AND id NOT IN (SELECT resource_id FROM leases)
-             RETURNING resource_id, expires_at"
-        ))?
-        .query_map(params![holder, now_ms, ttl_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    changed.extend(created);
-    let conflicts: Vec<(String, String)> = tx
-        .prepare_cached(&format!(
-            "SELECT l.resource_id, l.holder_id FROM leases l JOIN sandboxes s ON s.id = l.resource_id
-             WHERE s.{LIVE} AND s.worker_id = ?1 AND l.holder_id <> ?1 AND l.holder_id <> '' AND l.expires_at > ?2"
-        ))?
-        .query_map(params![holder, now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    Ok((conflicts, changed))
+    let mut reclaimed = Reclaimed::default();
+    let mut unheld: Vec<String> = Vec::new();
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT id, state, provider, owner_id FROM sandboxes WHERE {LIVE} AND worker_id = ?1"
+    ))?;
+    let mut rows = stmt.query(params![holder])?;
+    while let Some(row) = rows.next()? {
+        let state: String = row.get(1)?;
+        let sandbox = LiveSandbox {
+            id: row.get(0)?,
+            state: SandboxState::parse(&state)
+                .ok_or_else(|| StoreError::Database("corrupt sandboxes.state column".into()))?,
+            provider: row.get(2)?,
+            owner_id: row.get(3)?,
+        };
+        if !held.contains(&sandbox.id) {
+            unheld.push(sandbox.id.clone());
+        }
+        reclaimed.live.push(sandbox);
+    }
+    let mut taken = Vec::new();
+    for id in unheld {
+        let current = get_lease(tx, &id)?;
+        match leases::acquire(current.as_ref(), &id, "sandbox", holder, ttl_ms, now_ms) {
+            Ok((lease, _)) => {
+                put_lease(tx, &lease)?;
+                taken.push(lease);
+            }
+            Err(LeaseError::Conflict { holder_id, .. }) => {
+                reclaimed.conflicts.push((id, holder_id))
+            }
+            Err(e) => return Err(StoreError::Database(format!("reclaiming {id}: {e}"))),
+        }
+    }
+    Ok((reclaimed, taken))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sandboxes `sb-0`.. with leases expiring at the given instants:
+    /// (worker and holder, state, lease expiry).
+    fn fleet(rows: &[(&str, &str, i64)]) -> rusqlite::Connection {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        super::super::migrate::migrate(&mut conn, 0).unwrap();
+        for (i, (who, state, expires)) in rows.iter().enumerate() {
+            conn.execute(
+                "INSERT INTO sandboxes (id, state, provider, image, memory_mb, vcpus, worker_id, created_at, expires_at, updated_at)
+                 VALUES (?1, ?2, 'mock', 'default', 1, 1, ?3, 0, 10000000, 0)",
+                params![format!("sb-{i}"), state, who],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO leases (resource_id, resource_type, holder_id, generation, acquired_at, renewed_at, expires_at, transitions)
+                 VALUES (?1, 'sandbox', ?2, 1, 0, 0, ?3, 1)",
+                params![format!("sb-{i}"), who, expires],
+            )
+            .unwrap();
+        }
+        conn
+    }
+
+    fn expiry(tx: &Transaction<'_>, id: &str) -> i64 {
+        get_lease(tx, id).unwrap().unwrap().expires_at_ms
+    }
+
+    /// Chunked renewal takes the soonest expiries first, never takes a
+    /// lease twice for one `now`, stops (a short chunk) once every lease
+    /// due is renewed, and leaves alone leases that are expired, held by
+    /// another worker, on a sandbox that is not live, or not yet due.
+    #[test]
+    fn renewal_in_chunks_renews_each_due_lease_once() {
+        let mut conn = fleet(&[
+            ("me", "running", 1_500),    // sb-0
+            ("me", "running", 1_100),    // sb-1
+            ("me", "creating", 1_300),   // sb-2
+            ("me", "running", 1_200),    // sb-3
+            ("me", "running", 1_400),    // sb-4
+            ("me", "running", 900),      // sb-5: expired at 1,000
+            ("other", "running", 1_200), // sb-6: another holder
+            ("me", "destroyed", 1_200),  // sb-7: not live
+            ("me", "running", 1_600),    // sb-8: already at now + ttl
+        ]);
+        let tx = conn.transaction().unwrap();
+        let (now, ttl) = (1_000, 600);
+        let mut chunks = Vec::new();
+        loop {
+            let renewed = renew_live_sandbox_leases(&tx, "me", ttl, now, 2).unwrap();
+            let n = renewed.len();
+            chunks.push(renewed.into_iter().map(|(id, _)| id).collect::<Vec<_>>());
+            if n < 2 {
+                break;
+            }
+        }
+        let mut chunks: Vec<Vec<String>> = chunks
+            .into_iter()
+            .map(|mut c| {
+                c.sort();
+                c
+            })
+            .collect();
+        chunks.retain(|c| !c.is_empty());
+        assert_eq!(
+            chunks,
+            vec![vec!["sb-1", "sb-3"], vec!["sb-2", "sb-4"], vec!["sb-0"]]
+        );
+        for id in ["sb-0", "sb-1", "sb-2", "sb-3", "sb-4", "sb-8"] {
+            assert_eq!(expiry(&tx, id), 1_600, "{id}");
+        }
+        for (id, untouched) in [("sb-5", 900), ("sb-6", 1_200), ("sb-7", 1_200)] {
+            assert_eq!(expiry(&tx, id), untouched, "{id}");
+        }
+    }
 }
