@@ -275,8 +275,19 @@ fn stop_helper(helper: &mut Child) {
 }
 
 /// Checks an exec request before anything runs, so that a streamed exec
-/// can still answer with an error status.
+/// can still answer with an error status: its timeout and everything
+/// `prepare` checks. Whether the sandbox runs is checked by the caller
+/// (and again, at no extra cost, when the helper command is built).
 pub fn validate(p: &ProcessProvider, sandbox_id: &str, req: &ExecRequest) -> Result<(), OpError> {
+    checked(p, sandbox_id, req).map(|_| ())
+}
+
+/// The request's timeout, checked, and its prepared argv, env and workdir.
+fn checked(
+    p: &ProcessProvider,
+    sandbox_id: &str,
+    req: &ExecRequest,
+) -> Result<(Duration, Prepared), OpError> {
     let config = p.config();
     let timeout = req.timeout.unwrap_or(config.exec_timeout);
     if timeout.is_zero() || timeout > config.max_exec_timeout {
@@ -285,9 +296,7 @@ pub fn validate(p: &ProcessProvider, sandbox_id: &str, req: &ExecRequest) -> Res
             crate::time::format_duration(config.max_exec_timeout)
         )));
     }
-    prepare(p, sandbox_id, req)?;
-    p.check_running(sandbox_id)?;
-    Ok(())
+    Ok((timeout, prepare(p, sandbox_id, req)?))
 }
 
 /// Runs a command in the sandbox. Timeouts are not errors here: the
@@ -316,9 +325,7 @@ fn run_exec(
     mut sink: Sink<'_>,
 ) -> Result<ExecOutcome, OpError> {
     let config = p.config();
-    validate(p, sandbox_id, req)?;
-    let timeout = req.timeout.unwrap_or(config.exec_timeout);
-    let (argv, env, workdir) = prepare(p, sandbox_id, req)?;
+    let (timeout, (argv, env, workdir)) = checked(p, sandbox_id, req)?;
     let mut command = p.enter_command(sandbox_id, Action::Exec { argv, workdir }, &env)?;
     command
         .stdin(Stdio::null())
@@ -614,8 +621,10 @@ fn open_file(p: &ProcessProvider, sandbox_id: &str, path: &str) -> Result<FileRe
         .take()
         .ok_or_else(|| OpError::internal("file helper has no stdout"))?;
     let mut reader = BufReader::new(stdout);
+    // One bounded header line: a misbehaving helper cannot make the daemon
+    // buffer without end.
     let mut head = String::new();
-    let _ = reader.take_line(&mut head);
+    let _ = (&mut reader).take(64).read_line(&mut head);
     if let Some(len) = head
         .strip_prefix("ok ")
         .and_then(|n| n.trim_end().parse::<u64>().ok())
@@ -632,18 +641,6 @@ fn open_file(p: &ProcessProvider, sandbox_id: &str, path: &str) -> Result<FileRe
     }
     let _ = child.wait();
     Err(helper_error(&stderr))
-}
-
-/// One bounded header line, so a misbehaving helper cannot make the
-/// daemon buffer without end.
-trait TakeLine {
-    fn take_line(&mut self, line: &mut String) -> io::Result<usize>;
-}
-
-impl<R: Read> TakeLine for BufReader<R> {
-    fn take_line(&mut self, line: &mut String) -> io::Result<usize> {
-        (&mut *self).take(64).read_line(line)
-    }
 }
 
 /// Writes NDJSON lines of a streamed exec, keeping a partial UTF-8
