@@ -629,39 +629,42 @@ impl Lifecycle {
     /// next restart, and the provider's leftovers are removed. Returns
     /// whether the record was changed.
     pub fn runtime_vanished(&self, sandbox: &Sandbox) -> bool {
-        let me = self.me();
-        match self.store.mark_lost(&sandbox.id, &me, now_ms()) {
-            Ok(Ok(_)) => {
-                if let Err(e) =
-                    self.scheduler
-                        .sandbox_count(&sandbox.worker_id, &sandbox.owner_id, -1)
-                {
-                    log::warn!(
-                        "sandbox {}: updating the scheduler's count: {e}",
-                        sandbox.id
-                    );
-                }
-                self.forget_fence(&sandbox.id);
-                log::warn!(
-                    "sandbox {} has no runtime any more (killed from outside?); marked lost",
-                    sandbox.id
-                );
-                crate::events::publish("sandbox", "sandbox.lost", json!({"id": sandbox.id}));
-                if let Some(provider) = self.providers.get(&sandbox.provider) {
-                    let timeout = self.live.get().sandboxes.provider_timeout;
-                    if let Err(e) = self.executor.destroy(provider, &sandbox.id, timeout, None) {
-                        log::warn!("sandbox {}: removing what is left of it: {e}", sandbox.id);
-                    }
-                }
-                true
-            }
-            Ok(Err(r)) => {
-                log::warn!("{}", refusal(&sandbox.id, r));
-                false
-            }
+        match self.mark_lost(&sandbox.id, &sandbox.owner_id) {
+            Ok(true) => {}
+            Ok(false) => return false,
             Err(e) => {
                 log::warn!("marking sandbox {} lost: {e}", sandbox.id);
-                false
+                return false;
+            }
+        }
+        self.forget_fence(&sandbox.id);
+        log::warn!(
+            "sandbox {} has no runtime any more (killed from outside?); marked lost",
+            sandbox.id
+        );
+        crate::events::publish("sandbox", "sandbox.lost", json!({"id": sandbox.id}));
+        if let Some(provider) = self.providers.get(&sandbox.provider) {
+            let timeout = self.live.get().sandboxes.provider_timeout;
+            if let Err(e) = self.executor.destroy(provider, &sandbox.id, timeout, None) {
+                log::warn!("sandbox {}: removing what is left of it: {e}", sandbox.id);
+            }
+        }
+        true
+    }
+
+    /// Marks a live record of this worker `lost` and takes it off the
+    /// scheduler's count. `Ok(false)`: the store refused (logged), nothing
+    /// changed.
+    fn mark_lost(&self, id: &str, owner_id: &str) -> Result<bool, LifecycleError> {
+        let me = self.me();
+        match self.store.mark_lost(id, &me, now_ms())? {
+            Ok(_) => {
+                self.scheduler.sandbox_count(&me, owner_id, -1)?;
+                Ok(true)
+            }
+            Err(r) => {
+                log::warn!("{}", refusal(id, r));
+                Ok(false)
             }
         }
     }
@@ -711,16 +714,12 @@ impl Lifecycle {
                         Err(r) => log::warn!("reconcile: {}", refusal(&record.id, r)),
                     }
                 } else {
-                    match self.store.mark_lost(&record.id, &me, now_ms())? {
-                        Ok(_) => {
-                            lost += 1;
-                            self.scheduler.sandbox_count(&me, &record.owner_id, -1)?;
-                            log::warn!(
-                                "reconcile: sandbox {} has no runtime; marked lost",
-                                record.id
-                            );
-                        }
-                        Err(r) => log::warn!("reconcile: {}", refusal(&record.id, r)),
+                    if self.mark_lost(&record.id, &record.owner_id)? {
+                        lost += 1;
+                        log::warn!(
+                            "reconcile: sandbox {} has no runtime; marked lost",
+                            record.id
+                        );
                     }
                 }
             }
