@@ -26,7 +26,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -252,7 +252,7 @@ fn run() -> Result<(), String> {
 }
 
 fn bench(binary: &Path, scratch: &Path, options: &Options) -> Result<(), String> {
-    println!("machine: {}", machine_description());
+    println!("machine: {}", daemon::machine_description());
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "load:    {} (1, 5, 15 min) at start",
@@ -261,7 +261,11 @@ fn bench(binary: &Path, scratch: &Path, options: &Options) -> Result<(), String>
             .collect::<Vec<_>>()
             .join(" ")
     );
-    println!("daemon:  {} ({})", daemon_version(binary), binary.display());
+    println!(
+        "daemon:  {} ({})",
+        daemon::daemon_version(binary).unwrap_or_else(|e| format!("unknown ({e})")),
+        binary.display()
+    );
     println!(
         "plan:    {} run(s), {:?} per measurement after {WARMUP:?} warm-up, 1 and {MANY} clients",
         options.runs, options.duration
@@ -526,27 +530,4 @@ fn print_table(rows: &[Row], runs: usize) {
         );
     }
     println!("(ratios are the median of {runs} run(s); figures the median of the runs)");
-}
-
-fn daemon_version(binary: &Path) -> String {
-    Command::new(binary)
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|error| format!("unknown ({error})"))
-}
-
-fn machine_description() -> String {
-    let cores = std::thread::available_parallelism().map_or(0, |cores| cores.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|cpuinfo| {
-            cpuinfo
-                .lines()
-                .find_map(|line| line.strip_prefix("model name"))
-                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} cores, {model}, Linux {}", kernel.trim())
 }

@@ -301,3 +301,28 @@ impl Drop for ScratchDir {
         let _ = fs::remove_dir_all(&self.0);
     }
 }
+
+/// One line about the machine for a report: cores, CPU model, kernel.
+pub fn machine_description() -> String {
+    let cores = thread::available_parallelism().map_or(0, |cores| cores.get());
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|cpuinfo| {
+            cpuinfo
+                .lines()
+                .find_map(|line| line.strip_prefix("model name"))
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores, {model}, Linux {}", kernel.trim())
+}
+
+/// What `<binary> --version` prints.
+pub fn daemon_version(binary: &Path) -> Result<String, String> {
+    let output = Command::new(binary)
+        .arg("--version")
+        .output()
+        .map_err(|error| format!("running {} --version: {error}", binary.display()))?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}

@@ -137,10 +137,10 @@ fn run() -> Result<(), String> {
         ));
     }
     let scratch = Scratch::new(options.keep)?;
-    println!("machine: {}", machine_description());
+    println!("machine: {}", daemon::machine_description());
     println!(
         "daemon:  {} ({})",
-        daemon_version(binary)?,
+        daemon::daemon_version(binary)?,
         binary.display()
     );
     println!(
@@ -1213,25 +1213,4 @@ fn print_table(rows: &[Row]) {
     for row in &cells {
         println!("{}", line(row));
     }
-}
-
-fn machine_description() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("model name"))
-                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    format!("{cpus} CPU(s), {model}")
-}
-
-fn daemon_version(binary: &Path) -> Result<String, String> {
-    let output = Command::new(binary)
-        .arg("--version")
-        .output()
-        .map_err(|error| format!("running {} --version: {error}", binary.display()))?;
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }

@@ -21,7 +21,7 @@ mod load;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use baseline::Baseline;
@@ -101,7 +101,7 @@ fn run() -> Result<(), String> {
             binary.display()
         ));
     }
-    println!("machine: {}", machine_description());
+    println!("machine: {}", daemon::machine_description());
     // Anything else running on a 2-core box shows up in every figure.
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
@@ -113,7 +113,7 @@ fn run() -> Result<(), String> {
     );
     println!(
         "daemon:  {} ({})",
-        daemon_version(binary)?,
+        daemon::daemon_version(binary)?,
         binary.display()
     );
     println!(
@@ -400,29 +400,6 @@ fn count_json_array(body: &[u8]) -> Result<usize, String> {
     serde_json::from_slice::<Vec<serde_json::Value>>(body)
         .map(|items| items.len())
         .map_err(|error| format!("the worker list is not a JSON array: {error}"))
-}
-
-fn daemon_version(binary: &Path) -> Result<String, String> {
-    let output = Command::new(binary)
-        .arg("--version")
-        .output()
-        .map_err(|error| format!("running {} --version: {error}", binary.display()))?;
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
-fn machine_description() -> String {
-    let cores = std::thread::available_parallelism().map_or(0, |cores| cores.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|cpuinfo| {
-            cpuinfo
-                .lines()
-                .find_map(|line| line.strip_prefix("model name"))
-                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} cores, {model}, Linux {}", kernel.trim())
 }
 
 // ---- the table -------------------------------------------------------------

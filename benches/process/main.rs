@@ -32,7 +32,7 @@ mod latency;
 use std::fs;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -436,9 +436,13 @@ fn run() -> Result<(), String> {
         return Err("run as root: the benchmark sets up namespaces and mounts itself".into());
     }
     let scratch = ScratchDir::new("stacyvmd-process-bench")?;
-    println!("machine: {}", machine_description());
+    println!("machine: {}", daemon::machine_description());
     println!("load:    {} (1, 5, 15 min) at start", load_average());
-    println!("daemon:  {} ({})", daemon_version(binary), binary.display());
+    println!(
+        "daemon:  {} ({})",
+        daemon::daemon_version(binary).unwrap_or_else(|e| format!("unknown ({e})")),
+        binary.display()
+    );
     println!(
         "plan:    {} spawns of each kind; exec {:?} per measurement; {} file rounds of {} MiB",
         options.spawns,
@@ -719,27 +723,4 @@ fn print_table(rows: &[Row]) {
             r.id, r.what, r.figure, r.compared, r.ratio, r.goal, result
         );
     }
-}
-
-fn daemon_version(binary: &Path) -> String {
-    Command::new(binary)
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|error| format!("unknown ({error})"))
-}
-
-fn machine_description() -> String {
-    let cores = std::thread::available_parallelism().map_or(0, |cores| cores.get());
-    let model = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|cpuinfo| {
-            cpuinfo
-                .lines()
-                .find_map(|line| line.strip_prefix("model name"))
-                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} cores, {model}, Linux {}", kernel.trim())
 }
