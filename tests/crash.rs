@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use common::{Client, Daemon, Request, assert_status, poll_until, rfc3339_millis};
 use sandbox_support::{
-    SANDBOXES, destroy_ok, id_of, leases, list, markers, sandbox_path, spawn_ok, spawn_req, worker,
+    SANDBOXES, destroy_ok, id_of, leases, list, markers, sandbox_path, spawn_ok, spawn_req,
+    state_in, worker,
 };
 use serde_json::{Value, json};
 
@@ -379,12 +380,7 @@ fn restart_reconciles_runtimes_with_records() {
 
     let daemon = daemon.restart();
     let listed = list(&daemon);
-    let state = |id: &str| {
-        listed
-            .iter()
-            .find(|s| s["id"] == id)
-            .map(|s| s["state"].clone())
-    };
+    let state = |id: &str| state_in(&listed, id);
     assert_eq!(state(&kept), Some(json!("running")), "{listed:?}");
     assert_eq!(state(&vanished), Some(json!("lost")), "{listed:?}");
     assert_eq!(state(&gone), None, "{listed:?}");

@@ -28,7 +28,7 @@ use common::{
     Client, Daemon, IO_TIMEOUT, Request, Response, TempDir, assert_error, assert_status,
     names_field, poll_until,
 };
-use sandbox_support::{SANDBOXES, destroy_ok, get_sandbox, id_of, list, spawn, spawn_ok};
+use sandbox_support::{SANDBOXES, destroy_ok, get_sandbox, id_of, list, spawn, spawn_ok, state_in};
 use serde_json::{Value, json};
 
 /// Distinct per daemon within this test binary (see the module doc).
@@ -1013,12 +1013,7 @@ fn restart_after_kill_9_adopts_live_sandboxes_and_marks_vanished_lost() {
 
     let daemon = daemon.restart();
     let listed = list(&daemon);
-    let state = |id: &str| {
-        listed
-            .iter()
-            .find(|s| s["id"] == id)
-            .map(|s| s["state"].clone())
-    };
+    let state = |id: &str| state_in(&listed, id);
     assert_eq!(state(&a), Some(json!("running")), "{listed:?}");
     assert_eq!(state(&b), Some(json!("running")), "{listed:?}");
     assert_ne!(state(&vanished), Some(json!("running")), "{listed:?}");

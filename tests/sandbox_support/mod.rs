@@ -80,6 +80,14 @@ pub fn list(daemon: &Daemon) -> Vec<Value> {
     }
 }
 
+/// The `state` of sandbox `id` in a list answer, or `None` if not listed.
+pub fn state_in(listed: &[Value], id: &str) -> Option<Value> {
+    listed
+        .iter()
+        .find(|s| s["id"] == id)
+        .map(|s| s["state"].clone())
+}
+
 pub fn list_ids(daemon: &Daemon) -> Vec<String> {
     list(daemon).iter().map(id_of).collect()
 }
