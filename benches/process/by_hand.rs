@@ -16,6 +16,7 @@
 //! `rootfs/`), created inside the timed window as the daemon creates its
 //! own; every process a sample started is gone when it returns.
 
+use stacyvmd::providers::process::unshare_args;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -24,17 +25,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/process/by_hand.sh");
-/// The daemon's `unshare` flags (src/providers/process/mod.rs), as root.
-const UNSHARE: [&str; 8] = [
-    "--pid",
-    "--mount",
-    "--uts",
-    "--ipc",
-    "--net",
-    "--fork",
-    "--propagation",
-    "private",
-];
 /// The `host` image: the host's root.
 const IMAGE: &str = "/";
 /// How long a killed init may take to be gone.
@@ -105,7 +95,7 @@ fn by_hand(state: &Path, log: &Path, n: usize) -> Result<Duration, String> {
     let started = Instant::now();
     make_state(state)?;
     let mut child = Command::new("unshare")
-        .args(UNSHARE)
+        .args(unshare_args(false))
         .args(["--", "sh", SCRIPT])
         .arg(state)
         .args([IMAGE, &format!("by-hand-{n}")])
@@ -135,7 +125,7 @@ fn init_direct(binary: &Path, state: &Path, log: &Path, n: usize) -> Result<Dura
     let mut launcher = Command::new("setsid")
         .arg("--fork")
         .arg("unshare")
-        .args(UNSHARE)
+        .args(unshare_args(false))
         .arg("--")
         .arg(binary)
         .arg("sandbox-init")
@@ -200,7 +190,7 @@ fn kill_and_wait(pid: i32) -> Result<(), String> {
 fn namespaces_only() -> Result<Duration, String> {
     let started = Instant::now();
     let status = Command::new("unshare")
-        .args(UNSHARE)
+        .args(unshare_args(false))
         .args(["--", "true"])
         .stdin(Stdio::null())
         .status()

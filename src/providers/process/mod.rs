@@ -439,10 +439,11 @@ fn helper_binary() -> PathBuf {
     PathBuf::from(format!("/proc/{}/exe", std::process::id()))
 }
 
-/// util-linux `unshare` options for a sandbox's namespaces: a user
+/// util-linux `unshare` options for a sandbox's namespaces (also the
+/// process benchmark's by-hand baseline): a user
 /// namespace first when rootless, then PID (with the fork that makes the
 /// init its PID 1), mount (private propagation), UTS, IPC and network.
-fn unshare_args(rootless: bool) -> Vec<&'static str> {
+pub fn unshare_args(rootless: bool) -> Vec<&'static str> {
     let mut args = Vec::with_capacity(10);
     if rootless {
         args.extend(["--user", "--map-root-user"]);
