@@ -6,10 +6,12 @@
 //! process, and the daemon's credentials must not touch sandbox paths).
 //! The helper: opens a pidfd on the sandbox's init and checks its start
 //! time (so a reused pid is never entered), joins the sandbox's cgroup when
-//! there is one, sets its rlimits and CPU affinity, enters all of the
-//! init's namespaces at once (which also puts it at the sandbox's root),
-//! and then either spawns the command as the sandbox's uid (exec) or drops
-//! to that uid and does the file operation itself (files). Paths are
+//! there is one, sets its rlimits, enters all of the init's namespaces at
+//! once (which also puts it at the sandbox's root), and then either spawns
+//! the command as the sandbox's uid on the sandbox's CPUs (exec; the helper
+//! itself stays on all CPUs, so a busy sandbox cannot starve it of the
+//! turns it needs to stop the command) or pins itself, drops to that uid
+//! and does the file operation itself (files). Paths are
 //! therefore resolved exactly as the sandbox sees them: a symlink cannot
 //! lead out of the sandbox's root, and permissions are the sandbox user's.
 //!
@@ -78,7 +80,7 @@ pub fn run(spec_json: &str) -> i32 {
     match &spec.action {
         Action::Exec { argv, workdir } => exec(&spec, argv, workdir),
         Action::Fs(op) => {
-            if let Err(e) = become_user(&spec) {
+            if let Err(e) = pin(&spec.cpus).and_then(|_| become_user(&spec)) {
                 super::files::report_error(500, "INTERNAL_ERROR", &e);
                 return EXIT_ENTER_FAILED;
             }
@@ -120,14 +122,6 @@ fn enter(spec: &EnterSpec) -> Result<(), String> {
     if let Some(bytes) = spec.address_space {
         limit(Resource::As, bytes)?;
     }
-    if !spec.cpus.is_empty() {
-        let mut set = rustix::thread::CpuSet::new();
-        for cpu in &spec.cpus {
-            set.set(*cpu);
-        }
-        rustix::thread::sched_setaffinity(None, &set)
-            .map_err(|e| format!("setting CPU affinity: {e}"))?;
-    }
     let mut namespaces = ThreadNameSpaceType::MOUNT
         | ThreadNameSpaceType::HOST_NAME_AND_NIS_DOMAIN_NAME
         | ThreadNameSpaceType::INTER_PROCESS_COMMUNICATION
@@ -139,6 +133,23 @@ fn enter(spec: &EnterSpec) -> Result<(), String> {
     rustix::thread::move_into_thread_name_spaces(pidfd.as_fd(), namespaces)
         .map_err(|e| format!("entering the namespaces: {e}"))?;
     Ok(())
+}
+
+/// Restricts this helper to the sandbox's CPUs (none: all of them) and
+/// returns the CPUs it had before.
+fn pin(cpus: &[usize]) -> Result<Option<rustix::thread::CpuSet>, String> {
+    if cpus.is_empty() {
+        return Ok(None);
+    }
+    let before = rustix::thread::sched_getaffinity(None)
+        .map_err(|e| format!("reading CPU affinity: {e}"))?;
+    let mut set = rustix::thread::CpuSet::new();
+    for cpu in cpus {
+        set.set(*cpu);
+    }
+    rustix::thread::sched_setaffinity(None, &set)
+        .map_err(|e| format!("setting CPU affinity: {e}"))?;
+    Ok(Some(before))
 }
 
 /// Drops this (single-threaded) helper to the sandbox's user: groups
@@ -189,7 +200,22 @@ fn exec(spec: &EnterSpec, argv: &[String], workdir: &str) -> i32 {
         // child before exec; capabilities go with the uid change.
         command.uid(uid).gid(uid);
     }
-    let mut child = match command.spawn() {
+    // The command inherits the sandbox's CPUs; the helper goes back to its
+    // own. Pinned beside a command that keeps those CPUs busy (a fork
+    // bomb: hundreds of runnable processes on one CPU), the helper waited
+    // seconds for each turn and could not stop the command in time.
+    let unpinned = match pin(&spec.cpus) {
+        Ok(before) => before,
+        Err(e) => {
+            eprintln!("stacyvmd: {e}");
+            return EXIT_ENTER_FAILED;
+        }
+    };
+    let spawned = command.spawn();
+    if let Some(before) = unpinned {
+        let _ = rustix::thread::sched_setaffinity(None, &before);
+    }
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             eprintln!("stacyvmd: cannot run {program:?} in {workdir}: {e}");
