@@ -70,6 +70,7 @@ fn store_json(src: &Sources<'_>) -> serde_json::Value {
         "commit_seconds_mean": m.commit_seconds.mean(),
         "commit_failures": m.commit_failures.get(),
         "checkpoints": m.checkpoints.get(),
+        "checkpoint_finishes": m.checkpoint_finishes.get(),
     })
 }
 

@@ -173,6 +173,7 @@ pub struct StoreMetrics {
     pub commit_seconds: Histogram,
     pub commit_failures: Counter,
     pub checkpoints: Counter,
+    pub checkpoint_finishes: Counter,
 }
 
 impl StoreMetrics {
@@ -248,6 +249,7 @@ impl Metrics {
                 commit_seconds: Histogram::latency(),
                 commit_failures: Counter::default(),
                 checkpoints: Counter::default(),
+                checkpoint_finishes: Counter::default(),
             },
             workers: WorkerMetrics {
                 heartbeats: Counter::default(),
@@ -629,6 +631,11 @@ pub fn render_prometheus(
             "stacyvmd_store_checkpoints_total",
             "WAL checkpoints run by the checkpoint thread.",
             &m.store.checkpoints,
+        ),
+        (
+            "stacyvmd_store_checkpoint_finishes_total",
+            "Checkpoint passes finished by the store thread between commits, so that the WAL is reset.",
+            &m.store.checkpoint_finishes,
         ),
         (
             "stacyvmd_admin_events_dropped_total",

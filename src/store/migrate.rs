@@ -20,6 +20,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_sandboxes_leases",
         sql: include_str!("../../migrations/0002_sandboxes_leases.sql"),
     },
+    Migration {
+        name: "0003_lean_audit",
+        sql: include_str!("../../migrations/0003_lean_audit.sql"),
+    },
 ];
 
 #[derive(Debug)]
@@ -109,6 +113,43 @@ mod tests {
             migrate(&mut conn, 1),
             Err(MigrateError::TooNew { found: 999, .. })
         ));
+    }
+
+    #[test]
+    fn the_lean_audit_keeps_every_row_and_its_number() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        // A database at schema 2, as an earlier stacyvmd left it.
+        for m in &MIGRATIONS[..2] {
+            conn.execute_batch(m.sql).unwrap();
+        }
+        conn.execute_batch("PRAGMA user_version = 2").unwrap();
+        let insert = "INSERT INTO admin_audit (at, actor, request_id, action, target, outcome)
+                      VALUES (?1, 'admin', 'r', 'lease.renew', 'x', 'ok')";
+        for at in [10, 20, 30] {
+            conn.execute(insert, [at]).unwrap();
+        }
+        conn.execute("DELETE FROM admin_audit WHERE at = 20", [])
+            .unwrap();
+        assert_eq!(migrate(&mut conn, 1).unwrap(), MIGRATIONS.len() - 2);
+        conn.execute(insert, [40]).unwrap();
+        let rows: Vec<(i64, i64)> = conn
+            .prepare("SELECT seq, at FROM admin_audit ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, [(1, 10), (3, 30), (4, 40)]);
+        // No AUTOINCREMENT counter and no `at` index left to write.
+        let extra: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'admin_audit_at'
+                 OR sql LIKE '%AUTOINCREMENT%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(extra, 0);
     }
 
     #[test]
