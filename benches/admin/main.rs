@@ -18,13 +18,13 @@ mod daemon;
 mod echo;
 #[path = "../loadgen/latency.rs"]
 mod latency;
+#[path = "../common/ndjson.rs"]
+mod ndjson;
 #[allow(dead_code)]
 #[path = "../loadgen/client.rs"]
 mod rest;
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::ExitCode;
 use std::thread;
@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use daemon::Daemon;
 use echo::Echo;
 use latency::Latencies;
+use ndjson::LineClient;
 
 const USAGE: &str = "usage: cargo bench --bench admin [-- [--quick] [--runs N]]";
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,55 +87,6 @@ fn main() -> ExitCode {
 }
 
 // ---- clients ----------------------------------------------------------------
-
-/// One NDJSON connection: reads the greeting, then one reply per request.
-struct LineClient {
-    reader: BufReader<UnixStream>,
-    line: Vec<u8>,
-}
-
-impl LineClient {
-    fn connect(path: &Path) -> Result<LineClient, String> {
-        let stream = UnixStream::connect(path)
-            .map_err(|error| format!("connecting to {}: {error}", path.display()))?;
-        stream.set_read_timeout(Some(IO_TIMEOUT)).ok();
-        stream.set_write_timeout(Some(IO_TIMEOUT)).ok();
-        let mut client = LineClient {
-            reader: BufReader::with_capacity(64 * 1024, stream),
-            line: Vec::with_capacity(4096),
-        };
-        client.read_line()?;
-        Ok(client)
-    }
-
-    fn read_line(&mut self) -> Result<&[u8], String> {
-        self.line.clear();
-        match self.reader.read_until(b'\n', &mut self.line) {
-            Ok(0) => Err("the server closed the connection".to_owned()),
-            Ok(_) => Ok(&self.line),
-            Err(error) => Err(format!("reading a reply: {error}")),
-        }
-    }
-
-    /// One request line (with its newline) and its reply; an error reply
-    /// is an error.
-    fn round_trip(&mut self, request: &[u8]) -> Result<(), String> {
-        self.reader
-            .get_mut()
-            .write_all(request)
-            .map_err(|error| format!("writing a request: {error}"))?;
-        let reply = self.read_line()?;
-        if reply.windows(9).any(|w| w == b"\"ok\":true") {
-            Ok(())
-        } else {
-            Err(format!(
-                "error reply to {}: {}",
-                String::from_utf8_lossy(request).trim_end(),
-                String::from_utf8_lossy(reply).trim_end()
-            ))
-        }
-    }
-}
 
 type RoundTrip = Box<dyn FnMut() -> Result<(), String> + Send>;
 

@@ -3,14 +3,18 @@
 //! request bound is reached. What counts as a success is the caller's test
 //! (a 201 for a spawn, a 409 for a refused acquire, `"succeeded":true` for
 //! an etcd transaction); only successes contribute latency samples.
+//! `drive_socket` does the same over the daemon's admin socket, one NDJSON
+//! request line and one reply line per round trip.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::client::Client;
 use crate::latency::Latencies;
+use crate::ndjson::LineClient;
 
 /// Longest one exchange may take before it counts as failed.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -126,7 +130,83 @@ where
             .collect();
         (start, tallies)
     });
+    Ok(gather(start, tallies))
+}
 
+/// Runs `plan` over the admin socket at `path`: connection `c` sends the
+/// NDJSON line `request(c)` (with its newline) again and again, one thread
+/// per connection. A reply without `"ok":true` (or a broken connection)
+/// counts as failed and ends that connection; every connection is open,
+/// its greeting read, before the clock starts.
+pub fn drive_socket(
+    path: &Path,
+    plan: Plan,
+    request: impl Fn(usize) -> Vec<u8>,
+) -> Result<Measurement, String> {
+    let connections = plan.connections.max(1);
+    let per_connection = plan.max_requests.div_ceil(connections) as u64;
+    let clients = (0..connections)
+        .map(|_| LineClient::connect(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let lines: Vec<Vec<u8>> = (0..connections).map(request).collect();
+    let start_line = Barrier::new(connections + 1);
+
+    let (start, tallies) = thread::scope(|scope| {
+        let handles: Vec<_> = clients
+            .into_iter()
+            .zip(&lines)
+            .enumerate()
+            .map(|(index, (mut client, line))| {
+                let start_line = &start_line;
+                thread::Builder::new()
+                    .name(format!("fleet-sock-{index}"))
+                    .spawn_scoped(scope, move || {
+                        let mut tally = Tally {
+                            ok: 0,
+                            failed: 0,
+                            first_failure: None,
+                            samples: Vec::with_capacity((per_connection as usize).min(1 << 18)),
+                            finished: Instant::now(),
+                        };
+                        start_line.wait();
+                        let deadline = Instant::now() + plan.duration;
+                        while tally.ok < per_connection {
+                            let sent_at = Instant::now();
+                            if sent_at >= deadline {
+                                break;
+                            }
+                            match client.round_trip(line) {
+                                Ok(()) => {
+                                    tally.samples.push(sent_at.elapsed());
+                                    tally.ok += 1;
+                                }
+                                Err(error) => {
+                                    tally.failed += 1;
+                                    tally.first_failure = Some(error);
+                                    break;
+                                }
+                            }
+                        }
+                        tally.finished = Instant::now();
+                        tally
+                    })
+                    .expect("spawning a client thread")
+            })
+            .collect();
+        start_line.wait();
+        let start = Instant::now();
+        let tallies: Vec<Tally> = handles
+            .into_iter()
+            .map(|handle| handle.join().expect("client thread panicked"))
+            .collect();
+        (start, tallies)
+    });
+    Ok(gather(start, tallies))
+}
+
+/// One measurement from the connections' tallies, timed from `start` to the
+/// last connection's end.
+fn gather(start: Instant, tallies: Vec<Tally>) -> Measurement {
     let finished = tallies.iter().map(|tally| tally.finished).max();
     let mut measurement = Measurement {
         ok: 0,
@@ -143,7 +223,7 @@ where
         samples.extend(tally.samples);
     }
     measurement.latencies = Latencies::new(samples);
-    Ok(measurement)
+    measurement
 }
 
 fn run_connection(

@@ -7,7 +7,8 @@
 //! release daemon (target/release/stacyvmd) started on 127.0.0.1:0 with a
 //! config and data dir written here; PostgreSQL 15 and etcd installed (Debian
 //! packages) and started by benches/fleet/peers.sh on 127.0.0.1 in a scratch
-//! dir; client threads in this process over keep-alive connections. Every
+//! dir; client threads in this process over keep-alive connections (and, for
+//! the lease renewals of L1, also over the daemon's admin socket). Every
 //! measurement is bounded in time and request count, and everything started
 //! is stopped at the end. The program prints a table and exits 0 whether
 //! targets pass or fail; it exits 1 only when it could not measure.
@@ -21,6 +22,8 @@ mod daemon;
 mod drive;
 #[path = "../loadgen/latency.rs"]
 mod latency;
+#[path = "../common/ndjson.rs"]
+mod ndjson;
 mod peers;
 
 use std::fmt::Write as _;
@@ -32,10 +35,11 @@ use std::time::{Duration, Instant};
 
 use client::post_json;
 use daemon::Daemon;
-use drive::{Measurement, Plan, drive, once, status_is};
+use drive::{Measurement, Plan, drive, drive_socket, once, status_is};
+use ndjson::LineClient;
 use peers::Peers;
 
-const USAGE: &str = "usage: cargo bench --bench fleet [-- [--quick] [--runs N] [--sandboxes N] [--workers N] [--no-peers] [--keep]]";
+const USAGE: &str = "usage: cargo bench --bench fleet [-- [--quick] [--runs N] [--sandboxes N] [--workers N] [--no-peers] [--leases-only] [--keep]]";
 
 const SPAWN_BODY: &str = r#"{"ttl":"1h"}"#;
 const SPAWN_CONNECTIONS: usize = 16;
@@ -72,6 +76,8 @@ struct Options {
     sandboxes: usize,
     workers: usize,
     peers: bool,
+    /// Only L1 and L3 (the lease phase), not the fleet that follows.
+    leases_only: bool,
     /// Leave the scratch dir (data dirs, configs, daemon logs) in place.
     keep: bool,
 }
@@ -83,6 +89,7 @@ fn parse_options(mut arguments: impl Iterator<Item = String>) -> Result<Options,
         sandboxes: 100_000,
         workers: 10_000,
         peers: true,
+        leases_only: false,
         keep: false,
     };
     let number = |name: &str, value: Option<String>| -> Result<usize, String> {
@@ -101,6 +108,7 @@ fn parse_options(mut arguments: impl Iterator<Item = String>) -> Result<Options,
             "--sandboxes" => options.sandboxes = number("--sandboxes", arguments.next())?,
             "--workers" => options.workers = number("--workers", arguments.next())?,
             "--no-peers" => options.peers = false,
+            "--leases-only" => options.leases_only = true,
             "--keep" => options.keep = true,
             // `cargo bench` appends --bench to every bench binary's arguments.
             "--bench" => {}
@@ -155,8 +163,10 @@ fn run() -> Result<(), String> {
     let mut rows = Vec::new();
     let leases = lease_phase(binary, &scratch.path, &options)?;
     rows.extend(leases);
-    let fleet = fleet_phase(binary, &scratch.path, &options)?;
-    rows.extend(fleet);
+    if !options.leases_only {
+        let fleet = fleet_phase(binary, &scratch.path, &options)?;
+        rows.extend(fleet);
+    }
 
     println!();
     print_table(&rows);
@@ -212,14 +222,23 @@ fn write_config(dir: &Path, extra: &str) -> Result<PathBuf, String> {
 
 // ---------------------------------------------------------------- leases
 
-/// L1 and L3: the daemon's lease routes against PostgreSQL and etcd, side by
-/// side in each run.
+/// L1 and L3: the daemon's lease routes (REST, and renewals also over the
+/// admin socket) against PostgreSQL and etcd, side by side in each run.
 fn lease_phase(binary: &Path, scratch: &Path, options: &Options) -> Result<Vec<Row>, String> {
     println!("\n== L1/L3: leases (daemon, PostgreSQL 15, etcd) ==");
     let dir = scratch.join("leases");
     let config = write_config(&dir, "")?;
     let daemon = start_with_config(binary, &config, &dir.join("stderr.log"))?;
-    println!("daemon pid {} on {}", daemon.pid, daemon.addr);
+    let admin = daemon
+        .admin
+        .clone()
+        .ok_or("the daemon's readiness line names no admin socket")?;
+    println!(
+        "daemon pid {} on {}, admin socket {}",
+        daemon.pid,
+        daemon.addr,
+        admin.display()
+    );
     let peers = if options.peers {
         Some(Peers::start(
             Path::new(PEERS_SCRIPT),
@@ -260,7 +279,7 @@ fn lease_phase(binary: &Path, scratch: &Path, options: &Options) -> Result<Vec<R
             let spent = daemon.cpu_time()?.saturating_sub(cpu_before);
             let store = StoreDelta::between(&metrics_before, &scrape(addr)?);
             println!(
-                "daemon renew,   {connections} conn: {:>8.0}/s  p50 {:.3} ms  p99 {:.3} ms  | {}, daemon CPU {:.1} us/op",
+                "daemon renew (REST),   {connections} conn: {:>8.0}/s  p50 {:.3} ms  p99 {:.3} ms  | {}, daemon CPU {:.1} us/op",
                 renew.rate(),
                 renew.p50_ms(),
                 renew.p99_ms(),
@@ -268,6 +287,24 @@ fn lease_phase(binary: &Path, scratch: &Path, options: &Options) -> Result<Vec<R
                 spent.as_secs_f64() * 1e6 / renew.ok.max(1) as f64
             );
             figures.renew[slot].push(renew.rate());
+
+            take_socket_leases(&admin, connections)?;
+            settle(Duration::ZERO);
+            let metrics_before = scrape(addr)?;
+            let cpu_before = daemon.cpu_time()?;
+            let renew = drive_socket(&admin, window(connections), socket_renew_line)?
+                .clean("lease.renew over the admin socket")?;
+            let spent = daemon.cpu_time()?.saturating_sub(cpu_before);
+            let store = StoreDelta::between(&metrics_before, &scrape(addr)?);
+            println!(
+                "daemon renew (socket), {connections} conn: {:>8.0}/s  p50 {:.3} ms  p99 {:.3} ms  | {}, daemon CPU {:.1} us/op",
+                renew.rate(),
+                renew.p50_ms(),
+                renew.p99_ms(),
+                store.describe(renew.elapsed),
+                spent.as_secs_f64() * 1e6 / renew.ok.max(1) as f64
+            );
+            figures.socket_renew[slot].push(renew.rate());
 
             take_leases(addr, connections)?;
             settle(Duration::ZERO);
@@ -372,38 +409,55 @@ fn lease_phase(binary: &Path, scratch: &Path, options: &Options) -> Result<Vec<R
     stop(daemon)?;
 
     let mut rows = Vec::new();
-    for (slot, connections) in [(0, 1), (1, LEASE_CONNECTIONS)] {
-        let renew = median(&figures.renew[slot]);
-        rows.push(peer_row(
-            "L1",
-            format!("renew {}/s, {connections} conn", thousands(renew)),
-            "PostgreSQL 15 upsert",
-            renew,
-            &figures.pg[slot],
-            1.0,
-            &pg_problem,
-        ));
+    // L1 for each door: REST, then the admin socket.
+    let doors = [
+        ("REST", &figures.renew),
+        ("admin socket", &figures.socket_renew),
+    ];
+    for (door, rates) in doors {
+        for (slot, connections) in [(0, 1), (1, LEASE_CONNECTIONS)] {
+            let renew = median(&rates[slot]);
+            rows.push(peer_row(
+                "L1",
+                format!("renew ({door}) {}/s, {connections} conn", thousands(renew)),
+                "PostgreSQL 15 upsert",
+                renew,
+                &figures.pg[slot],
+                1.0,
+                &pg_problem,
+            ));
+        }
     }
-    for (slot, connections) in [(0, 1), (1, LEASE_CONNECTIONS)] {
-        let renew = median(&figures.renew[slot]);
-        rows.push(peer_row(
-            "L1",
-            format!("renew {}/s, {connections} conn", thousands(renew)),
-            "etcd txn compare-and-put",
-            renew,
-            &figures.etcd_txn[slot],
-            2.5,
-            &etcd_problem,
-        ));
-        rows.push(peer_row(
-            "L1 (info)",
-            format!("renew {}/s, {connections} conn", thousands(renew)),
-            "etcd lease keepalive (not durable)",
-            renew,
-            &figures.etcd_keepalive[slot],
-            2.5,
-            &etcd_problem,
-        ));
+    for (door, rates) in doors {
+        for (slot, connections) in [(0, 1), (1, LEASE_CONNECTIONS)] {
+            let renew = median(&rates[slot]);
+            let figure = format!("renew ({door}) {}/s, {connections} conn", thousands(renew));
+            rows.push(peer_row(
+                "L1",
+                figure.clone(),
+                "etcd txn compare-and-put",
+                renew,
+                &figures.etcd_txn[slot],
+                2.5,
+                &etcd_problem,
+            ));
+            // What an etcd client does to keep a lock alive: once, beside REST.
+            // No target: shown, not judged.
+            if door == "REST" {
+                let mut keepalive = peer_row(
+                    "L1 (info)",
+                    figure,
+                    "etcd lease keepalive (not durable)",
+                    renew,
+                    &figures.etcd_keepalive[slot],
+                    2.5,
+                    &etcd_problem,
+                );
+                keepalive.target = "-".to_owned();
+                keepalive.verdict = None;
+                rows.push(keepalive);
+            }
+        }
     }
     for (slot, connections) in [(0, 1), (1, LEASE_CONNECTIONS)] {
         let refused = median(&figures.refused[slot]);
@@ -414,7 +468,7 @@ fn lease_phase(binary: &Path, scratch: &Path, options: &Options) -> Result<Vec<R
                 "refused acquire {}/s, {connections} conn",
                 thousands(refused)
             ),
-            format!("granted renew {}/s", thousands(renew)),
+            format!("granted renew (REST) {}/s", thousands(renew)),
             refused / renew,
             1.5,
         ));
@@ -427,7 +481,7 @@ fn lease_phase(binary: &Path, scratch: &Path, options: &Options) -> Result<Vec<R
             "acquire by holder {}/s, {LEASE_CONNECTIONS} conn",
             thousands(acquire)
         ),
-        format!("renew {}/s", thousands(renew)),
+        format!("renew (REST) {}/s", thousands(renew)),
         acquire / renew,
     ));
     if !figures.pg_refused[1].is_empty() {
@@ -451,7 +505,10 @@ const PEERS_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/fleet/p
 /// Per-run figures; index 0 is one connection, 1 is LEASE_CONNECTIONS.
 #[derive(Default)]
 struct LeaseFigures {
+    /// Over REST.
     renew: [Vec<f64>; 2],
+    /// `lease.renew` over the admin socket.
+    socket_renew: [Vec<f64>; 2],
     acquire: [Vec<f64>; 2],
     refused: [Vec<f64>; 2],
     pg: [Vec<f64>; 2],
@@ -481,6 +538,35 @@ fn take_leases(addr: SocketAddr, connections: usize) -> Result<(), String> {
             200,
             "lease acquire",
         )?;
+    }
+    Ok(())
+}
+
+/// Connection `c`'s `lease.acquire` over the admin socket: lease `s-<c>`
+/// for holder `h-<c>`, TTL 30 s like the REST ones.
+fn socket_acquire_line(c: usize) -> Vec<u8> {
+    format!(
+        "{{\"id\":\"a\",\"method\":\"lease.acquire\",\"params\":{{\"resource_id\":\"s-{c}\",\"resource_type\":\"bench\",\"holder_id\":\"h-{c}\",\"ttl\":\"30s\"}}}}\n"
+    )
+    .into_bytes()
+}
+
+/// Connection `c`'s `lease.renew` over the admin socket.
+fn socket_renew_line(c: usize) -> Vec<u8> {
+    format!(
+        "{{\"id\":\"r\",\"method\":\"lease.renew\",\"params\":{{\"resource_id\":\"s-{c}\",\"holder_id\":\"h-{c}\",\"ttl\":\"30s\"}}}}\n"
+    )
+    .into_bytes()
+}
+
+/// Each connection's lease `s-<c>`, held by `h-<c>`, acquired over the admin
+/// socket (again before each window, as for REST).
+fn take_socket_leases(admin: &Path, connections: usize) -> Result<(), String> {
+    let mut client = LineClient::connect(admin)?;
+    for c in 0..connections {
+        client
+            .round_trip(&socket_acquire_line(c))
+            .map_err(|error| format!("lease acquire over the admin socket: {error}"))?;
     }
     Ok(())
 }
