@@ -4,8 +4,11 @@
 //! Publishing never blocks: events go into a bounded queue (dropped when it
 //! is full or when nobody listens). The admin server's `admin-events`
 //! thread takes them and writes one line per event to each subscriber.
+//! With no subscriber, `publish` returns at once: no queueing, and no
+//! wake-up of `admin-events` for every lease renewal.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use serde_json::Value;
@@ -25,6 +28,14 @@ pub struct Event {
 
 static BUS: OnceLock<Sender<Event>> = OnceLock::new();
 
+/// Whether anyone subscribes; kept by the admin server.
+static LISTENING: AtomicBool = AtomicBool::new(false);
+
+/// Called by the admin server whenever its subscriber list changes.
+pub fn set_listening(listening: bool) {
+    LISTENING.store(listening, Ordering::Relaxed);
+}
+
 /// Starts the bus; the receiver goes to the admin server. Called once.
 pub fn open() -> Option<Receiver<Event>> {
     let (tx, rx) = bounded(4096);
@@ -32,6 +43,9 @@ pub fn open() -> Option<Receiver<Event>> {
 }
 
 pub fn publish(topic: &'static str, name: &'static str, data: Value) {
+    if !LISTENING.load(Ordering::Relaxed) {
+        return;
+    }
     if let Some(bus) = BUS.get() {
         let event = Event {
             topic,

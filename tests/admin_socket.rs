@@ -870,6 +870,39 @@ fn a_subscriber_that_never_reads_does_not_delay_other_subscribers() {
     );
 }
 
+#[test]
+fn events_reach_a_subscriber_who_comes_after_the_last_one_left() {
+    // With nobody subscribed the daemon publishes nothing; a new
+    // subscriber must turn publishing back on.
+    let daemon = Daemon::start();
+    let path = admin_path(&daemon);
+    let mut probe = Conn::connect(&path);
+    let mut first = Conn::connect(&path);
+    first.ok("events.subscribe", json!({}));
+    drop(first);
+    poll_until(
+        Duration::from_secs(10),
+        "the first subscriber's connection to be gone",
+        || probe.ok("daemon.status", json!({}))["admin_connections"] == 1,
+    );
+    // Published while nobody listens: not delivered to anyone later.
+    let unseen = rest_spawn(&daemon, &json!({}));
+    let mut second = Conn::connect(&path);
+    second.ok("events.subscribe", json!({"topics": ["sandbox"]}));
+    let sandbox = rest_spawn(&daemon, &json!({}));
+    let id = sandbox["id"].as_str().unwrap();
+    loop {
+        let line = second.json_line();
+        assert_ne!(
+            line["data"]["id"], unseen["id"],
+            "an event from before the subscription: {line}"
+        );
+        if line["event"] == "sandbox.running" && line["data"]["id"] == id {
+            break;
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Methods
 

@@ -576,6 +576,7 @@ fn run(
                 )
             })?;
             subs.push(subscriber);
+            crate::events::set_listening(true);
             Ok(json!({"subscribed": topics}).into())
         }
         Method::Help => {

@@ -220,11 +220,14 @@ impl AdminServer {
         {
             let _ = conn.shutdown(std::net::Shutdown::Both);
         }
-        self.ctx
+        let mut subscribers = self
+            .ctx
             .subscribers
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+            .unwrap_or_else(|e| e.into_inner());
+        subscribers.clear();
+        crate::events::set_listening(false);
+        drop(subscribers);
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -410,10 +413,9 @@ fn serve(ctx: &Arc<AdminCtx>, stream: UnixStream, peer: Peer, access: Access) {
             break;
         }
     }
-    ctx.subscribers
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|s| !Arc::ptr_eq(&s.writer, &writer));
+    let mut subscribers = ctx.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+    subscribers.retain(|s| !Arc::ptr_eq(&s.writer, &writer));
+    crate::events::set_listening(!subscribers.is_empty());
 }
 
 fn deliver(ctx: &AdminCtx, event: &Event) {
@@ -432,6 +434,7 @@ fn deliver(ctx: &AdminCtx, event: &Event) {
         // or whose writer ended is dropped.
         s.lines.try_send(line.clone()).is_ok()
     });
+    crate::events::set_listening(!subscribers.is_empty());
 }
 
 #[cfg(test)]
