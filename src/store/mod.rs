@@ -53,8 +53,10 @@ pub use statements::AuditEntry;
 
 /// The most WAL frames the store thread checkpoints itself, between two
 /// batches, to finish a checkpoint pass that concurrent commits kept short
-/// (about 8 MiB of 4 KiB pages; typically a few frames).
-const FINISH_MAX_FRAMES: i64 = 2048;
+/// (1 MiB of 4 KiB pages; a few frames under steady small writes). Nothing
+/// commits while it runs, so it is kept small: during a burst of large
+/// batches (spawns, lease renewal chunks) the WAL grows until it is over.
+const FINISH_MAX_FRAMES: i64 = 256;
 
 /// How long a caller waits for a reply before it calls the store unavailable.
 const REPLY_DEADLINE: Duration = Duration::from_secs(10);
