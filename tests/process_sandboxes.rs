@@ -48,6 +48,30 @@ fn process_body() -> Value {
 /// test leaves process trees behind; holds the temp dir until then.
 struct Reaper {
     dir: Arc<TempDir>,
+    /// Held until the sandboxes are reaped; see [`CPU_HOGS`].
+    _turn: Turn,
+}
+
+/// The fork-bomb test fills a CPU with a few hundred runnable processes
+/// for seconds; a test running beside it (whose first sandbox is pinned
+/// to the same CPU, slot 0 in every daemon) could see its commands
+/// starved past its own deadlines. So that test runs alone: it holds this
+/// lock for writing, every other test for reading.
+static CPU_HOGS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+enum Turn {
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
+}
+
+impl Turn {
+    fn shared() -> Turn {
+        Turn::Shared(CPU_HOGS.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn alone() -> Turn {
+        Turn::Alone(CPU_HOGS.write().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 impl Drop for Reaper {
@@ -68,6 +92,10 @@ impl Drop for Reaper {
 /// A daemon whose data dir is outside /tmp, with `extra` appended to its
 /// `[providers.process]` section, and the reaper of its sandboxes.
 fn start_daemon(extra: &str) -> (Daemon, Reaper) {
+    start_daemon_with(extra, Turn::shared())
+}
+
+fn start_daemon_with(extra: &str, turn: Turn) -> (Daemon, Reaper) {
     let uid_base = 2_000_000_000
         + (std::process::id() % 10_000) * 10_000
         + NEXT_UID_BLOCK.fetch_add(1, Ordering::Relaxed) * 100;
@@ -81,7 +109,7 @@ fn start_daemon(extra: &str) -> (Daemon, Reaper) {
         "[admin]\nenabled = false\n\n[providers.process]\nuid_base = {uid_base}\n{extra}\n"
     );
     let daemon = Daemon::builder().config(&config).dir(dir.clone()).start();
-    (daemon, Reaper { dir })
+    (daemon, Reaper { dir, _turn: turn })
 }
 
 /// Spawns a process sandbox with `extra` fields; returns its id.
@@ -915,7 +943,7 @@ fn files_are_confined_to_the_sandbox() {
 
 #[test]
 fn fork_bomb_is_contained() {
-    let (daemon, _reaper) = start_daemon("");
+    let (daemon, _reaper) = start_daemon_with("", Turn::alone());
     let bomb = spawn_process(&daemon, json!({}));
     let other = spawn_process(&daemon, json!({}));
     // The shell stays alive after starting the bomb, so the answer is
