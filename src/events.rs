@@ -42,7 +42,8 @@ pub fn open() -> Option<Receiver<Event>> {
     BUS.set(tx).ok().map(|()| rx)
 }
 
-pub fn publish(topic: &'static str, name: &'static str, data: Value) {
+/// Publishes an event; `data` is built only when someone subscribes.
+pub fn publish(topic: &'static str, name: &'static str, data: impl FnOnce() -> Value) {
     if !LISTENING.load(Ordering::Relaxed) {
         return;
     }
@@ -51,7 +52,7 @@ pub fn publish(topic: &'static str, name: &'static str, data: Value) {
             topic,
             name,
             at_ms: crate::time::now_ms(),
-            data,
+            data: data(),
         };
         if let Err(TrySendError::Full(_)) = bus.try_send(event) {
             crate::metrics::METRICS.events_dropped.inc();

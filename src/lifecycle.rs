@@ -56,7 +56,7 @@ fn publish_lease(name: &'static str, lease: &Lease) {
     crate::events::publish(
         "lease",
         name,
-        json!({"resource_id": lease.resource_id, "holder_id": lease.holder_id, "generation": lease.generation}),
+        || json!({"resource_id": lease.resource_id, "holder_id": lease.holder_id, "generation": lease.generation}),
     );
 }
 
@@ -394,7 +394,7 @@ impl Lifecycle {
                     crate::events::publish(
                         "sandbox",
                         "sandbox.running",
-                        json!({"id": id, "worker_id": worker_id}),
+                        || json!({"id": id, "worker_id": worker_id}),
                     );
                     return Ok((running, false));
                 }
@@ -421,7 +421,7 @@ impl Lifecycle {
         crate::events::publish(
             "sandbox",
             "sandbox.error",
-            json!({"id": id, "error": failure.to_string()}),
+            || json!({"id": id, "error": failure.to_string()}),
         );
         log::warn!("{failure}");
         Err(failure)
@@ -537,7 +537,7 @@ impl Lifecycle {
         self.forget_fence(id);
         log::info!("sandbox {id} destroyed");
         publish_lease("lease.released", &lease);
-        crate::events::publish("sandbox", "sandbox.destroyed", json!({"id": id}));
+        crate::events::publish("sandbox", "sandbox.destroyed", || json!({"id": id}));
         Ok(destroyed)
     }
 
@@ -642,7 +642,7 @@ impl Lifecycle {
             "sandbox {} has no runtime any more (killed from outside?); marked lost",
             sandbox.id
         );
-        crate::events::publish("sandbox", "sandbox.lost", json!({"id": sandbox.id}));
+        crate::events::publish("sandbox", "sandbox.lost", || json!({"id": sandbox.id}));
         if let Some(provider) = self.providers.get(&sandbox.provider) {
             let timeout = self.live.get().sandboxes.provider_timeout;
             if let Err(e) = self.executor.destroy(provider, &sandbox.id, timeout, None) {

@@ -387,7 +387,7 @@ fn run(
             crate::events::publish(
                 "worker",
                 "worker.status",
-                json!({"id": id, "status": status.as_str()}),
+                || json!({"id": id, "status": status.as_str()}),
             );
             Ok(view
                 .map_or(Value::Null, |v| to_value(&WorkerJson::from(&v)))
@@ -446,7 +446,7 @@ fn run(
             crate::events::publish(
                 "lease",
                 "lease.changed",
-                json!({"resource_id": resource, "holder_id": lease.holder_id, "generation": lease.generation}),
+                || json!({"resource_id": resource, "holder_id": lease.holder_id, "generation": lease.generation}),
             );
             Ok(to_value(&LeaseJson::new(&lease, now)).into())
         }
@@ -626,7 +626,7 @@ fn shutdown(ctx: &Arc<AdminCtx>, e: &Envelope, me: &str) -> Result<Value, ProtoE
     crate::events::publish(
         "worker",
         "worker.draining",
-        json!({"id": me, "mode": if stop { "stop" } else { "drain" }}),
+        || json!({"id": me, "mode": if stop { "stop" } else { "drain" }}),
     );
     let waiter = ctx.clone();
     std::thread::Builder::new()

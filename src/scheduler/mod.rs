@@ -562,7 +562,7 @@ impl ClusterView {
                 crate::events::publish(
                     "worker",
                     "worker.registered",
-                    serde_json::json!({"id": id}),
+                    || serde_json::json!({"id": id}),
                 );
             }
             Some((old, _, _)) if old != view.health => {
@@ -570,7 +570,7 @@ impl ClusterView {
                 crate::events::publish(
                     "worker",
                     "worker.health",
-                    serde_json::json!({"id": id, "from": old.as_str(), "to": view.health.as_str()}),
+                    || serde_json::json!({"id": id, "from": old.as_str(), "to": view.health.as_str()}),
                 );
                 log::info!(
                     "worker {id} health {} -> {} (heartbeat received)",
@@ -661,7 +661,7 @@ impl ClusterView {
                     } else {
                         "worker.stale"
                     },
-                    serde_json::json!({"id": id, "from": entry.health.as_str(), "to": current.as_str(), "last_seen_seconds": age.as_secs_f64()}),
+                    || serde_json::json!({"id": id, "from": entry.health.as_str(), "to": current.as_str(), "last_seen_seconds": age.as_secs_f64()}),
                 );
                 entry.health = current;
                 changed.push(id.clone());
@@ -829,7 +829,7 @@ impl ClusterView {
             crate::events::publish(
                 "admission",
                 "admission.denied",
-                serde_json::json!({"reason": denial.as_str(), "provider": q.provider, "owner_id": q.owner_id, "rejections": answer.rejections}),
+                || serde_json::json!({"reason": denial.as_str(), "provider": q.provider, "owner_id": q.owner_id, "rejections": answer.rejections}),
             );
         }
         answer
