@@ -83,6 +83,18 @@ struct Tally {
     finished: Instant,
 }
 
+impl Tally {
+    fn new(max_requests: usize) -> Tally {
+        Tally {
+            ok: 0,
+            failed: 0,
+            first_failure: None,
+            samples: Vec::with_capacity(max_requests.min(1 << 18)),
+            finished: Instant::now(),
+        }
+    }
+}
+
 /// Runs `plan` against `addr`. Connection `c` sends the requests of
 /// `requests(c)` in rotation; every connection is open before the clock
 /// starts.
@@ -96,41 +108,20 @@ where
     A: Fn(u16, &[u8]) -> bool + Sync,
 {
     let connections = plan.connections.max(1);
-    let per_connection = plan.max_requests.div_ceil(connections);
     let clients = (0..connections)
         .map(|_| Client::connect(addr, IO_TIMEOUT))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| format!("connecting to {addr}: {error}"))?;
     let rotations: Vec<Vec<Vec<u8>>> = (0..connections).map(requests).collect();
-    let start_line = Barrier::new(connections + 1);
-
-    let (start, tallies) = thread::scope(|scope| {
-        let handles: Vec<_> = clients
-            .into_iter()
-            .zip(&rotations)
-            .enumerate()
-            .map(|(index, (client, rotation))| {
-                let start_line = &start_line;
-                let accept = &accept;
-                thread::Builder::new()
-                    .name(format!("fleet-conn-{index}"))
-                    .spawn_scoped(scope, move || {
-                        start_line.wait();
-                        let deadline = Instant::now() + plan.duration;
-                        run_connection(addr, client, rotation, deadline, per_connection, accept)
-                    })
-                    .expect("spawning a client thread")
-            })
-            .collect();
-        start_line.wait();
-        let start = Instant::now();
-        let tallies: Vec<Tally> = handles
-            .into_iter()
-            .map(|handle| handle.join().expect("client thread panicked"))
-            .collect();
-        (start, tallies)
-    });
-    Ok(gather(start, tallies))
+    let accept = &accept;
+    Ok(race(
+        "fleet-conn",
+        plan,
+        clients.into_iter().zip(&rotations).collect(),
+        |(client, rotation), deadline, max_requests| {
+            run_connection(addr, client, rotation, deadline, max_requests, accept)
+        },
+    ))
 }
 
 /// Runs `plan` over the admin socket at `path`: connection `c` sends the
@@ -144,51 +135,59 @@ pub fn drive_socket(
     request: impl Fn(usize) -> Vec<u8>,
 ) -> Result<Measurement, String> {
     let connections = plan.connections.max(1);
-    let per_connection = plan.max_requests.div_ceil(connections) as u64;
     let clients = (0..connections)
         .map(|_| LineClient::connect(path))
         .collect::<Result<Vec<_>, _>>()?;
     let lines: Vec<Vec<u8>> = (0..connections).map(request).collect();
-    let start_line = Barrier::new(connections + 1);
+    Ok(race(
+        "fleet-sock",
+        plan,
+        clients.into_iter().zip(&lines).collect(),
+        |(mut client, line), deadline, max_requests| {
+            let mut tally = Tally::new(max_requests);
+            while tally.ok < max_requests as u64 && Instant::now() < deadline {
+                let sent_at = Instant::now();
+                match client.round_trip(line) {
+                    Ok(()) => {
+                        tally.samples.push(sent_at.elapsed());
+                        tally.ok += 1;
+                    }
+                    Err(error) => {
+                        tally.failed += 1;
+                        tally.first_failure = Some(error);
+                        break;
+                    }
+                }
+            }
+            tally.finished = Instant::now();
+            tally
+        },
+    ))
+}
 
+/// Runs `work` for each connection on its own thread, all released at
+/// once when every thread is ready; each gets the window's deadline and
+/// its share of `plan.max_requests`. The measurement is timed from the
+/// release to the last connection's end.
+fn race<W: Send>(
+    name: &str,
+    plan: Plan,
+    connections: Vec<W>,
+    work: impl Fn(W, Instant, usize) -> Tally + Sync,
+) -> Measurement {
+    let per_connection = plan.max_requests.div_ceil(connections.len().max(1));
+    let start_line = Barrier::new(connections.len() + 1);
     let (start, tallies) = thread::scope(|scope| {
-        let handles: Vec<_> = clients
+        let handles: Vec<_> = connections
             .into_iter()
-            .zip(&lines)
             .enumerate()
-            .map(|(index, (mut client, line))| {
-                let start_line = &start_line;
+            .map(|(index, connection)| {
+                let (start_line, work) = (&start_line, &work);
                 thread::Builder::new()
-                    .name(format!("fleet-sock-{index}"))
+                    .name(format!("{name}-{index}"))
                     .spawn_scoped(scope, move || {
-                        let mut tally = Tally {
-                            ok: 0,
-                            failed: 0,
-                            first_failure: None,
-                            samples: Vec::with_capacity((per_connection as usize).min(1 << 18)),
-                            finished: Instant::now(),
-                        };
                         start_line.wait();
-                        let deadline = Instant::now() + plan.duration;
-                        while tally.ok < per_connection {
-                            let sent_at = Instant::now();
-                            if sent_at >= deadline {
-                                break;
-                            }
-                            match client.round_trip(line) {
-                                Ok(()) => {
-                                    tally.samples.push(sent_at.elapsed());
-                                    tally.ok += 1;
-                                }
-                                Err(error) => {
-                                    tally.failed += 1;
-                                    tally.first_failure = Some(error);
-                                    break;
-                                }
-                            }
-                        }
-                        tally.finished = Instant::now();
-                        tally
+                        work(connection, Instant::now() + plan.duration, per_connection)
                     })
                     .expect("spawning a client thread")
             })
@@ -201,7 +200,7 @@ pub fn drive_socket(
             .collect();
         (start, tallies)
     });
-    Ok(gather(start, tallies))
+    gather(start, tallies)
 }
 
 /// One measurement from the connections' tallies, timed from `start` to the
@@ -234,13 +233,7 @@ fn run_connection(
     max_requests: usize,
     accept: &(impl Fn(u16, &[u8]) -> bool + Sync),
 ) -> Tally {
-    let mut tally = Tally {
-        ok: 0,
-        failed: 0,
-        first_failure: None,
-        samples: Vec::with_capacity(max_requests.min(1 << 18)),
-        finished: Instant::now(),
-    };
+    let mut tally = Tally::new(max_requests);
     for request in rotation.iter().cycle().take(max_requests) {
         let sent_at = Instant::now();
         if sent_at >= deadline || tally.failed >= MAX_FAILURES {

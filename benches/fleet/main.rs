@@ -270,40 +270,20 @@ fn lease_phase(binary: &Path, scratch: &Path, options: &Options) -> Result<Vec<R
             let slot = usize::from(connections != 1);
             take_leases(addr, connections)?;
             settle(Duration::ZERO);
-            let metrics_before = scrape(addr)?;
-            let cpu_before = daemon.cpu_time()?;
-            let renew = drive(addr, window(connections), status_is(200), |c| {
-                vec![lease_request(c, "renew", &format!("h-{c}"))]
-            })?
-            .clean("lease renew")?;
-            let spent = daemon.cpu_time()?.saturating_sub(cpu_before);
-            let store = StoreDelta::between(&metrics_before, &scrape(addr)?);
-            println!(
-                "daemon renew (REST),   {connections} conn: {:>8.0}/s  p50 {:.3} ms  p99 {:.3} ms  | {}, daemon CPU {:.1} us/op",
-                renew.rate(),
-                renew.p50_ms(),
-                renew.p99_ms(),
-                store.describe(renew.elapsed),
-                spent.as_secs_f64() * 1e6 / renew.ok.max(1) as f64
-            );
+            let renew = renew_window(&daemon, "REST", connections, || {
+                drive(addr, window(connections), status_is(200), |c| {
+                    vec![lease_request(c, "renew", &format!("h-{c}"))]
+                })?
+                .clean("lease renew")
+            })?;
             figures.renew[slot].push(renew.rate());
 
             take_socket_leases(&admin, connections)?;
             settle(Duration::ZERO);
-            let metrics_before = scrape(addr)?;
-            let cpu_before = daemon.cpu_time()?;
-            let renew = drive_socket(&admin, window(connections), socket_renew_line)?
-                .clean("lease.renew over the admin socket")?;
-            let spent = daemon.cpu_time()?.saturating_sub(cpu_before);
-            let store = StoreDelta::between(&metrics_before, &scrape(addr)?);
-            println!(
-                "daemon renew (socket), {connections} conn: {:>8.0}/s  p50 {:.3} ms  p99 {:.3} ms  | {}, daemon CPU {:.1} us/op",
-                renew.rate(),
-                renew.p50_ms(),
-                renew.p99_ms(),
-                store.describe(renew.elapsed),
-                spent.as_secs_f64() * 1e6 / renew.ok.max(1) as f64
-            );
+            let renew = renew_window(&daemon, "socket", connections, || {
+                drive_socket(&admin, window(connections), socket_renew_line)?
+                    .clean("lease.renew over the admin socket")
+            })?;
             figures.socket_renew[slot].push(renew.rate());
 
             take_leases(addr, connections)?;
@@ -498,6 +478,31 @@ fn lease_phase(binary: &Path, scratch: &Path, options: &Options) -> Result<Vec<R
         ));
     }
     Ok(rows)
+}
+
+/// One renew window (`measure`), printed with what the store did in it
+/// and the daemon's CPU time per renew.
+fn renew_window(
+    daemon: &Daemon,
+    door: &str,
+    connections: usize,
+    measure: impl FnOnce() -> Result<Measurement, String>,
+) -> Result<Measurement, String> {
+    let metrics_before = scrape(daemon.addr)?;
+    let cpu_before = daemon.cpu_time()?;
+    let renew = measure()?;
+    let spent = daemon.cpu_time()?.saturating_sub(cpu_before);
+    let store = StoreDelta::between(&metrics_before, &scrape(daemon.addr)?);
+    println!(
+        "daemon renew {:<9} {connections} conn: {:>8.0}/s  p50 {:.3} ms  p99 {:.3} ms  | {}, daemon CPU {:.1} us/op",
+        format!("({door}),"),
+        renew.rate(),
+        renew.p50_ms(),
+        renew.p99_ms(),
+        store.describe(renew.elapsed),
+        spent.as_secs_f64() * 1e6 / renew.ok.max(1) as f64
+    );
+    Ok(renew)
 }
 
 const PEERS_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/fleet/peers.sh");
