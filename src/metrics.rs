@@ -347,33 +347,29 @@ pub struct ProviderFigures {
 
 /// Provider health and runtime counts.
 pub fn render_providers(out: &mut String, providers: &[ProviderFigures]) {
-    family(
-        out,
-        "stacyvmd_provider_healthy",
-        "gauge",
-        "1 when the provider can start sandboxes, else 0.",
-    );
-    for p in providers {
-        let _ = writeln!(
-            out,
-            "stacyvmd_provider_healthy{{provider=\"{}\"}} {}",
-            label(&p.name),
-            u8::from(p.healthy)
-        );
-    }
-    family(
-        out,
-        "stacyvmd_provider_runtimes",
-        "gauge",
-        "Sandbox runtimes the provider has on this worker.",
-    );
-    for p in providers {
-        let _ = writeln!(
-            out,
-            "stacyvmd_provider_runtimes{{provider=\"{}\"}} {}",
-            label(&p.name),
-            p.runtimes
-        );
+    type Value = fn(&ProviderFigures) -> usize;
+    let gauges: [(&str, &str, Value); 2] = [
+        (
+            "stacyvmd_provider_healthy",
+            "1 when the provider can start sandboxes, else 0.",
+            |p| usize::from(p.healthy),
+        ),
+        (
+            "stacyvmd_provider_runtimes",
+            "Sandbox runtimes the provider has on this worker.",
+            |p| p.runtimes,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        family(out, name, "gauge", help);
+        for p in providers {
+            let _ = writeln!(
+                out,
+                "{name}{{provider=\"{}\"}} {}",
+                label(&p.name),
+                value(p)
+            );
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Daemon, assert_status, poll_until};
+use common::{Daemon, Request, assert_status, poll_until};
 use serde_json::{Value, json};
 
 /// `promtool check metrics` on `text`; panics unless it passes. Missing
@@ -146,6 +146,25 @@ fn prometheus_text_is_clean_and_complete() {
             "{path}: the 404 is not counted\n{text}"
         );
     }
+}
+
+#[test]
+fn provider_gauges_follow_the_runtimes() {
+    let daemon = Daemon::start();
+    let runtimes = |daemon: &Daemon| {
+        let text = daemon.get("/metrics").text();
+        assert_eq!(
+            sample(&text, "stacyvmd_provider_healthy{provider=\"mock\"}"),
+            Some(1.0),
+            "{text}"
+        );
+        sample(&text, "stacyvmd_provider_runtimes{provider=\"mock\"}")
+    };
+    assert_eq!(runtimes(&daemon), Some(0.0));
+    let spawned =
+        daemon.send(&Request::post("/api/v1/sandboxes").json(&json!({"provider": "mock"})));
+    assert_status(&spawned, 201);
+    assert_eq!(runtimes(&daemon), Some(1.0));
 }
 
 #[test]
