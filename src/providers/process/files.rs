@@ -117,32 +117,26 @@ fn bad(message: impl Into<String>) -> OpError {
 fn io_error(path: &Path, e: io::Error) -> OpError {
     use io::ErrorKind as K;
     let p = path.display();
-    let (status, code, what) = match e.raw_os_error() {
-        Some(libc_enoent) if libc_enoent == rustix::io::Errno::NOENT.raw_os_error() => {
-            (404, "NOT_FOUND", "no such file or directory".to_owned())
-        }
-        Some(n) if n == rustix::io::Errno::ROFS.raw_os_error() => (
+    use rustix::io::Errno;
+    let (status, code, what) = match Errno::from_io_error(&e) {
+        Some(Errno::NOENT) => (404, "NOT_FOUND", "no such file or directory".to_owned()),
+        Some(Errno::ROFS) => (
             400,
             "BAD_REQUEST",
             "read-only: only /workspace and /tmp are writable".to_owned(),
         ),
-        Some(n) if n == rustix::io::Errno::FBIG.raw_os_error() => (
+        Some(Errno::FBIG) => (
             413,
             "PAYLOAD_TOO_LARGE",
             "file is larger than the sandbox's file size limit".to_owned(),
         ),
-        Some(n)
-            if n == rustix::io::Errno::NOSPC.raw_os_error()
-                || n == rustix::io::Errno::DQUOT.raw_os_error() =>
-        {
-            (413, "PAYLOAD_TOO_LARGE", "no space left".to_owned())
-        }
-        Some(n) if n == rustix::io::Errno::LOOP.raw_os_error() => (
+        Some(Errno::NOSPC | Errno::DQUOT) => (413, "PAYLOAD_TOO_LARGE", "no space left".to_owned()),
+        Some(Errno::LOOP) => (
             400,
             "BAD_REQUEST",
             "too many levels of symbolic links".to_owned(),
         ),
-        Some(n) if n == rustix::io::Errno::BUSY.raw_os_error() => (
+        Some(Errno::BUSY) => (
             400,
             "BAD_REQUEST",
             "is a mount point of the sandbox".to_owned(),
