@@ -25,7 +25,7 @@ pub fn providers_json(registry: &crate::providers::Registry) -> Vec<serde_json::
                 "error": health.err().map(|e| e.to_string()),
                 "default": p.name() == registry.default_name(),
                 "capabilities": p.capabilities(),
-                "runtimes": p.list_runtimes().map(|r| r.len()).unwrap_or(0),
+                "runtimes": p.runtime_count(),
                 "limits": p.limits(),
             })
         })

@@ -349,7 +349,7 @@ fn prometheus(ctx: &Ctx) -> Result<Reply, ApiError> {
         .map(|p| crate::metrics::ProviderFigures {
             name: p.name().to_owned(),
             healthy: p.health().is_ok(),
-            runtimes: p.list_runtimes().map_or(0, |r| r.len()),
+            runtimes: p.runtime_count(),
         })
         .collect();
     crate::metrics::render_providers(&mut text, &providers);

@@ -114,6 +114,10 @@ impl Provider for MockProvider {
         Ok(self.running().iter().cloned().collect())
     }
 
+    fn runtime_count(&self) -> usize {
+        self.running().len()
+    }
+
     fn health(&self) -> Result<(), ProviderError> {
         std::fs::metadata(&self.dir)
             .map(|_| ())

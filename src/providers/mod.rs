@@ -46,6 +46,11 @@ pub trait Provider: Send + Sync {
     fn destroy(&self, sandbox_id: &str) -> Result<(), ProviderError>;
     /// Every runtime the provider has, for reconciliation, in any order.
     fn list_runtimes(&self) -> Result<Vec<String>, ProviderError>;
+    /// How many runtimes it has: for metrics and `GET /api/v1/providers`,
+    /// read on every scrape, so without building the list when it can.
+    fn runtime_count(&self) -> usize {
+        self.list_runtimes().map_or(0, |r| r.len())
+    }
     fn health(&self) -> Result<(), ProviderError>;
     /// How sandbox limits are enforced, for `GET /api/v1/providers`.
     fn limits(&self) -> String {

@@ -613,6 +613,10 @@ impl Provider for ProcessProvider {
             .collect())
     }
 
+    fn runtime_count(&self) -> usize {
+        self.runtimes().values().filter(|r| r.init.alive()).count()
+    }
+
     fn health(&self) -> Result<(), ProviderError> {
         if let Some(why) = &self.unusable {
             return Err(ProviderError(why.clone()));
