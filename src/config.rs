@@ -155,8 +155,10 @@ pub struct ProcessConfig {
     /// Image name -> root filesystem directory; `host` (the host root,
     /// read-only) is always there unless redefined.
     pub images: BTreeMap<String, PathBuf>,
-    /// Sandboxes run as uid/gid `uid_base + slot` when the daemon is root.
+    /// Root daemon: each sandbox's root is mapped to a host uid (and gid)
+    /// of its own from `uid_base .. uid_base + uid_count`, in turn.
     pub uid_base: u32,
+    pub uid_count: u32,
     /// Processes per sandbox (cgroup `pids.max`, else `RLIMIT_NPROC`).
     pub max_processes: u32,
     pub max_open_files: u32,
@@ -175,6 +177,18 @@ pub struct ProcessConfig {
     /// ext4 image of this many MiB (a total disk limit); 0 = the data
     /// directory's filesystem, limited per file only.
     pub disk_mb: u64,
+    /// Without `disk_mb`: `/workspace` and `/tmp` share one tmpfs of this
+    /// size and inode count (a default disk limit).
+    pub workspace_mb: u64,
+    pub workspace_inodes: u64,
+    /// Longest a file helper may go without progress before it is killed.
+    pub file_timeout: Duration,
+    /// Execs and file operations in flight per sandbox; past it, 429.
+    pub max_ops_per_sandbox: usize,
+    /// `/proc` of sandboxes: `masked` (own processes, kernel-wide files
+    /// that describe the host masked) or `pid` (`subset=pid`: no
+    /// kernel-wide file at all).
+    pub proc: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1025,6 +1039,12 @@ impl Reader {
                 "max_upload_mb",
                 "cgroup",
                 "disk_mb",
+                "uid_count",
+                "workspace_mb",
+                "workspace_inodes",
+                "file_timeout",
+                "max_ops_per_sandbox",
+                "proc",
             ],
         );
         let mut images = BTreeMap::new();
@@ -1073,9 +1093,22 @@ impl Reader {
                 "must be \"auto\", \"off\" or an absolute cgroup v2 directory".into(),
             );
         }
+        let proc = self.string(t, S, "proc", "masked");
+        if proc != "masked" && proc != "pid" {
+            self.problem(&format!("{S}.proc"), "must be \"masked\" or \"pid\"".into());
+        }
+        let uid_base = self.integer(t, S, "uid_base", 1_900_000_000, 1000, 4_000_000_000) as u32;
+        let uid_count = self.integer(t, S, "uid_count", 1_000_000, 1, 1 << 31) as u32;
+        if u64::from(uid_base) + u64::from(uid_count) > 4_294_967_294 {
+            self.problem(
+                &format!("{S}.uid_count"),
+                "uid_base + uid_count must stay below 4294967295".into(),
+            );
+        }
         ProcessConfig {
             images,
-            uid_base: self.integer(t, S, "uid_base", 1_900_000_000, 1000, 4_000_000_000) as u32,
+            uid_base,
+            uid_count,
             max_processes: self.integer(t, S, "max_processes", 256, 8, 1 << 20) as u32,
             max_open_files: self.integer(t, S, "max_open_files", 1024, 64, 1 << 20) as u32,
             max_file_bytes: (self.integer(t, S, "max_file_mb", 1024, 1, 1 << 30) as u64) << 20,
@@ -1086,6 +1119,11 @@ impl Reader {
             max_upload_bytes: (self.integer(t, S, "max_upload_mb", 256, 1, 1 << 20) as u64) << 20,
             cgroup,
             disk_mb: self.integer(t, S, "disk_mb", 0, 0, 1 << 24) as u64,
+            workspace_mb: self.integer(t, S, "workspace_mb", 1024, 1, 1 << 24) as u64,
+            workspace_inodes: self.integer(t, S, "workspace_inodes", 65_536, 64, 1 << 32) as u64,
+            file_timeout: self.duration(t, S, "file_timeout", "30s", Duration::from_millis(100)),
+            max_ops_per_sandbox: self.integer(t, S, "max_ops_per_sandbox", 8, 1, 1 << 16) as usize,
+            proc,
         }
     }
 

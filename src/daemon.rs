@@ -12,6 +12,7 @@
 //! exits with status 1 so that systemd restarts it.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select, tick, unbounded};
@@ -147,15 +148,20 @@ pub fn run(
         .map_err(|e| format!("cannot open the mock provider: {e}"))?;
     let mut enabled = vec![Arc::new(mock) as Arc<dyn Provider>];
     if config.worker.providers.iter().any(|p| p == "process") {
-        let process =
-            ProcessProvider::open(config.providers.process.clone(), &config.store.data_dir)
-                .map_err(|e| format!("cannot open the process provider: {e}"))?;
+        let process = ProcessProvider::open(
+            config.providers.process.clone(),
+            &config.store.data_dir,
+            &daemon_paths(&config),
+        )
+        .map(Arc::new)
+        .map_err(|e| format!("cannot open the process provider: {e}"))?;
+        process.start_probe();
         log::info!(
             "process provider: limits by {}, images {:?}",
             process.limits(),
             process.config().images.keys().collect::<Vec<_>>()
         );
-        enabled.push(Arc::new(process));
+        enabled.push(process);
     }
     let providers = Registry::new(enabled, &config.providers.default);
     let executor = Executor::start(4, &on_exit)
@@ -354,4 +360,64 @@ fn reload(
     }
     live.replace(merged);
     log::info!("configuration reloaded");
+}
+
+/// Every path of this daemon's that a sandbox image could show, for the
+/// process provider to mask (the data directory is masked in any case):
+/// the database, the admin socket, the configuration file, and systemd's
+/// state and runtime directories. A file is hidden with its directory when
+/// that directory is its own (`/etc/stacyvmd/`, `/var/lib/stacyvmd/`):
+/// then a file replaced by rename after a sandbox started (an editor
+/// saving the configuration) stays hidden too. Directly in a directory
+/// every sandbox needs (`/etc`, `/var/lib`, `/`), only the file itself
+/// (and the database's `-wal` and `-shm`) is hidden.
+fn daemon_paths(config: &Config) -> Vec<PathBuf> {
+    const SHARED: &[&str] = &[
+        "/",
+        "/etc",
+        "/usr",
+        "/usr/local",
+        "/var",
+        "/var/lib",
+        "/run",
+        "/tmp",
+        "/home",
+        "/opt",
+        "/srv",
+        "/root",
+        "/mnt",
+    ];
+    let mut out = Vec::new();
+    let mut hide = |file: &Path, siblings: &[&str]| {
+        let file = std::path::absolute(file).unwrap_or_else(|_| file.to_owned());
+        match file.parent() {
+            Some(dir) if !SHARED.iter().any(|s| dir == Path::new(s)) => out.push(dir.to_owned()),
+            _ => {
+                out.push(file.clone());
+                for suffix in siblings {
+                    let mut name = file.as_os_str().to_owned();
+                    name.push(suffix);
+                    out.push(PathBuf::from(name));
+                }
+            }
+        }
+    };
+    hide(&config.store.path, &["-wal", "-shm", "-journal"]);
+    if config.admin.enabled {
+        hide(&config.admin.socket, &[]);
+    }
+    if let Some(source) = &config.source {
+        hide(source, &[]);
+    }
+    for var in [
+        "STATE_DIRECTORY",
+        "RUNTIME_DIRECTORY",
+        "CONFIGURATION_DIRECTORY",
+    ] {
+        // systemd may list several, separated by colons.
+        if let Some(dirs) = std::env::var_os(var) {
+            out.extend(std::env::split_paths(&dirs).filter(|p| p.is_absolute()));
+        }
+    }
+    out
 }

@@ -17,7 +17,7 @@
 //! JSON exists only at the edges (`http`, `config`); the core uses the
 //! domain types of `workers`. See docs/ARCHITECTURE.md for the code map and
 //! the invariants.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod config;

@@ -91,8 +91,8 @@ fn internal(args: &[String]) -> Option<ExitCode> {
             eprintln!("{message}");
             Some(ExitCode::from(EXIT_FAILURE))
         }
-        Some("sandbox-enter") if args.len() == 2 => {
-            let code = enter::run(&args[1]);
+        Some("sandbox-enter") if args.len() == 1 => {
+            let code = enter::run();
             Some(ExitCode::from(u8::try_from(code).unwrap_or(EXIT_FAILURE)))
         }
         _ => None,

@@ -16,16 +16,15 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
 
-use crate::providers::process::ProcessProvider;
 use crate::providers::process::enter::Action;
 use crate::providers::process::files::{FsOp, sandbox_path};
+use crate::providers::process::{OpGuard, ProcessProvider};
 use crate::providers::{EnterError, Provider};
 
 /// Longest silence on a streamed exec before a keep-alive blank line.
@@ -86,6 +85,9 @@ pub struct ExecRequest {
     pub workdir: Option<String>,
     pub timeout: Option<Duration>,
     pub stream: bool,
+    /// Leave the command running after the exec returns (see
+    /// `providers::process::confine::confine_command`).
+    pub background: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +157,20 @@ pub enum Sink<'a> {
     Stream(&'a mut dyn FnMut(Stream, &[u8]) -> io::Result<()>),
 }
 
+/// Counts an operation against the sandbox's share, or refuses it.
+fn begin(p: &ProcessProvider, sandbox_id: &str) -> Result<OpGuard, OpError> {
+    p.begin_op(sandbox_id).ok_or_else(|| {
+        OpError::new(
+            429,
+            "TOO_MANY_REQUESTS",
+            format!(
+                "sandbox {sandbox_id} already has {} execs and file operations in flight; try again when one has finished",
+                p.config().max_ops_per_sandbox
+            ),
+        )
+    })
+}
+
 /// The process provider behind a sandbox, or why there is none.
 pub fn process_of(provider: &Arc<dyn Provider>) -> Result<&ProcessProvider, OpError> {
     provider.as_process().ok_or_else(|| {
@@ -197,6 +213,11 @@ fn prepare(p: &ProcessProvider, sandbox_id: &str, req: &ExecRequest) -> Result<P
     }
     if req.command.trim().is_empty() {
         return Err(OpError::bad("field `command` must not be empty"));
+    }
+    if req.background && req.stream {
+        return Err(OpError::bad(
+            "fields `background` and `stream` cannot both be true: a background command's output goes nowhere",
+        ));
     }
     let argv = match req.mode {
         // StacyVM: args are appended to the command, each shell-quoted.
@@ -326,17 +347,20 @@ fn run_exec(
 ) -> Result<ExecOutcome, OpError> {
     let config = p.config();
     let (timeout, (argv, env, workdir)) = checked(p, sandbox_id, req)?;
-    let mut command = p.enter_command(sandbox_id, Action::Exec { argv, workdir }, &env)?;
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    let _op = begin(p, sandbox_id)?;
+    let action = Action::Exec {
+        argv,
+        env,
+        workdir,
+        background: req.background,
+    };
     let started = Instant::now();
     let deadline = started + timeout;
-    let mut child = command
-        .spawn()
-        .map_err(|e| OpError::internal(format!("starting the exec helper: {e}")))?;
+    let mut child = p
+        .helper(sandbox_id, action, Stdio::piped(), Stdio::piped())?
+        .child;
+    // The spec was all it had to read.
+    drop(child.stdin.take());
     let result = drive(&mut child, deadline, config.exec_output_bytes, &mut sink);
     // An exec owns its process group: the helper kills what the command
     // left in it and waits until it is gone before it exits, so nothing an
@@ -493,22 +517,76 @@ fn drive(
     Ok(outcome)
 }
 
-/// Starts the helper for a file operation, with stdout and stderr piped.
+/// Starts the helper for a file operation, with stdout and stderr piped
+/// and its stdin left open when it reads content.
 fn fs_helper(
     p: &ProcessProvider,
     sandbox_id: &str,
     op: FsOp,
     stdin: bool,
 ) -> Result<Child, OpError> {
-    let mut command: Command = p.enter_command(sandbox_id, Action::Fs(op), &[])?;
-    command
-        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    command
-        .spawn()
-        .map_err(|e| OpError::internal(format!("starting the file helper: {e}")))
+    let mut child = p
+        .helper(sandbox_id, Action::Fs(op), Stdio::piped(), Stdio::piped())?
+        .child;
+    if !stdin {
+        drop(child.stdin.take());
+    }
+    Ok(child)
+}
+
+/// Copies `input` into the helper's stdin; a helper that reads nothing for
+/// `idle` is killed (its stdin is non-blocking and every wait for room in
+/// the pipe is bounded).
+fn feed(
+    child: &mut Child,
+    mut stdin: std::process::ChildStdin,
+    input: &mut dyn Read,
+    idle: Duration,
+) -> Result<(), OpError> {
+    rustix::fs::fcntl_setfl(&stdin, rustix::fs::OFlags::NONBLOCK)
+        .map_err(|e| OpError::internal(format!("file helper stdin: {e}")))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(OpError::bad(format!("reading the request body: {e}"))),
+        };
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            match stdin.write(rest) {
+                Ok(k) => rest = &rest[k..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fds = [PollFd::new(&stdin, PollFlags::OUT)];
+                    match rustix::event::poll(&mut fds, Some(&poll_timeout(idle))) {
+                        Ok(0) => {
+                            let _ = child.kill();
+                            return Err(OpError::new(
+                                408,
+                                "TIMEOUT",
+                                format!(
+                                    "the file helper took nothing for {}; it was killed",
+                                    crate::time::format_duration(idle)
+                                ),
+                            ));
+                        }
+                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => return Err(OpError::internal(format!("poll: {e}"))),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A helper that failed early closes its end: its report
+                // says why.
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+                Err(e) => {
+                    return Err(OpError::internal(format!(
+                        "writing to the file helper: {e}"
+                    )));
+                }
+            }
+        }
+    }
 }
 
 /// The helper's error report: the last line of its stderr.
@@ -529,6 +607,7 @@ fn helper_error(stderr: &[u8]) -> OpError {
                 "FORBIDDEN" => "FORBIDDEN",
                 "CONFLICT" => "CONFLICT",
                 "PAYLOAD_TOO_LARGE" => "PAYLOAD_TOO_LARGE",
+                "NOT_A_REGULAR_FILE" => "NOT_A_REGULAR_FILE",
                 _ => "INTERNAL_ERROR",
             };
             OpError::new(r.status, code, r.message)
@@ -557,38 +636,62 @@ fn counted<T>(result: Result<T, OpError>) -> Result<T, OpError> {
     result
 }
 
+/// Most bytes a file operation's JSON answer may have (a glob of
+/// `MAX_GLOB_RESULTS` long paths stays well below).
+const MAX_ANSWER_BYTES: usize = 64 << 20;
+
 fn run_file_op(
     p: &ProcessProvider,
     sandbox_id: &str,
     op: FsOp,
     input: Option<&mut dyn Read>,
 ) -> Result<Vec<u8>, OpError> {
+    let _op = begin(p, sandbox_id)?;
+    let idle = p.config().file_timeout;
     let mut child = fs_helper(p, sandbox_id, op, input.is_some())?;
-    let mut copy_error = None;
-    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-        // A helper that failed early closes its end: the copy stops with
-        // EPIPE and its report says why.
-        if let Err(e) = io::copy(input, &mut stdin)
-            && e.kind() != io::ErrorKind::BrokenPipe
-        {
-            copy_error = Some(e);
-        }
+    let fed = match (input, child.stdin.take()) {
+        (Some(input), Some(stdin)) => feed(&mut child, stdin, input, idle),
+        _ => Ok(()),
+    };
+    let outcome = match fed {
+        Ok(()) => drive(
+            &mut child,
+            Instant::now() + idle,
+            MAX_ANSWER_BYTES,
+            &mut Sink::Capture,
+        ),
+        Err(e) => Err(e),
+    };
+    if outcome.is_err() {
+        let _ = child.kill();
     }
-    let output = child
-        .wait_with_output()
+    let status = child
+        .wait()
         .map_err(|e| OpError::internal(format!("waiting for the file helper: {e}")))?;
-    if !output.status.success() {
-        return Err(helper_error(&output.stderr));
+    let outcome = outcome?;
+    if outcome.timed_out {
+        return Err(OpError::new(
+            408,
+            "TIMEOUT",
+            format!(
+                "the file operation did not finish within {}; its helper was killed",
+                crate::time::format_duration(idle)
+            ),
+        ));
     }
-    if let Some(e) = copy_error {
-        return Err(OpError::bad(format!("reading the request body: {e}")));
+    if !status.success() {
+        return Err(helper_error(&outcome.stderr.bytes));
     }
-    Ok(output.stdout)
+    if outcome.stdout.truncated() {
+        return Err(OpError::internal("the file helper's answer is too large"));
+    }
+    Ok(outcome.stdout.bytes)
 }
 
 /// A file being read out of a sandbox: `len` bytes to come from the
 /// helper's stdout. Dropping it ends the helper.
 pub struct FileReader {
+    _op: OpGuard,
     child: Child,
     reader: io::Take<BufReader<std::process::ChildStdout>>,
     pub len: u64,
@@ -612,6 +715,7 @@ pub fn read_file(p: &ProcessProvider, sandbox_id: &str, path: &str) -> Result<Fi
 }
 
 fn open_file(p: &ProcessProvider, sandbox_id: &str, path: &str) -> Result<FileReader, OpError> {
+    let op_guard = begin(p, sandbox_id)?;
     let op = FsOp::Read {
         path: path.to_owned(),
     };
@@ -620,6 +724,22 @@ fn open_file(p: &ProcessProvider, sandbox_id: &str, path: &str) -> Result<FileRe
         .stdout
         .take()
         .ok_or_else(|| OpError::internal("file helper has no stdout"))?;
+    // The header comes within the file timeout, or the helper is killed:
+    // a helper stuck before its answer cannot hold this thread.
+    let idle = p.config().file_timeout;
+    let mut fds = [PollFd::new(&stdout, PollFlags::IN)];
+    if !matches!(rustix::event::poll(&mut fds, Some(&poll_timeout(idle))), Ok(n) if n > 0) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(OpError::new(
+            408,
+            "TIMEOUT",
+            format!(
+                "the file helper did not answer within {}; it was killed",
+                crate::time::format_duration(idle)
+            ),
+        ));
+    }
     let mut reader = BufReader::new(stdout);
     // One bounded header line: a misbehaving helper cannot make the daemon
     // buffer without end.
@@ -630,6 +750,7 @@ fn open_file(p: &ProcessProvider, sandbox_id: &str, path: &str) -> Result<FileRe
         .and_then(|n| n.trim_end().parse::<u64>().ok())
     {
         return Ok(FileReader {
+            _op: op_guard,
             child,
             reader: reader.take(len),
             len,

@@ -528,9 +528,26 @@ fn exec_is_isolated_from_the_host() {
     let id = spawn_process(&daemon, json!({}));
 
     assert_eq!(sh(&daemon, &id, "hostname"), format!("{id}\n"));
-    // Its own PID namespace: the init is PID 1.
-    let init = sh(&daemon, &id, "tr '\\0' ' ' < /proc/1/cmdline");
-    assert!(init.contains("sandbox-init"), "{init}");
+    // Its own PID namespace: the shell's pid is a small number there, and
+    // the daemon (a host pid) does not exist. The init, PID 1, belongs to
+    // another user and /proc hides it (hidepid=invisible).
+    let pids = sh(
+        &daemon,
+        &id,
+        "echo $$; test -e /proc/1 && echo init-visible; true",
+    );
+    let own: u32 = pids.lines().next().unwrap().parse().unwrap();
+    assert!(own < 100, "{pids}");
+    assert!(!pids.contains("init-visible"), "{pids}");
+    let daemon_pid = daemon.pid();
+    assert_eq!(
+        sh(
+            &daemon,
+            &id,
+            &format!("test -e /proc/{daemon_pid} && echo seen || echo unseen")
+        ),
+        "unseen\n"
+    );
 
     // No network but loopback.
     let dev = sh(&daemon, &id, "cat /proc/net/dev");
@@ -555,7 +572,13 @@ fn exec_is_isolated_from_the_host() {
     // Under /tmp the sandbox's own /tmp hides it anyway (a checkout under
     // /tmp); elsewhere it must be the mask: the directory is there, empty.
     if !data.starts_with("/tmp") {
-        let listing = sh(&daemon, &id, &format!("ls -A {}", data.display()));
+        // Absent (its parent, the daemon's own directory, is masked) or
+        // an empty mask.
+        let listing = sh(
+            &daemon,
+            &id,
+            &format!("ls -A {} 2>/dev/null || true", data.display()),
+        );
         assert_eq!(listing, "", "data dir visible inside");
     }
 
@@ -1146,4 +1169,577 @@ fn a_disk_filler_is_contained_by_the_disk_image() {
     let image = std::fs::metadata(state.join("disk.img")).expect("disk.img");
     assert_eq!(image.len(), 16 << 20);
     assert!(!state.join("workspace").join("after").exists());
+}
+
+// ---------------------------------------------------------------------------
+// Isolation: the attacks of the threat model in docs/sandboxes.md, each run
+// from inside a sandbox (or by a hostile client) against the real daemon.
+// Run them alone with `cargo test --test process_sandboxes isolation_`.
+
+/// Compiles `source` (C) with the host's `cc` into `out`; `extra` are more
+/// compiler arguments.
+fn compile_c(dir: &Path, name: &str, source: &str, extra: &[&str]) -> Vec<u8> {
+    let src = dir.join(format!("{name}.c"));
+    let out = dir.join(name);
+    std::fs::write(&src, source).unwrap();
+    let status = std::process::Command::new("cc")
+        .args(extra)
+        .arg("-o")
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("cc (gcc) is needed by the isolation tests");
+    assert!(status.success(), "cc {name}.c failed");
+    std::fs::read(&out).unwrap()
+}
+
+/// Uploads `bytes` to `path` in the sandbox with `mode`.
+fn upload(daemon: &Daemon, id: &str, path: &str, mode: &str, bytes: Vec<u8>) {
+    let resp = daemon.send(
+        &Request::new(
+            "PUT",
+            &files_path(id, "", &format!("path={}&mode={mode}", enc(path))),
+        )
+        .body(bytes),
+    );
+    assert_status(&resp, 200);
+}
+
+/// Finding 1: the exec request's `env` reached the `sandbox-enter` helper,
+/// a root process in the host's mount namespace, whose dynamic loader
+/// obeyed LD_PRELOAD: a library from /workspace ran as host root.
+#[test]
+fn isolation_exec_env_never_reaches_a_privileged_process() {
+    let (daemon, _reaper) = start_daemon("");
+    let id = spawn_process(&daemon, json!({}));
+    // Where the library writes if it runs outside the sandbox: the data
+    // dir, which inside the sandbox is masked read-only.
+    let escaped = std::fs::canonicalize(daemon.data_dir())
+        .unwrap()
+        .join("escaped");
+    let lib = compile_c(
+        daemon.dir().path(),
+        "evil.so",
+        &format!(
+            r#"#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+__attribute__((constructor)) static void run(void) {{
+    int fd = open("{}", O_CREAT | O_WRONLY | O_APPEND, 0644);
+    if (fd >= 0) {{ dprintf(fd, "uid=%d\n", (int)getuid()); close(fd); }}
+}}
+"#,
+            escaped.display()
+        ),
+        &["-shared", "-fPIC"],
+    );
+    upload(&daemon, &id, "/workspace/evil.so", "0644", lib);
+    // The library's path as the host saw it under the old layout, and as
+    // the sandbox sees it.
+    let host_path = state_dir(&daemon, &id).join("workspace").join("evil.so");
+    for path in [
+        host_path.to_string_lossy().into_owned(),
+        "/workspace/evil.so".into(),
+    ] {
+        for var in ["LD_PRELOAD", "LD_AUDIT"] {
+            let out = exec_ok(
+                &daemon,
+                &id,
+                &json!({"command": "true", "env": {var: path}}),
+            );
+            assert_eq!(out["exit_code"], 0, "{var}={path}: {out}");
+        }
+    }
+    assert!(
+        !escaped.exists(),
+        "code from the sandbox ran outside it: {}",
+        std::fs::read_to_string(&escaped).unwrap_or_default()
+    );
+    // The environment still reaches the command itself.
+    let out = exec_ok(
+        &daemon,
+        &id,
+        &json!({"command": "echo $GREETING", "env": {"GREETING": "hello"}}),
+    );
+    assert_eq!(out["stdout"], "hello\n", "{out}");
+}
+
+/// Finding 2: the bounding set, no_new_privs, seccomp, the user namespace,
+/// cgroup and time namespaces, and what /proc shows.
+#[test]
+fn isolation_layers_inside_a_sandbox() {
+    let (daemon, _reaper) = start_daemon("");
+    let id = spawn_process(&daemon, json!({}));
+    let status = sh(&daemon, &id, "cat /proc/self/status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .to_owned()
+    };
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(field(cap), "0000000000000000", "{cap}: {status}");
+    }
+    assert_eq!(field("NoNewPrivs"), "1", "{status}");
+    assert_eq!(field("Seccomp"), "2", "{status}");
+    // A user namespace that maps exactly one id, never the host's root.
+    let map = sh(&daemon, &id, "cat /proc/self/uid_map");
+    let parts: Vec<&str> = map.split_whitespace().collect();
+    assert_eq!(parts.len(), 3, "one mapping: {map}");
+    assert_eq!((parts[0], parts[2]), ("0", "1"), "{map}");
+    if daemon_is_root() {
+        assert_ne!(parts[1], "0", "sandbox root is host root: {map}");
+    }
+    // A nested user namespace is refused, and with it every namespace.
+    let nested = exec_ok(&daemon, &id, &json!({"command": "unshare -Urm true"}));
+    assert_ne!(nested["exit_code"], 0, "{nested}");
+    let mount = exec_ok(
+        &daemon,
+        &id,
+        &json!({"command": "mount -t tmpfs none /tmp"}),
+    );
+    assert_ne!(mount["exit_code"], 0, "{mount}");
+    // Cgroup and time namespaces of its own, where the kernel has them.
+    for ns in ["cgroup", "time"] {
+        let host = format!("/proc/self/ns/{ns}");
+        if let Ok(link) = std::fs::read_link(&host) {
+            let inside = sh(&daemon, &id, &format!("readlink {host}"));
+            assert_ne!(
+                inside.trim(),
+                link.to_string_lossy(),
+                "{ns} namespace shared"
+            );
+        }
+    }
+    // Kernel-wide files that describe the host are not there to read.
+    for file in [
+        "/proc/config.gz",
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/sched_debug",
+    ] {
+        let out = sh(
+            &daemon,
+            &id,
+            &format!("head -c 64 {file} 2>/dev/null | wc -c"),
+        );
+        assert_eq!(out.trim(), "0", "{file} is readable inside");
+    }
+    // mountinfo names no host path of the sandbox's own files (the old
+    // layout bound /workspace from the data dir, and mountinfo told where:
+    // the first step of the LD_PRELOAD escape).
+    let state = std::fs::canonicalize(daemon.data_dir())
+        .unwrap()
+        .join("process")
+        .join(&id);
+    let mountinfo = sh(&daemon, &id, "cat /proc/self/mountinfo");
+    assert!(
+        !mountinfo.contains(&*state.to_string_lossy()),
+        "the sandbox's host state path is in mountinfo:\n{mountinfo}"
+    );
+}
+
+/// Every system call of the denied list answers EPERM or ENOSYS.
+#[test]
+fn isolation_blocked_system_calls() {
+    let (daemon, _reaper) = start_daemon("");
+    let id = spawn_process(&daemon, json!({}));
+    let prog = compile_c(
+        daemon.dir().path(),
+        "syscalls",
+        r#"#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static void try(const char *name, long r) {
+    if (r == 0) { printf("%s=allowed\n", name); return; }
+    printf("%s=%d\n", name, errno);
+}
+int main(void) {
+    char buf[64] = {0};
+    try("unshare", syscall(SYS_unshare, CLONE_NEWUSER));
+    try("unshare_ns", syscall(SYS_unshare, CLONE_NEWNS));
+    try("setns", syscall(SYS_setns, 0, 0));
+    try("mount", syscall(SYS_mount, "none", "/tmp", "tmpfs", 0, 0));
+    try("umount2", syscall(SYS_umount2, "/workspace", 0));
+    try("pivot_root", syscall(SYS_pivot_root, "/tmp", "/tmp"));
+    try("chroot", syscall(SYS_chroot, "/tmp"));
+    try("keyctl", syscall(SYS_keyctl, 0, 0, 0, 0, 0));
+    try("add_key", syscall(SYS_add_key, "user", "k", "v", 1, -3));
+    try("request_key", syscall(SYS_request_key, "user", "k", 0, 0));
+    try("io_uring_setup", syscall(SYS_io_uring_setup, 1, buf));
+    try("bpf", syscall(SYS_bpf, 0, buf, 0));
+    try("perf_event_open", syscall(SYS_perf_event_open, buf, 0, -1, -1, 0));
+    try("userfaultfd", syscall(SYS_userfaultfd, 0));
+    try("open_by_handle_at", syscall(SYS_open_by_handle_at, -1, buf, 0));
+    try("kexec_load", syscall(SYS_kexec_load, 0, 0, 0, 0));
+    try("init_module", syscall(SYS_init_module, buf, 0, ""));
+    try("finit_module", syscall(SYS_finit_module, 0, "", 0));
+    try("ptrace", syscall(SYS_ptrace, 16 /* PTRACE_ATTACH */, 1, 0, 0));
+    try("sched_setaffinity", syscall(SYS_sched_setaffinity, 0, sizeof(buf), buf));
+    try("clone3", syscall(SYS_clone3, buf, sizeof(buf)));
+    long pid = syscall(SYS_clone, CLONE_NEWUSER | SIGCHLD, 0, 0, 0, 0);
+    if (pid == 0) _exit(0);
+    try("clone_newuser", pid > 0 ? 0 : -1);
+    return 0;
+}
+"#,
+        &[],
+    );
+    upload(&daemon, &id, "/workspace/syscalls", "0755", prog);
+    let out = sh(&daemon, &id, "/workspace/syscalls");
+    let results: Vec<(&str, &str)> = out.lines().filter_map(|l| l.split_once('=')).collect();
+    assert_eq!(results.len(), 22, "{out}");
+    for (name, errno) in results {
+        assert!(
+            errno == "1" || errno == "38",
+            "{name} answered {errno}, not EPERM (1) or ENOSYS (38)\n{out}"
+        );
+    }
+}
+
+/// Finding 4: the configuration file, a database and an admin socket
+/// outside the data directory were readable or reachable from the `host`
+/// image.
+#[test]
+fn isolation_daemon_paths_are_masked() {
+    let dir = Arc::new(TempDir::new_in(
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "mask",
+    ));
+    let store = dir.join("db");
+    let run = dir.join("run");
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::create_dir_all(&run).unwrap();
+    let uid_base = 2_000_000_000
+        + (std::process::id() % 10_000) * 10_000
+        + NEXT_UID_BLOCK.fetch_add(1, Ordering::Relaxed) * 100;
+    let config = format!(
+        "[auth]\napi_keys = [\"user-secret-key\"]\nadmin_api_keys = [\"admin-secret-key\"]\n\n\
+         [store]\npath = \"{}\"\n\n[admin]\nsocket = \"{}\"\n\n\
+         [providers.process]\nuid_base = {uid_base}\n",
+        store.join("stacyvmd.db").display(),
+        run.join("a.sock").display()
+    );
+    let daemon = Daemon::builder()
+        .config(&config)
+        .dir(dir.clone())
+        .env("STACYVMD_API_KEYS", "")
+        .start();
+    let _reaper = Reaper {
+        dir: dir.clone(),
+        _turn: Turn::shared(),
+    };
+    let auth = |r: Request| r.header("Authorization", "Bearer user-secret-key");
+    let resp = daemon.send(&auth(Request::post(SANDBOXES).json(&process_body())));
+    assert_status(&resp, 201);
+    let id = id_of(&resp.json());
+    let run_sh = |command: &str| -> Value {
+        let resp = daemon.send(&auth(
+            Request::post(&exec_path(&id)).json(&json!({ "command": command })),
+        ));
+        assert_status(&resp, 200);
+        resp.json()
+    };
+    let paths = [
+        dir.join("stacyvmd.toml"),
+        store.join("stacyvmd.db"),
+        store.join("stacyvmd.db-wal"),
+        run.join("a.sock"),
+    ];
+    for path in &paths {
+        assert!(path.exists(), "{} is not there on the host", path.display());
+        let out = run_sh(&format!(
+            "cat {0} 2>/dev/null | head -c 64 | wc -c; test -e {0} && echo present || echo absent",
+            path.display()
+        ));
+        let text = out["stdout"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            text.starts_with("0\n"),
+            "{} is readable inside: {out}",
+            path.display()
+        );
+    }
+    let secret = run_sh(&format!(
+        "grep -r secret-key {} 2>/dev/null; true",
+        dir.path().display()
+    ));
+    assert_eq!(secret["stdout"], "", "a key is readable inside: {secret}");
+    let socket = run_sh(&format!(
+        "echo '{{}}' | socat - UNIX-CONNECT:{} 2>&1 && echo connected; true",
+        run.join("a.sock").display()
+    ));
+    assert!(
+        !socket["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("connected"),
+        "the admin socket is reachable: {socket}"
+    );
+}
+
+/// Finding 3: sandbox uids were host uids reused with their slot; a
+/// setuid file in /workspace appeared on the host.
+#[test]
+fn isolation_uids_are_never_shared_and_nothing_setuid_reaches_the_host() {
+    if !daemon_is_root() {
+        return; // rootless: every sandbox is the daemon's own uid by design
+    }
+    let (daemon, _reaper) = start_daemon("");
+    let host_uid = |id: &str| -> u32 {
+        let map = sh(&daemon, id, "cat /proc/self/uid_map");
+        map.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        let id = spawn_process(&daemon, json!({}));
+        let uid = host_uid(&id);
+        assert!(seen.insert(uid), "uid {uid} reused");
+        assert!(
+            !passwd
+                .lines()
+                .any(|l| l.split(':').nth(2) == Some(&uid.to_string())),
+            "uid {uid} is a host user"
+        );
+        sh(
+            &daemon,
+            &id,
+            "cp /bin/sh /workspace/s && chmod 4755 /workspace/s",
+        );
+        destroy_ok(&daemon, &id);
+    }
+    // No setuid file anywhere under the data dir on the host.
+    let id = spawn_process(&daemon, json!({}));
+    sh(
+        &daemon,
+        &id,
+        "cp /bin/sh /workspace/s && chmod 4755 /workspace/s && ls -l /workspace/s",
+    );
+    let found = std::process::Command::new("find")
+        .arg(daemon.data_dir())
+        .args(["-perm", "-4000"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&found.stdout),
+        "",
+        "setuid files from a sandbox on the host"
+    );
+}
+
+/// Finding 5: a FIFO held a file helper, and with it an HTTP thread,
+/// forever; 16 of them took the whole REST API.
+#[test]
+fn isolation_a_fifo_cannot_hang_the_api() {
+    let (daemon, _reaper) = start_daemon("");
+    let id = spawn_process(&daemon, json!({}));
+    sh(&daemon, &id, "mkfifo /workspace/p");
+    let addr = daemon.addr;
+    let workers: Vec<_> = (0..32)
+        .map(|i| {
+            let path = files_path(&id, "", "path=p");
+            let put = i % 2 == 1;
+            thread::spawn(move || {
+                let req = if put {
+                    Request::new("PUT", &path).body(b"x".to_vec())
+                } else {
+                    Request::get(&path)
+                };
+                Client::connect(addr).request(&req)
+            })
+        })
+        .collect();
+    // The API keeps answering while the 32 run.
+    for _ in 0..5 {
+        assert_eq!(daemon.get("/api/v1/health").status, 200);
+    }
+    // Each is refused at once: not a regular file, or past the sandbox's
+    // share of operations in flight (429).
+    let mut not_regular = 0;
+    for w in workers {
+        let resp = w.join().expect("a client thread");
+        if resp.status == 429 {
+            assert_error(&resp, 429, "TOO_MANY_REQUESTS");
+        } else {
+            assert_error(&resp, 400, "NOT_A_REGULAR_FILE");
+            not_regular += 1;
+        }
+    }
+    assert!(not_regular > 0, "every request was refused as too many");
+    assert_eq!(daemon.get("/api/v1/health").status, 200);
+    // Devices are refused the same way.
+    assert_error(
+        &read_file(&daemon, &id, "/dev/zero"),
+        400,
+        "NOT_A_REGULAR_FILE",
+    );
+}
+
+/// One sandbox cannot hold every HTTP thread with long execs: past its
+/// share it gets 429 at once, and the API answers throughout.
+#[test]
+fn isolation_one_sandbox_cannot_take_every_http_thread() {
+    let (daemon, _reaper) = start_daemon("max_ops_per_sandbox = 2");
+    let id = spawn_process(&daemon, json!({}));
+    let addr = daemon.addr;
+    let long: Vec<_> = (0..2)
+        .map(|_| {
+            let path = exec_path(&id);
+            thread::spawn(move || {
+                Client::connect(addr).request(
+                    &Request::post(&path).json(&json!({"command": "sleep 3", "timeout": "20s"})),
+                )
+            })
+        })
+        .collect();
+    let mut refused = None;
+    poll_until(Duration::from_secs(10), "a third exec refused", || {
+        let resp = exec(&daemon, &id, &json!({"command": "true"}));
+        let done = resp.status == 429;
+        refused = Some(resp);
+        done
+    });
+    assert_error(&refused.unwrap(), 429, "TOO_MANY_REQUESTS");
+    assert_eq!(daemon.get("/api/v1/health").status, 200);
+    for t in long {
+        let resp = t.join().expect("a long exec");
+        assert_status(&resp, 200);
+    }
+    assert_eq!(sh(&daemon, &id, "echo again"), "again\n");
+}
+
+/// `"background": true` leaves the command running after the exec returns,
+/// every time (with `setsid ... &` it survived 3 times in 20).
+#[test]
+fn isolation_background_exec_survives_twenty_of_twenty() {
+    let (daemon, _reaper) = start_daemon("");
+    let id = spawn_process(&daemon, json!({}));
+    for i in 0..20 {
+        let out = exec_ok(
+            &daemon,
+            &id,
+            &json!({"command": format!("echo $$ > /workspace/bg{i}; exec sleep 300"), "background": true}),
+        );
+        assert_eq!(out["exit_code"], 0, "{out}");
+    }
+    for i in 0..20 {
+        let check = exec_ok(
+            &daemon,
+            &id,
+            &json!({"command": format!("kill -0 $(cat /workspace/bg{i})")}),
+        );
+        assert_eq!(
+            check["exit_code"], 0,
+            "background command {i} is gone: {check}"
+        );
+    }
+    // Refused with a stream: its output would go nowhere.
+    assert_error(
+        &exec(
+            &daemon,
+            &id,
+            &json!({"command": "true", "background": true, "stream": true}),
+        ),
+        400,
+        "BAD_REQUEST",
+    );
+}
+
+/// The default disk cap: /workspace and /tmp share a sized tmpfs.
+#[test]
+fn isolation_default_disk_cap_holds() {
+    let (daemon, _reaper) = start_daemon("workspace_mb = 8\nworkspace_inodes = 1000");
+    let id = spawn_process(&daemon, json!({}));
+    let out = exec_ok(
+        &daemon,
+        &id,
+        &json!({"command": "dd if=/dev/zero of=/workspace/big bs=1M count=16 2>&1; df -k /workspace | tail -1"}),
+    );
+    assert!(
+        out["stdout"].as_str().unwrap().contains("No space left"),
+        "16 MiB fit in an 8 MiB workspace: {out}"
+    );
+    let inodes = exec_ok(
+        &daemon,
+        &id,
+        &json!({"command": "rm -f /workspace/big; i=0; while [ $i -lt 2000 ]; do echo -n > /tmp/f$i 2>/dev/null || break; i=$((i+1)); done; echo $i"}),
+    );
+    let made: u32 = inodes["stdout"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{inodes}"));
+    assert!(made < 1000, "{made} files in a 1000-inode workspace");
+    assert_eq!(daemon.get("/api/v1/health").status, 200);
+}
+
+/// Rootless: a daemon run as a normal user spawns, execs and moves files
+/// with the same layers (it used to fail every spawn: the helper was
+/// reached through /proc/<pid>/exe, out of reach from a child user
+/// namespace).
+#[test]
+fn isolation_rootless_round_trip() {
+    if !daemon_is_root() {
+        return; // needs root to make the unprivileged user's directory
+    }
+    let nobody = 65534;
+    let dir = Arc::new(TempDir::new_in(
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "rootless",
+    ));
+    std::os::unix::fs::chown(dir.path(), Some(nobody), Some(nobody)).unwrap();
+    let daemon = Daemon::builder()
+        .config("[admin]\nenabled = false\n")
+        .dir(dir.clone())
+        .uid(nobody)
+        .start();
+    let _reaper = Reaper {
+        dir: dir.clone(),
+        _turn: Turn::shared(),
+    };
+    let provider = process_provider(&daemon);
+    assert_eq!(provider["healthy"], true, "{provider}");
+    let id = spawn_process(&daemon, json!({}));
+    assert_eq!(sh(&daemon, &id, "id -u"), "0\n");
+    let status = sh(
+        &daemon,
+        &id,
+        "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status",
+    );
+    assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    assert!(status.contains("CapBnd:\t0000000000000000"), "{status}");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    // The masks hold: the data dir cannot be unmounted or read.
+    let data = std::fs::canonicalize(daemon.data_dir()).unwrap();
+    let umount = exec_ok(
+        &daemon,
+        &id,
+        &json!({"command": format!("umount {0} || umount -l {0}", data.display())}),
+    );
+    assert_ne!(umount["exit_code"], 0, "{umount}");
+    assert_eq!(
+        sh(
+            &daemon,
+            &id,
+            &format!("ls -A {} 2>/dev/null || true", data.display())
+        ),
+        ""
+    );
+    let resp = write_file(
+        &daemon,
+        &id,
+        &json!({"path": "a.txt", "content": "rootless"}),
+    );
+    assert_status(&resp, 200);
+    assert_eq!(read_file(&daemon, &id, "a.txt").body, b"rootless");
+    destroy_ok(&daemon, &id);
 }

@@ -80,6 +80,7 @@ pub fn parse_exec(body: &[u8]) -> Result<ExecRequest, ApiError> {
         workdir: None,
         timeout: None,
         stream: false,
+        background: false,
     };
     let mut command = None;
     for (key, value) in &object(body)? {
@@ -129,9 +130,14 @@ pub fn parse_exec(body: &[u8]) -> Result<ExecRequest, ApiError> {
                     .as_bool()
                     .ok_or_else(|| ApiError::bad_request("field `stream` must be true or false"))?
             }
+            "background" => {
+                req.background = value.as_bool().ok_or_else(|| {
+                    ApiError::bad_request("field `background` must be true or false")
+                })?
+            }
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "unknown field `{other}` (expected command, args, mode, env, workdir, timeout, stream)"
+                    "unknown field `{other}` (expected command, args, mode, env, workdir, timeout, stream, background)"
                 )));
             }
         }

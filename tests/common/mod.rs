@@ -214,9 +214,17 @@ pub struct DaemonBuilder {
     listen: Option<String>,
     data_dir: bool,
     dir: Option<Arc<TempDir>>,
+    uid: Option<u32>,
 }
 
 impl DaemonBuilder {
+    /// Runs the daemon as this uid (and gid of the same number): a rootless
+    /// daemon, for tests run as root.
+    pub fn uid(mut self, uid: u32) -> Self {
+        self.uid = Some(uid);
+        self
+    }
+
     /// Extra argument, placed before the `serve` subcommand.
     pub fn arg(mut self, arg: &str) -> Self {
         self.args.push(arg.to_string());
@@ -291,6 +299,10 @@ impl DaemonBuilder {
         cmd.args(&self.args).arg("serve");
         for (key, value) in &self.env {
             cmd.env(key, value);
+        }
+        if let Some(uid) = self.uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -406,6 +418,7 @@ impl Daemon {
             listen: Some("127.0.0.1:0".to_string()),
             data_dir: true,
             dir: None,
+            uid: None,
         }
     }
 

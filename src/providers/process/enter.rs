@@ -19,8 +19,9 @@
 //! its exit code is the command's (128 + signal when killed). Files: see
 //! [`super::files`] for the output protocol.
 
+use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use std::os::fd::AsFd;
 
@@ -28,6 +29,7 @@ use rustix::process::{Pid, PidfdFlags, Resource, Rlimit};
 use rustix::thread::ThreadNameSpaceType;
 use serde::{Deserialize, Serialize};
 
+use super::confine::{self, Filter, Launch};
 use super::files::FsOp;
 use super::state::read_start_time;
 
@@ -36,9 +38,13 @@ use super::state::read_start_time;
 pub struct EnterSpec {
     pub pid: i32,
     pub start_time: u64,
-    /// The sandbox user (root daemon); `None` when rootless.
-    pub uid: Option<u32>,
+    /// The daemon is not root: the sandbox's gid map was written with
+    /// `setgroups` denied, so supplementary groups cannot be cleared.
     pub rootless: bool,
+    /// The sandbox has cgroup and time namespaces of its own (the kernel
+    /// had them when it started).
+    pub cgroup_ns: bool,
+    pub time_ns: bool,
     pub max_processes: u32,
     pub max_open_files: u32,
     pub max_file_bytes: u64,
@@ -52,7 +58,17 @@ pub struct EnterSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub enum Action {
-    Exec { argv: Vec<String>, workdir: String },
+    Exec {
+        argv: Vec<String>,
+        /// The command's whole environment: applied by its `execve` only,
+        /// after every privilege is gone. The helper itself runs with an
+        /// empty one.
+        env: Vec<(String, String)>,
+        workdir: String,
+        /// Leave the command running in a session of its own after the
+        /// exec returns (see [`confine::confine_command`]).
+        background: bool,
+    },
     Fs(FsOp),
 }
 
@@ -60,27 +76,78 @@ pub enum Action {
 pub const EXIT_ENTER_FAILED: i32 = 125;
 /// Exit code when the command cannot be started (as shells do).
 pub const EXIT_CANNOT_RUN: i32 = 127;
+/// Largest spec the helper reads (env values are capped well below).
+const MAX_SPEC_BYTES: usize = 64 << 20;
+
+/// Writes a spec the way [`read_spec`] reads it: its length in decimal on
+/// a line, then the JSON. It travels on the helper's stdin, never in its
+/// argv, which every host user can read in `ps`.
+pub fn encode_spec(spec: &EnterSpec) -> Result<Vec<u8>, String> {
+    let json = serde_json::to_vec(spec).map_err(|e| format!("encoding the helper spec: {e}"))?;
+    let mut out = format!("{}\n", json.len()).into_bytes();
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Reads exactly one spec from stdin and nothing after it (a file write's
+/// content follows on the same pipe).
+fn read_spec() -> Result<EnterSpec, String> {
+    let mut stdin = std::io::stdin().lock();
+    let mut header = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        stdin
+            .read_exact(&mut byte)
+            .map_err(|e| format!("reading the spec length: {e}"))?;
+        if byte[0] == b'\n' {
+            break;
+        }
+        if header.len() >= 20 {
+            return Err("spec length line too long".into());
+        }
+        header.push(byte[0]);
+    }
+    let len: usize = std::str::from_utf8(&header)
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .filter(|&n| n <= MAX_SPEC_BYTES)
+        .ok_or("bad spec length")?;
+    let mut json = vec![0u8; len];
+    stdin
+        .read_exact(&mut json)
+        .map_err(|e| format!("reading the spec: {e}"))?;
+    serde_json::from_slice(&json).map_err(|e| format!("bad spec: {e}"))
+}
 
 /// Runs the helper; returns the process exit code.
-pub fn run(spec_json: &str) -> i32 {
-    let spec: EnterSpec = match serde_json::from_str(spec_json) {
+pub fn run() -> i32 {
+    let spec = match confine::close_inherited_fds().and_then(|()| read_spec()) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("stacyvmd sandbox-enter: bad spec: {e}");
+            eprintln!("stacyvmd sandbox-enter: {e}");
             return EXIT_ENTER_FAILED;
         }
     };
-    if let Err(e) = enter(&spec) {
-        match &spec.action {
-            Action::Fs(_) => super::files::report_error(500, "INTERNAL_ERROR", &e),
-            Action::Exec { .. } => eprintln!("stacyvmd: cannot enter the sandbox: {e}"),
+    let filter = enter(&spec).and_then(|()| Filter::new());
+    let filter = match filter {
+        Ok(f) => f,
+        Err(e) => {
+            match &spec.action {
+                Action::Fs(_) => super::files::report_error(500, "INTERNAL_ERROR", &e),
+                Action::Exec { .. } => eprintln!("stacyvmd: cannot enter the sandbox: {e}"),
+            }
+            return EXIT_ENTER_FAILED;
         }
-        return EXIT_ENTER_FAILED;
-    }
+    };
     match &spec.action {
-        Action::Exec { argv, workdir } => exec(&spec, argv, workdir),
+        Action::Exec {
+            argv,
+            env,
+            workdir,
+            background,
+        } => exec(&spec, &filter, argv, env, workdir, *background),
         Action::Fs(op) => {
-            if let Err(e) = pin(&spec.cpus).and_then(|_| become_user(&spec)) {
+            if let Err(e) = pin(&spec.cpus).and_then(|_| confine::confine_self(&filter)) {
                 super::files::report_error(500, "INTERNAL_ERROR", &e);
                 return EXIT_ENTER_FAILED;
             }
@@ -89,6 +156,18 @@ pub fn run(spec_json: &str) -> i32 {
     }
 }
 
+/// Joins the sandbox: its cgroup, its limits, its namespaces, and its
+/// root user.
+///
+/// The namespaces are joined in two steps. The sandbox's PID, network,
+/// UTS, IPC (and cgroup and time) namespaces belong to the user namespace
+/// the daemon made them in; its user namespace and the mount namespace in
+/// which its mounts are locked were made after, by the init, inside them.
+/// Joining a namespace needs `CAP_SYS_ADMIN` over its owner (and, for
+/// most kinds, in the joiner's own user namespace), which the helper has
+/// before it joins the sandbox's user namespace and not after. A rootless
+/// helper has no capability of its own: it first joins the outer user
+/// namespace (which its uid owns), where it has them all.
 fn enter(spec: &EnterSpec) -> Result<(), String> {
     let pid = Pid::from_raw(spec.pid).ok_or("invalid pid")?;
     let pidfd = rustix::process::pidfd_open(pid, PidfdFlags::empty())
@@ -122,49 +201,67 @@ fn enter(spec: &EnterSpec) -> Result<(), String> {
     if let Some(bytes) = spec.address_space {
         limit(Resource::As, bytes)?;
     }
-    let mut namespaces = ThreadNameSpaceType::MOUNT
-        | ThreadNameSpaceType::HOST_NAME_AND_NIS_DOMAIN_NAME
+    if spec.rootless {
+        let outer_user = confine::parent_user_namespace(spec.pid)?;
+        rustix::thread::move_into_link_name_space(
+            outer_user.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::User),
+        )
+        .map_err(|e| format!("entering the outer user namespace: {e}"))?;
+    }
+    let mut outer = ThreadNameSpaceType::HOST_NAME_AND_NIS_DOMAIN_NAME
         | ThreadNameSpaceType::INTER_PROCESS_COMMUNICATION
         | ThreadNameSpaceType::NETWORK
         | ThreadNameSpaceType::PROCESS_ID;
-    if spec.rootless {
-        namespaces |= ThreadNameSpaceType::USER;
+    if spec.cgroup_ns {
+        outer |= ThreadNameSpaceType::CONTROL_GROUP;
     }
-    rustix::thread::move_into_thread_name_spaces(pidfd.as_fd(), namespaces)
+    if spec.time_ns {
+        outer |= ThreadNameSpaceType::TIME;
+    }
+    rustix::thread::move_into_thread_name_spaces(pidfd.as_fd(), outer)
         .map_err(|e| format!("entering the namespaces: {e}"))?;
+    rustix::thread::move_into_thread_name_spaces(
+        pidfd.as_fd(),
+        ThreadNameSpaceType::USER | ThreadNameSpaceType::MOUNT,
+    )
+    .map_err(|e| format!("entering the user and mount namespaces: {e}"))?;
+    become_root(spec)
+}
+
+/// Takes the sandbox's root user (its one mapped uid and gid): groups
+/// first, then gid, then uid, all three ids of each. Capabilities are
+/// still held after this; [`confine`] drops them.
+fn become_root(spec: &EnterSpec) -> Result<(), String> {
+    let gid = rustix::process::Gid::ROOT;
+    if !spec.rootless {
+        rustix::thread::set_thread_groups(&[]).map_err(|e| format!("clearing groups: {e}"))?;
+    }
+    rustix::thread::set_thread_res_gid(gid, gid, gid).map_err(|e| format!("setting gid: {e}"))?;
+    let uid = rustix::process::Uid::ROOT;
+    rustix::thread::set_thread_res_uid(uid, uid, uid).map_err(|e| format!("setting uid: {e}"))?;
     Ok(())
 }
 
-/// Restricts this helper to the sandbox's CPUs (none: all of them) and
-/// returns the CPUs it had before.
-fn pin(cpus: &[usize]) -> Result<Option<rustix::thread::CpuSet>, String> {
+/// The CPU set of `cpus` (none: all of them, no pinning).
+fn cpu_set(cpus: &[usize]) -> Result<Option<rustix::thread::CpuSet>, String> {
     if cpus.is_empty() {
         return Ok(None);
     }
-    let before = rustix::thread::sched_getaffinity(None)
-        .map_err(|e| format!("reading CPU affinity: {e}"))?;
     let mut set = rustix::thread::CpuSet::new();
     for cpu in cpus {
         set.set(*cpu);
     }
-    rustix::thread::sched_setaffinity(None, &set)
-        .map_err(|e| format!("setting CPU affinity: {e}"))?;
-    Ok(Some(before))
+    Ok(Some(set))
 }
 
-/// Drops this (single-threaded) helper to the sandbox's user: groups
-/// first, then gid, then uid, all three ids of each, so nothing can be
-/// taken back.
-fn become_user(spec: &EnterSpec) -> Result<(), String> {
-    let Some(uid) = spec.uid else {
-        return Ok(());
-    };
-    let gid = rustix::process::Gid::from_raw(uid);
-    rustix::thread::set_thread_groups(&[]).map_err(|e| format!("clearing groups: {e}"))?;
-    rustix::thread::set_thread_res_gid(gid, gid, gid).map_err(|e| format!("setting gid: {e}"))?;
-    let uid = rustix::process::Uid::from_raw(uid);
-    rustix::thread::set_thread_res_uid(uid, uid, uid).map_err(|e| format!("setting uid: {e}"))?;
-    Ok(())
+/// Restricts this helper (a file operation) to the sandbox's CPUs.
+fn pin(cpus: &[usize]) -> Result<(), String> {
+    match cpu_set(cpus)? {
+        Some(set) => rustix::thread::sched_setaffinity(None, &set)
+            .map_err(|e| format!("setting CPU affinity: {e}")),
+        None => Ok(()),
+    }
 }
 
 /// How long the helper waits for its command's killed process group to be
@@ -180,7 +277,14 @@ const GROUP_EXIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(
 /// command ends, what it left in its group is killed and the helper waits
 /// until the group is gone (its members' zombies are the sandbox init's
 /// to reap), so the sandbox's process budget is free for the next exec.
-fn exec(spec: &EnterSpec, argv: &[String], workdir: &str) -> i32 {
+fn exec(
+    spec: &EnterSpec,
+    filter: &Filter,
+    argv: &[String],
+    env: &[(String, String)],
+    workdir: &str,
+    background: bool,
+) -> i32 {
     use signal_hook::consts::{SIGCHLD, SIGTERM};
     let Some((program, args)) = argv.split_first() else {
         eprintln!("stacyvmd: empty command");
@@ -194,34 +298,56 @@ fn exec(spec: &EnterSpec, argv: &[String], workdir: &str) -> i32 {
         }
     };
     let mut command = Command::new(program);
-    command.args(args).current_dir(workdir).process_group(0);
-    if let Some(uid) = spec.uid {
-        // std clears supplementary groups and sets gid, then uid, in the
-        // child before exec; capabilities go with the uid change.
-        command.uid(uid).gid(uid);
+    command
+        .args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(workdir)
+        .stdin(Stdio::null());
+    if background {
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+    } else {
+        command.process_group(0);
     }
-    // The command inherits the sandbox's CPUs; the helper goes back to its
-    // own. Pinned beside a command that keeps those CPUs busy (a fork
+    // The command pins itself to the sandbox's CPUs before its filter
+    // (which denies sched_setaffinity) is in place; the helper stays on all
+    // CPUs. Pinned beside a command that keeps those CPUs busy (a fork
     // bomb: hundreds of runnable processes on one CPU), the helper waited
     // seconds for each turn and could not stop the command in time.
-    let unpinned = match pin(&spec.cpus) {
-        Ok(before) => before,
+    let cpus = match cpu_set(&spec.cpus) {
+        Ok(set) => set,
         Err(e) => {
             eprintln!("stacyvmd: {e}");
             return EXIT_ENTER_FAILED;
         }
     };
-    let spawned = command.spawn();
-    if let Some(before) = unpinned {
-        let _ = rustix::thread::sched_setaffinity(None, &before);
-    }
-    let mut child = match spawned {
+    confine::confine_command(
+        &mut command,
+        Launch {
+            filter,
+            cpus,
+            background,
+        },
+    );
+    let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("stacyvmd: cannot run {program:?} in {workdir}: {e}");
             return EXIT_CANNOT_RUN;
         }
     };
+    if background {
+        // The child forked the command and exited at once; the command is
+        // the sandbox init's now.
+        return match child.wait() {
+            Ok(status) if status.success() => 0,
+            Ok(status) => status.code().unwrap_or(EXIT_ENTER_FAILED),
+            Err(e) => {
+                eprintln!("stacyvmd: waiting for the background launch: {e}");
+                EXIT_ENTER_FAILED
+            }
+        };
+    }
     let group = Pid::from_raw(child.id() as i32);
     let kill = |group: Option<Pid>| {
         if let Some(g) = group {

@@ -136,6 +136,11 @@ fn io_error(path: &Path, e: io::Error) -> OpError {
             "BAD_REQUEST",
             "too many levels of symbolic links".to_owned(),
         ),
+        Some(Errno::NXIO) => (
+            400,
+            "NOT_A_REGULAR_FILE",
+            "is a FIFO or device without a reader: only regular files are written".to_owned(),
+        ),
         Some(Errno::BUSY) => (
             400,
             "BAD_REQUEST",
@@ -185,11 +190,16 @@ fn apply(op: &FsOp, out: &mut dyn Write) -> Result<(), OpError> {
     match op {
         FsOp::Read { path } => {
             let path = path_of(path)?;
-            let mut file = fs::File::open(&path).map_err(|e| io_error(&path, e))?;
+            // Non-blocking open: a FIFO with no writer must not hang the
+            // helper (and with it a daemon thread); fstat then refuses
+            // anything but a regular file.
+            let mut file = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path)
+                .map_err(|e| io_error(&path, e))?;
             let meta = file.metadata().map_err(|e| io_error(&path, e))?;
-            if meta.is_dir() {
-                return Err(bad(format!("{} is a directory", path.display())));
-            }
+            regular(&path, &meta)?;
             let size = meta.len();
             writeln!(out, "ok {size}").map_err(|e| io_error(&path, e))?;
             let copied =
@@ -208,13 +218,19 @@ fn apply(op: &FsOp, out: &mut dyn Write) -> Result<(), OpError> {
                 fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
             }
             let mode = mode.unwrap_or(0o644);
+            // Checked before truncating: O_NONBLOCK makes opening a FIFO
+            // without a reader fail (ENXIO) instead of waiting, and one
+            // with a reader is refused by fstat.
             let mut file = fs::OpenOptions::new()
                 .write(true)
                 .create(true)
-                .truncate(true)
                 .mode(mode)
+                .custom_flags(libc::O_NONBLOCK)
                 .open(&path)
                 .map_err(|e| io_error(&path, e))?;
+            let meta = file.metadata().map_err(|e| io_error(&path, e))?;
+            regular(&path, &meta)?;
+            file.set_len(0).map_err(|e| io_error(&path, e))?;
             let written =
                 io::copy(&mut io::stdin().lock(), &mut file).map_err(|e| io_error(&path, e))?;
             file.set_permissions(fs::Permissions::from_mode(mode))
@@ -314,6 +330,34 @@ fn apply(op: &FsOp, out: &mut dyn Write) -> Result<(), OpError> {
             emit(out, json!(found))
         }
     }
+}
+
+/// Refuses anything but a regular file for reading or writing: FIFOs,
+/// sockets and devices block, never end, or reach outside the sandbox.
+fn regular(path: &Path, meta: &fs::Metadata) -> Result<(), OpError> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let what = if t.is_file() {
+        return Ok(());
+    } else if t.is_dir() {
+        return Err(bad(format!("{} is a directory", path.display())));
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    Err(OpError {
+        status: 400,
+        code: "NOT_A_REGULAR_FILE",
+        message: format!(
+            "{} is {what}: only regular files are read and written",
+            path.display()
+        ),
+    })
 }
 
 /// The file object of the list and stat answers.

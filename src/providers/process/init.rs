@@ -8,14 +8,18 @@
 //! sandbox, because they all live in its PID namespace.
 //!
 //! The root it builds: a small tmpfs holding read-only bind mounts of the
-//! image's top-level entries, `/workspace` and `/tmp` bound from the
-//! sandbox's state directory, a minimal `/dev`, a fresh `/proc`, and
-//! read-only empty tmpfs over each masked host path (the daemon's data
-//! directory). The tmpfs is then made read-only too.
+//! image's top-level entries, `/workspace` and `/tmp` on a sized tmpfs (or
+//! the sandbox's ext4 image), a minimal `/dev`, a fresh `/proc` showing
+//! only the sandbox's own processes, and a read-only mask over each daemon
+//! path (data directory, database, admin socket, configuration, state and
+//! runtime directories). The tmpfs is then made read-only too. Last, it
+//! makes the sandbox's user namespace (see [`enter_user_namespace`]), in
+//! which all of these mounts are locked.
 //!
-//! Its stdout is the daemon's readiness pipe: one line, `ready`, once the
-//! root is built; then stdout is pointed at /dev/null. Its stderr is the
-//! sandbox's `init.log`.
+//! Its stdout is the daemon's readiness pipe: `userns` when the daemon is
+//! to write its id maps (root daemon; it answers `go` on stdin), then
+//! `ready` once the sandbox can run commands; then stdout is pointed at
+//! /dev/null. Its stderr is the sandbox's `init.log`.
 
 use std::fs;
 use std::io::Write;
@@ -41,8 +45,15 @@ pub struct InitArgs {
     pub cgroup: Option<PathBuf>,
     /// An ext4 image to hold `/workspace` and `/tmp` (a disk limit).
     pub disk: Option<PathBuf>,
-    /// Owner (uid = gid) of `/workspace` and `/tmp` on the disk image.
-    pub owner: Option<u32>,
+    /// Without a disk image, `/workspace` and `/tmp` share one tmpfs of
+    /// this many MiB and inodes.
+    pub tmpfs_mb: u64,
+    pub tmpfs_inodes: u64,
+    /// `/proc` with `subset=pid` (no kernel-wide files at all).
+    pub proc_pid_only: bool,
+    /// Host uid (= gid) that the sandbox's root is mapped to, and owner of
+    /// `/workspace` and `/tmp` (0 when rootless: the daemon's own uid).
+    pub owner: u32,
 }
 
 impl InitArgs {
@@ -54,7 +65,10 @@ impl InitArgs {
             masks: Vec::new(),
             cgroup: None,
             disk: None,
-            owner: None,
+            tmpfs_mb: 0,
+            tmpfs_inodes: 0,
+            proc_pid_only: false,
+            owner: 0,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -66,9 +80,10 @@ impl InitArgs {
                 "--mask" => out.masks.push(PathBuf::from(value)),
                 "--cgroup" => out.cgroup = Some(PathBuf::from(value)),
                 "--disk" => out.disk = Some(PathBuf::from(value)),
-                "--owner" => {
-                    out.owner = Some(value.parse().map_err(|_| format!("bad --owner {value}"))?)
-                }
+                "--owner" => out.owner = number(flag, value)? as u32,
+                "--tmpfs-mb" => out.tmpfs_mb = number(flag, value)?,
+                "--tmpfs-inodes" => out.tmpfs_inodes = number(flag, value)?,
+                "--proc" => out.proc_pid_only = value == "pid",
                 other => return Err(format!("unknown argument {other}")),
             }
         }
@@ -79,9 +94,13 @@ impl InitArgs {
     }
 }
 
+fn number(flag: &str, value: &str) -> Result<u64, String> {
+    value.parse().map_err(|_| format!("bad {flag} {value}"))
+}
+
 /// Runs the init; returns only on a set-up failure (the caller exits 1).
 pub fn run(args: &InitArgs) -> String {
-    match build(args) {
+    match super::confine::close_inherited_fds().and_then(|()| build(args)) {
         Ok(()) => reap_forever(),
         Err(e) => format!("sandbox init failed: {e}"),
     }
@@ -145,10 +164,12 @@ fn build(args: &InitArgs) -> Result<(), String> {
     // With a disk image, the writable directories live on it: mounted
     // here, in the sandbox's own mount namespace (the loop device is freed
     // when the namespace ends).
-    let writable = match &args.disk {
-        Some(image) => mount_disk(image, &args.state.join("disk"), args.owner)?,
-        None => args.state.clone(),
-    };
+    let writable = args.state.join("disk");
+    match &args.disk {
+        Some(image) => mount_disk(image, &writable)?,
+        None => mount_tmpfs(&writable, args.tmpfs_mb, args.tmpfs_inodes)?,
+    }
+    make_writable_dirs(&writable, args.owner)?;
     for (name, from) in [
         ("workspace", writable.join("workspace")),
         ("tmp", writable.join("tmp")),
@@ -174,7 +195,13 @@ fn build(args: &InitArgs) -> Result<(), String> {
             continue;
         };
         let at = root.join(relative);
-        if at.is_dir() {
+        // Directories get an empty read-only tmpfs, anything else (the
+        // config file, the database, a socket) a read-only /dev/null.
+        // Made here, before the user namespace, so the kernel locks them.
+        let Ok(meta) = fs::symlink_metadata(&at) else {
+            continue;
+        };
+        if meta.is_dir() {
             m(
                 format!("masking {}", mask.display()),
                 rustix::mount::mount(
@@ -185,6 +212,12 @@ fn build(args: &InitArgs) -> Result<(), String> {
                     Some(c"size=4k,mode=0755"),
                 ),
             )?;
+        } else if !meta.file_type().is_symlink() {
+            m(
+                format!("masking {}", mask.display()),
+                rustix::mount::mount_bind("/dev/null", &at),
+            )?;
+            read_only(&at)?;
         }
     }
     // /proc of the new PID namespace, mounted while the host's /proc is
@@ -192,16 +225,30 @@ fn build(args: &InitArgs) -> Result<(), String> {
     // procfs only where a fully visible one exists.
     let proc_dir = root.join("proc");
     ctx(|| "creating /proc".into(), fs::create_dir(&proc_dir))?;
-    m(
-        "mounting /proc".into(),
-        rustix::mount::mount(
-            "proc",
-            &proc_dir,
-            "proc",
-            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-            None,
-        ),
-    )?;
+    // Only the sandbox's own processes, and of them only those of its own
+    // user (hidepid=invisible), with the kernel-wide files that tell an
+    // attacker about the host or the kernel masked (PROC_MASKS) and
+    // /proc/sys read-only; with `proc = "pid"`, no kernel-wide file at all
+    // (subset=pid), at the price of tools that read /proc/stat or
+    // /proc/meminfo (ps, free, top). Kernels before 5.8 know neither
+    // option: plain procfs there, masks still applied.
+    let proc_flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    let options: &std::ffi::CStr = if args.proc_pid_only {
+        c"hidepid=invisible,subset=pid"
+    } else {
+        c"hidepid=invisible"
+    };
+    let hidden = rustix::mount::mount("proc", &proc_dir, "proc", proc_flags, Some(options));
+    if hidden == Err(rustix::io::Errno::INVAL) {
+        eprintln!("warning: procfs has no hidepid=invisible here; mounting it plain");
+        m(
+            "mounting /proc".into(),
+            rustix::mount::mount("proc", &proc_dir, "proc", proc_flags, None),
+        )?;
+    } else {
+        m("mounting /proc".into(), hidden)?;
+    }
+    mask_proc(&proc_dir)?;
 
     // Into the new root; the old one is detached and gone from this
     // namespace.
@@ -220,6 +267,8 @@ fn build(args: &InitArgs) -> Result<(), String> {
         rustix::mount::mount_remount("/", MountFlags::RDONLY | MountFlags::NOSUID, c""),
     )?;
 
+    enter_user_namespace(rootless)?;
+
     let mut stdout = std::io::stdout();
     ctx(
         || "reporting readiness".into(),
@@ -233,10 +282,138 @@ fn build(args: &InitArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Mounts the sandbox's ext4 image (util-linux `mount -o loop`) and makes
-/// its `workspace/` and `tmp/`, owned by the sandbox's user.
-fn mount_disk(image: &Path, at: &Path, owner: Option<u32>) -> Result<PathBuf, String> {
-    use std::os::unix::fs::PermissionsExt;
+/// The last step of the set-up: a user namespace for everything the
+/// sandbox runs, with a copy of this mount namespace in which every mount
+/// above is locked (the kernel will not let a less privileged namespace
+/// unmount or change what a more privileged one mounted).
+///
+/// Its root is mapped to one host uid and gid. Root daemon: the daemon
+/// writes the maps (it alone may map an arbitrary host uid): this init
+/// says `userns` on its readiness pipe and waits for `go` on stdin. Rootless
+/// daemon: the init maps the one id it has, its own, itself.
+fn enter_user_namespace(rootless: bool) -> Result<(), String> {
+    super::confine::enter_new_user_namespace()?;
+    if rootless {
+        let write = |file: &str, text: &str| {
+            ctx(
+                || format!("writing /proc/self/{file}"),
+                fs::write(format!("/proc/self/{file}"), text),
+            )
+        };
+        write("setgroups", "deny")?;
+        write("uid_map", "0 0 1\n")?;
+        write("gid_map", "0 0 1\n")?;
+        return Ok(());
+    }
+    let mut stdout = std::io::stdout();
+    ctx(
+        || "asking for the id maps".into(),
+        stdout.write_all(b"userns\n").and_then(|()| stdout.flush()),
+    )?;
+    let mut answer = [0u8; 3];
+    ctx(
+        || "waiting for the id maps".into(),
+        std::io::Read::read_exact(&mut std::io::stdin(), &mut answer),
+    )?;
+    if &answer != b"go\n" {
+        return Err("the daemon did not write the id maps".into());
+    }
+    let null = ctx(|| "opening /dev/null".into(), fs::File::open("/dev/null"))?;
+    errno(
+        || "closing the map pipe".into(),
+        rustix::stdio::dup2_stdin(&null),
+    )
+}
+
+/// Entries of /proc that describe the host's kernel and hardware, or
+/// reach it (as Docker's masked paths): hidden under /dev/null (files) or
+/// an empty tmpfs (directories).
+const PROC_MASKS: &[&str] = &[
+    "config.gz",
+    "kcore",
+    "kallsyms",
+    "keys",
+    "key-users",
+    "kmsg",
+    "latency_stats",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "sysrq-trigger",
+    "vmallocinfo",
+    "slabinfo",
+    "pagetypeinfo",
+    "zoneinfo",
+    "acpi",
+    "asound",
+    "scsi",
+    "irq",
+    "bus",
+    "fs",
+];
+
+fn mask_proc(proc_dir: &Path) -> Result<(), String> {
+    for name in PROC_MASKS {
+        let at = proc_dir.join(name);
+        let Ok(meta) = fs::symlink_metadata(&at) else {
+            continue;
+        };
+        let result = if meta.is_dir() {
+            rustix::mount::mount(
+                "tmpfs",
+                &at,
+                "tmpfs",
+                MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
+                Some(c"size=4k,mode=0555"),
+            )
+        } else {
+            rustix::mount::mount_bind("/dev/null", &at).and_then(|()| {
+                rustix::mount::mount_remount(
+                    &at,
+                    MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID,
+                    c"",
+                )
+            })
+        };
+        errno(|| format!("masking /proc/{name}"), result)?;
+    }
+    let sys = proc_dir.join("sys");
+    if sys.is_dir() {
+        errno(
+            || "binding /proc/sys".into(),
+            rustix::mount::mount_bind(&sys, &sys),
+        )?;
+        errno(
+            || "making /proc/sys read-only".into(),
+            rustix::mount::mount_remount(
+                &sys,
+                MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
+                c"",
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// Mounts the tmpfs that holds `/workspace` and `/tmp` when there is no
+/// disk image: its size and inode count are the sandbox's disk limit.
+fn mount_tmpfs(at: &Path, mb: u64, inodes: u64) -> Result<(), String> {
+    let options = std::ffi::CString::new(format!("size={mb}m,nr_inodes={inodes},mode=0755"))
+        .map_err(|e| e.to_string())?;
+    errno(
+        || format!("mounting the sandbox's tmpfs on {}", at.display()),
+        rustix::mount::mount(
+            "tmpfs",
+            at,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            Some(options.as_c_str()),
+        ),
+    )
+}
+
+/// Mounts the sandbox's ext4 image (util-linux `mount -o loop`).
+fn mount_disk(image: &Path, at: &Path) -> Result<(), String> {
     let status = Command::new("mount")
         .arg("-o")
         .arg("loop,nosuid,nodev")
@@ -251,6 +428,13 @@ fn mount_disk(image: &Path, at: &Path, owner: Option<u32>) -> Result<PathBuf, St
             image.display()
         ));
     }
+    Ok(())
+}
+
+/// `workspace/` and `tmp/` on the sandbox's tmpfs or disk, owned by the
+/// sandbox's root.
+fn make_writable_dirs(at: &Path, owner: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
     for (name, mode) in [("workspace", 0o755), ("tmp", 0o1777)] {
         let dir = at.join(name);
         ctx(
@@ -259,14 +443,14 @@ fn mount_disk(image: &Path, at: &Path, owner: Option<u32>) -> Result<PathBuf, St
         )?;
         ctx(
             || format!("chown {}", dir.display()),
-            std::os::unix::fs::chown(&dir, owner, owner),
+            std::os::unix::fs::chown(&dir, Some(owner), Some(owner)),
         )?;
         ctx(
             || format!("chmod {}", dir.display()),
             fs::set_permissions(&dir, fs::Permissions::from_mode(mode)),
         )?;
     }
-    Ok(at.to_owned())
+    Ok(())
 }
 
 /// Brings up `lo` in the new network namespace, with iproute2 from the host

@@ -11,10 +11,12 @@
 //! start time, so a restarted daemon finds, adopts or reaps it.
 
 mod cgroup;
+pub mod confine;
 pub mod enter;
 pub mod files;
 pub mod init;
 pub mod state;
+mod uids;
 
 use std::collections::HashMap;
 use std::fs;
@@ -46,16 +48,55 @@ pub struct ProcessProvider {
     config: ProcessConfig,
     /// `<data_dir>/process`.
     base: PathBuf,
-    /// Host paths hidden from sandboxes (the daemon's data directory).
+    /// Host paths hidden from sandboxes: every path of the daemon's that an
+    /// image could show (see [`ProcessProvider::open`]).
     masks: Vec<PathBuf>,
-    /// `/proc/<daemon pid>/exe` (see [`helper_binary`]).
+    /// This daemon's binary, open without close-on-exec, and the path that
+    /// names it in any child (see [`helper_binary`]).
+    _exe: std::os::fd::OwnedFd,
     exe: PathBuf,
     rootless: bool,
+    /// The kernel gives sandboxes cgroup and time namespaces.
+    cgroup_ns: bool,
+    time_ns: bool,
     cgroups: Option<Cgroups>,
     cpus: usize,
     runtimes: Mutex<HashMap<String, Runtime>>,
-    /// Why sandboxes cannot be started here, found at open.
+    /// Exec and file operations in flight, per sandbox (at most
+    /// `max_ops_per_sandbox`: a stuck sandbox cannot hold every HTTP thread).
+    ops: std::sync::Arc<Mutex<HashMap<String, usize>>>,
+    /// Where the next sandbox uid is looked for (root daemon).
+    uids: Mutex<uids::UidAllocator>,
+    /// Why sandboxes cannot be started here: found at open, or by the
+    /// start-up probe, a real sandbox spawned, entered and destroyed on a
+    /// thread of its own (so the daemon's start does not wait for it).
     unusable: Option<String>,
+    probe: Mutex<Option<std::thread::JoinHandle<Result<(), String>>>>,
+    probed: std::sync::OnceLock<Option<String>>,
+}
+
+/// One exec or file operation counted against its sandbox's share.
+pub struct OpGuard {
+    ops: std::sync::Arc<Mutex<HashMap<String, usize>>>,
+    sandbox_id: String,
+}
+
+impl Drop for OpGuard {
+    fn drop(&mut self) {
+        let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = ops.get_mut(&self.sandbox_id) {
+            *n -= 1;
+            if *n == 0 {
+                ops.remove(&self.sandbox_id);
+            }
+        }
+    }
+}
+
+/// A started helper: its process, with its stdin still open when the
+/// operation reads one (a file's content).
+pub struct Helper {
+    pub child: std::process::Child,
 }
 
 fn which(program: &str) -> Option<PathBuf> {
@@ -81,13 +122,20 @@ fn has_mounts_below(dir: &Path) -> bool {
 }
 
 impl ProcessProvider {
-    pub fn open(config: ProcessConfig, data_dir: &Path) -> Result<ProcessProvider, String> {
+    /// Opens the provider. `masks` are the daemon's paths besides the data
+    /// directory (database, admin socket, configuration files, systemd
+    /// state and runtime directories) that sandboxes must never see.
+    pub fn open(
+        config: ProcessConfig,
+        data_dir: &Path,
+        masks: &[PathBuf],
+    ) -> Result<ProcessProvider, String> {
         let base = data_dir.join("process");
         fs::create_dir_all(&base).map_err(|e| format!("creating {}: {e}", base.display()))?;
         let base = fs::canonicalize(&base).map_err(|e| format!("{}: {e}", base.display()))?;
         let data_dir =
             fs::canonicalize(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
-        let exe = helper_binary();
+        let (exe_fd, exe) = helper_binary()?;
         let rootless = !rustix::process::geteuid().is_root();
         let mut needed = vec!["setsid", "unshare"];
         if config.disk_mb > 0 {
@@ -102,30 +150,136 @@ impl ProcessProvider {
         let unusable = needed
             .iter()
             .find(|p| which(p).is_none())
-            .map(|p| format!("`{p}` is not on PATH (util-linux, e2fsprogs)"))
-            .or_else(|| probe_namespaces(rootless).err());
-        if let Some(why) = &unusable {
-            log::warn!("process provider: sandboxes cannot start here: {why}");
-        }
+            .map(|p| format!("`{p}` is not on PATH (util-linux, e2fsprogs)"));
         let cgroups = if rootless {
             None
         } else {
             Cgroups::open(&config.cgroup)?
         };
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut all_masks = vec![data_dir];
+        for m in masks {
+            // Masked by its real path: that is what an image shows.
+            let real = fs::canonicalize(m).unwrap_or_else(|_| m.clone());
+            if !all_masks.iter().any(|have| real.starts_with(have)) {
+                all_masks.push(real);
+            }
+        }
+        let uids = uids::UidAllocator::open(&base, config.uid_base, config.uid_count)?;
         let provider = ProcessProvider {
-            config,
             base,
-            masks: vec![data_dir],
+            masks: all_masks,
+            _exe: exe_fd,
             exe,
             rootless,
+            cgroup_ns: Path::new("/proc/self/ns/cgroup").exists(),
+            time_ns: Path::new("/proc/self/ns/time").exists(),
             cgroups,
             cpus,
             runtimes: Mutex::new(HashMap::new()),
+            ops: std::sync::Arc::default(),
+            uids: Mutex::new(uids),
             unusable,
+            probe: Mutex::new(None),
+            probed: std::sync::OnceLock::new(),
+            config,
         };
         provider.load();
         Ok(provider)
+    }
+
+    /// Starts the probe: one real sandbox, spawned, entered (`true`) and
+    /// destroyed, so that "healthy" means a spawn works here. Its result is
+    /// waited for by the first spawn or health check that needs it.
+    pub fn start_probe(self: &std::sync::Arc<Self>) {
+        if self.unusable.is_some() {
+            return;
+        }
+        let me = std::sync::Arc::clone(self);
+        let handle = std::thread::Builder::new()
+            .name("process-probe".into())
+            .spawn(move || me.probe_once());
+        match handle {
+            Ok(h) => *self.probe.lock().unwrap_or_else(|e| e.into_inner()) = Some(h),
+            Err(e) => {
+                let _ = self
+                    .probed
+                    .set(Some(format!("cannot start the probe: {e}")));
+            }
+        }
+    }
+
+    fn probe_once(&self) -> Result<(), String> {
+        let dir = self.base.join(format!(".probe-{}", std::process::id()));
+        if dir.exists() {
+            self.remove_state("probe", &dir, None);
+        }
+        let spec = RuntimeSpec {
+            sandbox_id: "probe".into(),
+            image: "host".into(),
+            memory_mb: 64,
+            vcpus: 1,
+        };
+        let result = self.start(&spec, &dir).and_then(|runtime| {
+            let entered = self.run_probe_exec(&runtime);
+            kill_and_wait(&runtime.init);
+            entered
+        });
+        let cgroup = SpecRecord::read(&dir).ok().and_then(|s| s.cgroup);
+        self.remove_state("probe", &dir, cgroup.as_deref());
+        result
+    }
+
+    fn run_probe_exec(&self, runtime: &Runtime) -> Result<(), String> {
+        let action = Action::Exec {
+            argv: vec!["/bin/sh".into(), "-c".into(), "true".into()],
+            env: self.base_env("probe"),
+            workdir: files::WORKSPACE.into(),
+            background: false,
+        };
+        let helper = self
+            .start_helper(runtime, action, Stdio::null(), Stdio::piped())
+            .map_err(|e| match e {
+                EnterError::NotRunning(m) | EnterError::Failed(m) => m,
+            })?;
+        let output = helper
+            .child
+            .wait_with_output()
+            .map_err(|e| format!("waiting for the probe's exec: {e}"))?;
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "a probe sandbox could not run a command ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+
+    /// Why sandboxes cannot start here, if they cannot (waits for the
+    /// probe the first time).
+    fn unusable(&self) -> Option<&String> {
+        if self.unusable.is_some() {
+            return self.unusable.as_ref();
+        }
+        self.probed
+            .get_or_init(|| {
+                let handle = self.probe.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let result = match handle {
+                    Some(h) => h
+                        .join()
+                        .unwrap_or_else(|_| Err("the probe panicked".into())),
+                    None => Ok(()),
+                };
+                match result {
+                    Ok(()) => None,
+                    Err(why) => {
+                        log::warn!("process provider: sandboxes cannot start here: {why}");
+                        Some(why)
+                    }
+                }
+            })
+            .as_ref()
     }
 
     fn runtimes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Runtime>> {
@@ -210,30 +364,31 @@ impl ProcessProvider {
         }
         let io = |what: String, r: std::io::Result<()>| r.map_err(|e| format!("{what}: {e}"));
         io(format!("creating {}", dir.display()), fs::create_dir(dir))?;
-        for sub in ["workspace", "tmp", "rootfs"] {
-            io(format!("creating {sub}/"), fs::create_dir(dir.join(sub)))?;
-        }
-        let slot = Self::free_slot(&self.runtimes());
-        let uid = if self.rootless {
-            0
-        } else {
-            self.config.uid_base.saturating_add(slot)
-        };
         {
             use std::os::unix::fs::PermissionsExt;
-            let owner = (!self.rootless).then_some(uid);
-            for (sub, mode) in [("workspace", 0o755), ("tmp", 0o1777)] {
-                let p = dir.join(sub);
-                io(
-                    format!("chown {sub}/"),
-                    std::os::unix::fs::chown(&p, owner, owner),
-                )?;
-                io(
-                    format!("chmod {sub}/"),
-                    fs::set_permissions(&p, fs::Permissions::from_mode(mode)),
-                )?;
-            }
+            io(
+                format!("chmod {}", dir.display()),
+                fs::set_permissions(dir, fs::Permissions::from_mode(0o700)),
+            )?;
         }
+        for sub in ["rootfs", "disk"] {
+            io(format!("creating {sub}/"), fs::create_dir(dir.join(sub)))?;
+        }
+        let (slot, uid) = {
+            let runtimes = self.runtimes();
+            let slot = Self::free_slot(&runtimes);
+            let uid = if self.rootless {
+                0
+            } else {
+                let in_use: std::collections::HashSet<u32> =
+                    runtimes.values().map(|r| r.spec.uid).collect();
+                self.uids
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .next(&in_use)?
+            };
+            (slot, uid)
+        };
         let cgroup = match &self.cgroups {
             Some(c) => Some(
                 c.create(
@@ -255,6 +410,7 @@ impl ProcessProvider {
             memory_mb: spec.memory_mb,
             vcpus: spec.vcpus,
             cgroup: cgroup.clone(),
+            userns: true,
         };
         io("writing spec.json".into(), record.write(dir))?;
 
@@ -269,7 +425,7 @@ impl ProcessProvider {
         command
             .arg("--fork")
             .arg("unshare")
-            .args(unshare_args(self.rootless))
+            .args(unshare_args(self.rootless, self.cgroup_ns, self.time_ns))
             .arg("--")
             .arg(&self.exe)
             .arg("sandbox-init")
@@ -277,7 +433,11 @@ impl ProcessProvider {
             .arg(dir)
             .arg("--image")
             .arg(&image)
-            .args(["--hostname", &spec.sandbox_id]);
+            .args(["--hostname", &spec.sandbox_id])
+            .args(["--owner", &uid.to_string()])
+            .args(["--tmpfs-mb", &self.config.workspace_mb.to_string()])
+            .args(["--tmpfs-inodes", &self.config.workspace_inodes.to_string()])
+            .args(["--proc", &self.config.proc]);
         for mask in &self.masks {
             command.arg("--mask").arg(mask);
         }
@@ -285,24 +445,30 @@ impl ProcessProvider {
             command.args(["--cgroup", cg]);
         }
         if let Some(image) = &disk {
-            command
-                .arg("--disk")
-                .arg(image)
-                .args(["--owner", &uid.to_string()]);
+            command.arg("--disk").arg(image);
         }
         command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log);
         let mut launcher = command
             .spawn()
             .map_err(|e| format!("starting setsid/unshare: {e}"))?;
         let ready = launcher.stdout.take().ok_or("no readiness pipe")?;
+        let go = launcher.stdin.take().ok_or("no map pipe")?;
         // setsid --fork returns at once; the init carries on detached.
         let _ = launcher.wait();
-        let line = read_line_before(ready, Instant::now() + READY_DEADLINE);
+        let deadline = Instant::now() + READY_DEADLINE;
+        let mut ready = BufReader::new(ready);
+        let mut line = read_line_before(&mut ready, deadline);
+        if line.as_deref() == Some("userns") {
+            line = match self.write_id_maps(dir, uid, go) {
+                Ok(()) => read_line_before(&mut ready, deadline),
+                Err(e) => Some(e),
+            };
+        }
         let init = InitRecord::read(dir).ok();
         match (line.as_deref(), init) {
             (Some("ready"), Some(init)) => Ok(Runtime { init, spec: record }),
@@ -320,8 +486,31 @@ impl ProcessProvider {
         }
     }
 
+    /// Maps the sandbox's root to its host uid (root daemon): written by
+    /// the daemon, which alone has `CAP_SETUID` over the init's new user
+    /// namespace, then `go` to the init.
+    fn write_id_maps(
+        &self,
+        dir: &Path,
+        uid: u32,
+        mut go: std::process::ChildStdin,
+    ) -> Result<(), String> {
+        use std::io::Write;
+        let init = InitRecord::read(dir).map_err(|e| format!("reading init.json: {e}"))?;
+        if !init.alive() {
+            return Err("the sandbox's init is gone".into());
+        }
+        for file in ["uid_map", "gid_map"] {
+            fs::write(format!("/proc/{}/{file}", init.pid), format!("0 {uid} 1\n"))
+                .map_err(|e| format!("writing the sandbox's {file}: {e}"))?;
+        }
+        go.write_all(b"go\n")
+            .map_err(|e| format!("telling the init to go on: {e}"))
+    }
+
     /// Creates the sandbox's ext4 image (sparse, `disk_mb` MiB, no
-    /// journal: it lives and dies with the sandbox) and its mount point.
+    /// journal: it lives and dies with the sandbox); `disk/` is its mount
+    /// point.
     fn make_disk(&self, dir: &Path, uid: u32) -> Result<PathBuf, String> {
         let image = dir.join("disk.img");
         let file = fs::File::create(&image).map_err(|e| format!("creating disk.img: {e}"))?;
@@ -341,7 +530,6 @@ impl ProcessProvider {
                 String::from_utf8_lossy(&output.stderr).trim()
             ));
         }
-        fs::create_dir(dir.join("disk")).map_err(|e| format!("creating disk/: {e}"))?;
         Ok(image)
     }
 
@@ -373,21 +561,56 @@ impl ProcessProvider {
         Ok(runtime)
     }
 
-    /// A command that runs the `sandbox-enter` helper for `action` in the
-    /// sandbox, with `env` as the environment the action sees.
-    pub fn enter_command(
+    /// Counts one exec or file operation against the sandbox's share;
+    /// `None` when it has `max_ops_per_sandbox` in flight already.
+    pub fn begin_op(&self, sandbox_id: &str) -> Option<OpGuard> {
+        let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        let n = ops.entry(sandbox_id.to_owned()).or_insert(0);
+        if *n >= self.config.max_ops_per_sandbox {
+            return None;
+        }
+        *n += 1;
+        Some(OpGuard {
+            ops: std::sync::Arc::clone(&self.ops),
+            sandbox_id: sandbox_id.to_owned(),
+        })
+    }
+
+    /// Starts the `sandbox-enter` helper for `action` in the sandbox, with
+    /// its stdout and stderr as given and its stdin a pipe that first
+    /// carries the helper's spec (then, for a file write, the content).
+    pub fn helper(
         &self,
         sandbox_id: &str,
         action: Action,
-        env: &[(String, String)],
-    ) -> Result<Command, EnterError> {
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Result<Helper, EnterError> {
         let runtime = self.runtime(sandbox_id)?;
+        if !runtime.spec.userns {
+            return Err(EnterError::Failed(format!(
+                "sandbox {sandbox_id} was started by an older stacyvmd without a user namespace; destroy it and spawn a new one"
+            )));
+        }
+        self.start_helper(&runtime, action, stdout, stderr)
+    }
+
+    fn start_helper(
+        &self,
+        runtime: &Runtime,
+        action: Action,
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Result<Helper, EnterError> {
+        use std::io::Write;
+        use std::os::unix::process::CommandExt;
         let limits_by_cgroup = runtime.spec.cgroup.is_some();
         let spec = EnterSpec {
             pid: runtime.init.pid,
             start_time: runtime.init.start_time,
-            uid: (!self.rootless).then_some(runtime.spec.uid),
             rootless: self.rootless,
+            cgroup_ns: self.cgroup_ns,
+            time_ns: self.time_ns,
             max_processes: self.config.max_processes,
             max_open_files: self.config.max_open_files,
             max_file_bytes: self.config.max_file_bytes,
@@ -400,14 +623,35 @@ impl ProcessProvider {
             cgroup: runtime.spec.cgroup.clone(),
             action,
         };
-        let json = serde_json::to_string(&spec)
-            .map_err(|e| EnterError::Failed(format!("encoding the helper spec: {e}")))?;
-        let mut command = Command::new(&self.exe);
-        command.arg("sandbox-enter").arg(json).env_clear();
-        for (k, v) in env {
-            command.env(k, v);
+        let bytes = enter::encode_spec(&spec).map_err(EnterError::Failed)?;
+        // An empty environment: nothing of the request reaches a process
+        // that has not yet dropped every privilege (the dynamic loader of
+        // this root process reads LD_PRELOAD and friends).
+        let mut child = Command::new(&self.exe)
+            .arg("sandbox-enter")
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| EnterError::Failed(format!("starting the sandbox helper: {e}")))?;
+        if let Some(stdin) = child.stdin.as_mut() {
+            // A helper that failed at once closes its end; its exit status
+            // and report say why.
+            match stdin.write_all(&bytes) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(EnterError::Failed(format!(
+                        "sending the helper its spec: {e}"
+                    )));
+                }
+            }
         }
-        Ok(command)
+        Ok(Helper { child })
     }
 
     /// The environment every exec starts from; the request's `env` is laid
@@ -431,20 +675,34 @@ impl ProcessProvider {
 }
 
 /// The binary that runs `sandbox-init` and `sandbox-enter`: exactly this
-/// daemon's, through `/proc/<pid>/exe`, which names the running binary's
-/// file even after it was replaced or deleted on disk (an upgrade, a
-/// rebuild). A daemon and its helpers therefore always agree on the
-/// protocol between them; a restarted daemon brings the new one.
-fn helper_binary() -> PathBuf {
-    PathBuf::from(format!("/proc/{}/exe", std::process::id()))
+/// daemon's, opened once at start and left open without close-on-exec, so
+/// every child names it as `/proc/self/fd/<n>`: its own descriptor, which
+/// it may follow even in a new user namespace (where the daemon's
+/// `/proc/<pid>/exe` is out of reach). The descriptor names the running
+/// binary's file even after it was replaced or deleted on disk (an
+/// upgrade, a rebuild), so a daemon and its helpers always agree on the
+/// protocol between them. Helpers mark it close-on-exec before they run
+/// anything.
+fn helper_binary() -> Result<(std::os::fd::OwnedFd, PathBuf), String> {
+    use std::os::fd::AsRawFd;
+    let fd = rustix::fs::open(
+        "/proc/self/exe",
+        rustix::fs::OFlags::RDONLY,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| format!("opening this daemon's binary: {e}"))?;
+    let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    Ok((fd, path))
 }
 
 /// util-linux `unshare` options for a sandbox's namespaces (also the
-/// process benchmark's by-hand baseline): a user
-/// namespace first when rootless, then PID (with the fork that makes the
-/// init its PID 1), mount (private propagation), UTS, IPC and network.
-pub fn unshare_args(rootless: bool) -> Vec<&'static str> {
-    let mut args = Vec::with_capacity(10);
+/// process benchmark's by-hand baseline): a user namespace first when
+/// rootless, then PID (with the fork that makes the init its PID 1),
+/// mount (private propagation), UTS, IPC, network, and cgroup and time
+/// where the kernel has them. The init adds the sandbox's own user
+/// namespace inside these (see `init`).
+pub fn unshare_args(rootless: bool, cgroup_ns: bool, time_ns: bool) -> Vec<&'static str> {
+    let mut args = Vec::with_capacity(12);
     if rootless {
         args.extend(["--user", "--map-root-user"]);
     }
@@ -458,46 +716,36 @@ pub fn unshare_args(rootless: bool) -> Vec<&'static str> {
         "--propagation",
         "private",
     ]);
-    args
-}
-
-/// Creates the namespaces a sandbox needs once, at open, so that a host
-/// (or a systemd unit) that forbids them shows as an unhealthy provider
-/// instead of failing every spawn.
-fn probe_namespaces(rootless: bool) -> Result<(), String> {
-    let output = Command::new("unshare")
-        .args(unshare_args(rootless))
-        .arg("true")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run unshare: {e}"))?;
-    if output.status.success() {
-        return Ok(());
+    if cgroup_ns {
+        args.push("--cgroup");
     }
-    Err(format!(
-        "cannot create namespaces ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr).trim()
-    ))
+    if time_ns {
+        args.push("--time");
+    }
+    args
 }
 
 /// Reads one line from `pipe` before `deadline`; `None` on EOF, timeout or
 /// error.
-fn read_line_before(pipe: std::process::ChildStdout, deadline: Instant) -> Option<String> {
+fn read_line_before(
+    reader: &mut BufReader<std::process::ChildStdout>,
+    deadline: Instant,
+) -> Option<String> {
     use rustix::event::{PollFd, PollFlags};
     let left = deadline.checked_duration_since(Instant::now())?;
     let timeout = rustix::time::Timespec {
         tv_sec: left.as_secs() as i64,
         tv_nsec: i64::from(left.subsec_nanos()),
     };
-    let mut fds = [PollFd::new(&pipe, PollFlags::IN)];
-    match rustix::event::poll(&mut fds, Some(&timeout)) {
-        Ok(n) if n > 0 => {}
-        _ => return None,
+    if reader.buffer().is_empty() {
+        let mut fds = [PollFd::new(reader.get_ref(), PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(n) if n > 0 => {}
+            _ => return None,
+        }
     }
-    // The init writes its one line at once; a partial line is a failure.
+    // The init writes each line at once; a partial line is a failure.
     let mut line = String::new();
-    let mut reader = BufReader::new(pipe);
     match reader.read_line(&mut line) {
         Ok(n) if n > 0 => Some(line.trim_end().to_owned()),
         _ => None,
@@ -553,7 +801,7 @@ impl Provider for ProcessProvider {
     }
 
     fn spawn(&self, spec: &RuntimeSpec) -> Result<(), ProviderError> {
-        if let Some(why) = &self.unusable {
+        if let Some(why) = self.unusable() {
             return Err(ProviderError(why.clone()));
         }
         let dir = self.dir(&spec.sandbox_id)?;
@@ -618,7 +866,7 @@ impl Provider for ProcessProvider {
     }
 
     fn health(&self) -> Result<(), ProviderError> {
-        if let Some(why) = &self.unusable {
+        if let Some(why) = self.unusable() {
             return Err(ProviderError(why.clone()));
         }
         fs::metadata(&self.base)

@@ -19,14 +19,18 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct SpecRecord {
     pub image: String,
-    /// uid and gid of the sandbox's processes (0 when rootless: the
-    /// namespace's root, which is the daemon's own uid on the host).
+    /// Host uid and gid that the sandbox's root is mapped to (0 when
+    /// rootless: the daemon's own uid on the host).
     pub uid: u32,
     pub slot: u32,
     pub memory_mb: u32,
     pub vcpus: u32,
     /// The sandbox's cgroup directory, when limits are cgroup ones.
     pub cgroup: Option<String>,
+    /// Started in a user namespace of its own (every sandbox since the
+    /// isolation layers; absent in records of older daemons).
+    #[serde(default)]
+    pub userns: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
