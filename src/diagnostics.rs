@@ -27,6 +27,7 @@ pub fn providers_json(registry: &crate::providers::Registry) -> Vec<serde_json::
                 "capabilities": p.capabilities(),
                 "runtimes": p.runtime_count(),
                 "limits": p.limits(),
+                "soft_limits": p.soft_limits(),
             })
         })
         .collect()

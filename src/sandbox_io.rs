@@ -856,7 +856,7 @@ mod tests {
     #[test]
     fn shell_quoting_round_trips_through_sh() {
         for arg in ["plain", "a b", "it's", "$HOME", "", "a\"b", "*", "x;y"] {
-            let out = Command::new("/bin/sh")
+            let out = std::process::Command::new("/bin/sh")
                 .args(["-c", &format!("printf %s {}", shell_quote(arg))])
                 .output()
                 .unwrap();

@@ -58,6 +58,16 @@ pub fn sample(
 }
 
 /// The state directory as `ProcessProvider::start` makes it.
+/// The namespaces a root daemon's sandbox starts with (cgroup and time
+/// where the kernel has them), so the baseline does the same work.
+fn daemon_namespaces() -> Vec<&'static str> {
+    unshare_args(
+        false,
+        Path::new("/proc/self/ns/cgroup").exists(),
+        Path::new("/proc/self/ns/time").exists(),
+    )
+}
+
 fn make_state(state: &Path) -> Result<(), String> {
     let io = |what: &str, r: std::io::Result<()>| r.map_err(|e| format!("{what}: {e}"));
     io("creating the state dir", fs::create_dir(state))?;
@@ -95,7 +105,7 @@ fn by_hand(state: &Path, log: &Path, n: usize) -> Result<Duration, String> {
     let started = Instant::now();
     make_state(state)?;
     let mut child = Command::new("unshare")
-        .args(unshare_args(false))
+        .args(daemon_namespaces())
         .args(["--", "sh", SCRIPT])
         .arg(state)
         .args([IMAGE, &format!("by-hand-{n}")])
@@ -125,7 +135,7 @@ fn init_direct(binary: &Path, state: &Path, log: &Path, n: usize) -> Result<Dura
     let mut launcher = Command::new("setsid")
         .arg("--fork")
         .arg("unshare")
-        .args(unshare_args(false))
+        .args(daemon_namespaces())
         .arg("--")
         .arg(binary)
         .arg("sandbox-init")
@@ -190,7 +200,7 @@ fn kill_and_wait(pid: i32) -> Result<(), String> {
 fn namespaces_only() -> Result<Duration, String> {
     let started = Instant::now();
     let status = Command::new("unshare")
-        .args(unshare_args(false))
+        .args(daemon_namespaces())
         .args(["--", "true"])
         .stdin(Stdio::null())
         .status()

@@ -56,6 +56,11 @@ pub trait Provider: Send + Sync {
     fn limits(&self) -> String {
         "none".into()
     }
+    /// The limits a spawn names that do not hold for the sandbox as a
+    /// whole here (for `GET /api/v1/providers`): empty when all hold.
+    fn soft_limits(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
     /// Refuses an image this provider cannot run, naming the ones it can.
     fn check_image(&self, _image: &str) -> Result<(), String> {
         Ok(())

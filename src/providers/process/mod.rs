@@ -796,6 +796,16 @@ impl Provider for ProcessProvider {
         }
     }
 
+    /// Without a delegated cgroup, memory is `RLIMIT_AS` per process and
+    /// vCPUs an affinity share, not totals.
+    fn soft_limits(&self) -> Vec<&'static str> {
+        if self.cgroups.is_some() {
+            Vec::new()
+        } else {
+            vec!["memory", "vcpus"]
+        }
+    }
+
     fn check_image(&self, image: &str) -> Result<(), String> {
         self.image_root(image).map(|_| ())
     }
