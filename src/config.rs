@@ -47,8 +47,17 @@ pub struct ServerConfig {
     pub allow_unauthenticated_remote: bool,
     pub http_threads: usize,
     pub max_connections: usize,
+    /// Connections one client address may hold (see `http::conn`).
+    pub max_connections_per_client: usize,
     pub max_body_bytes: u64,
     pub idle_timeout: Duration,
+    /// From a request's first byte to the end of its head.
+    pub header_timeout: Duration,
+    /// A body's grace period; each byte received extends it by
+    /// 1 / `min_body_rate` seconds.
+    pub body_timeout: Duration,
+    /// Bytes per second a body must keep up, on average, after `body_timeout`.
+    pub min_body_rate: u64,
     pub shutdown_timeout: Duration,
 }
 
@@ -311,8 +320,12 @@ impl Config {
                 "allow_unauthenticated_remote",
                 "http_threads",
                 "max_connections",
+                "max_connections_per_client",
                 "max_body_bytes",
                 "idle_timeout",
+                "header_timeout",
+                "body_timeout",
+                "min_body_rate",
                 "shutdown_timeout",
             ],
         );
@@ -339,6 +352,14 @@ impl Config {
             ),
             http_threads: r.integer(s, "server", "http_threads", 16, 1, 256) as usize,
             max_connections: r.integer(s, "server", "max_connections", 1024, 1, 65_536) as usize,
+            max_connections_per_client: r.integer(
+                s,
+                "server",
+                "max_connections_per_client",
+                256,
+                1,
+                65_536,
+            ) as usize,
             max_body_bytes: r.integer(s, "server", "max_body_bytes", 1 << 20, 1, 1 << 30) as u64,
             idle_timeout: r.duration(
                 s,
@@ -347,6 +368,21 @@ impl Config {
                 "75s",
                 Duration::from_millis(100),
             ),
+            header_timeout: r.duration(
+                s,
+                "server",
+                "header_timeout",
+                "10s",
+                Duration::from_millis(100),
+            ),
+            body_timeout: r.duration(
+                s,
+                "server",
+                "body_timeout",
+                "10s",
+                Duration::from_millis(100),
+            ),
+            min_body_rate: r.integer(s, "server", "min_body_rate", 8192, 1, 1 << 30) as u64,
             shutdown_timeout: r.duration(s, "server", "shutdown_timeout", "20s", Duration::ZERO),
         };
 
@@ -732,6 +768,10 @@ impl Config {
         merged.auth = new.auth.clone();
         merged.server.max_body_bytes = new.server.max_body_bytes;
         merged.server.idle_timeout = new.server.idle_timeout;
+        merged.server.header_timeout = new.server.header_timeout;
+        merged.server.body_timeout = new.server.body_timeout;
+        merged.server.min_body_rate = new.server.min_body_rate;
+        merged.server.max_connections_per_client = new.server.max_connections_per_client;
         merged.worker.capabilities = new.worker.capabilities.clone();
         merged.worker.max_sandboxes = new.worker.max_sandboxes;
         merged.worker.stale_after = new.worker.stale_after;

@@ -91,6 +91,7 @@ pub fn run(
     apply_log_level: &dyn Fn(log::LevelFilter),
 ) -> Result<Outcome, String> {
     let started = Instant::now();
+    raise_nofile_limit();
     let notifier = Notifier::from_env();
     let (events_tx, events) = unbounded::<Lifecycle>();
     let on_exit = ExitNotifier(events_tx.clone());
@@ -231,6 +232,11 @@ pub fn run(
     if let Some(admin) = &admin {
         ready_line.push_str(&format!(" admin={}", admin.path().display()));
     }
+    ready_line.push_str(&format!(
+        " max_connections={} nofile={}",
+        http.max_connections(),
+        nofile_limit()
+    ));
     {
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "{ready_line}");
@@ -278,6 +284,45 @@ pub fn run(
     signals.stop();
     log::info!("stopped");
     Ok(outcome)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: every client
+/// connection costs descriptors, and the shell default (1024) is far below
+/// what the connection limits allow. The HTTP layer then sizes
+/// `server.max_connections` from the result.
+fn raise_nofile_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let Some(hard) = limit.maximum.or_else(nr_open) else {
+        return;
+    };
+    let soft = limit.current.unwrap_or(u64::MAX);
+    if soft >= hard {
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: Some(hard),
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => log::info!("RLIMIT_NOFILE raised from {soft} to {hard}"),
+        Err(e) => log::warn!("cannot raise RLIMIT_NOFILE from {soft} to {hard}: {e}"),
+    }
+}
+
+/// The kernel's cap on descriptors per process, for an unlimited hard limit.
+fn nr_open() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The soft `RLIMIT_NOFILE` in force.
+pub fn nofile_limit() -> u64 {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    limit.current.or_else(nr_open).unwrap_or(1024)
 }
 
 /// Waits for lifecycle events; pings the watchdog while the store and the

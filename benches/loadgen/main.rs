@@ -1,5 +1,6 @@
 //! Load generator for the HTTP targets of PERFORMANCE.md (H1, H3, R1, R3, C1,
-//! M1, MEM).
+//! M1, MEM), and SL: what slow clients cost everyone else (the p99 of
+//! `/api/v1/live` with 200 slowloris connections open, against without).
 //!
 //!     cargo build --release && cargo bench --bench loadgen [-- --quick] [-- --runs N]
 //!
@@ -44,6 +45,10 @@ const SCRAPED_WORKERS: usize = 1_000;
 const BURST_CONNECTIONS: usize = 64;
 const BURST_REPEATS: usize = 5;
 const BURST_TIMEOUT: Duration = Duration::from_secs(2);
+/// SL: connections that declare a 1 MiB body and send 1 byte of it.
+const SLOWLORIS_CONNECTIONS: usize = 200;
+const SLOWLORIS_HEAD: &[u8] =
+    b"POST /api/v1/admin/workers/slow/heartbeat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1048576\r\n\r\n{";
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -148,6 +153,9 @@ fn run() -> Result<(), String> {
     let baseline_bursts = bursts("bare tiny_http", baseline.addr);
     drop(baseline);
     let scrape_p99s = bench.scrape(options.runs)?;
+    let slowloris_runs = (1..=options.runs)
+        .map(|run| bench.slowloris_run(run, options.runs))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let loaded_rss = daemon.rss_bytes()?;
     // A bad stop is a finding to report, not a reason to drop the figures.
@@ -169,6 +177,7 @@ fn run() -> Result<(), String> {
             median_duration(scrape_p99s),
             Bound::AtMost(5.0),
         ),
+        slowloris_row(&slowloris_runs),
         memory_row(
             "RSS idle after startup",
             idle_rss,
@@ -199,6 +208,14 @@ struct ListRun {
     daemon_rate: f64,
     baseline_rate: f64,
     daemon_p50: Duration,
+}
+
+/// One run of SL.
+struct SlowlorisRun {
+    quiet_p99: Duration,
+    loaded_p99: Duration,
+    /// `/api/v1/live` exchanges that failed with the slow clients open.
+    failed: u64,
 }
 
 /// Outcome of C1's repeats against one server.
@@ -292,6 +309,31 @@ impl Bench {
             heartbeat_rate: heartbeat16.rate(),
             live_p99: live1.latencies.percentile(99.0),
             heartbeat_p99: heartbeat1.latencies.percentile(99.0),
+        })
+    }
+
+    /// SL: `/api/v1/live` at 1 connection, then again while 200 slowloris
+    /// connections are held open (each declared a 1 MiB body, sent 1 byte).
+    fn slowloris_run(&self, run: usize, runs: usize) -> Result<SlowlorisRun, String> {
+        println!(
+            "run {run}/{runs}: /api/v1/live without and with {SLOWLORIS_CONNECTIONS} slowloris connections"
+        );
+        let live = || vec![client::get("/api/v1/live")];
+        let quiet = self.measure("daemon /api/v1/live", self.daemon, 1, |_| live())?;
+        let mut slow = Vec::with_capacity(SLOWLORIS_CONNECTIONS);
+        for index in 0..SLOWLORIS_CONNECTIONS {
+            let mut stream = std::net::TcpStream::connect(self.daemon)
+                .map_err(|error| format!("slowloris connection {index}: {error}"))?;
+            std::io::Write::write_all(&mut stream, SLOWLORIS_HEAD)
+                .map_err(|error| format!("slowloris connection {index}: {error}"))?;
+            slow.push(stream);
+        }
+        let loaded = self.measure("  ... with slowloris open", self.daemon, 1, |_| live())?;
+        drop(slow);
+        Ok(SlowlorisRun {
+            quiet_p99: quiet.latencies.percentile(99.0),
+            loaded_p99: loaded.latencies.percentile(99.0),
+            failed: loaded.failed,
         })
     }
 
@@ -499,6 +541,28 @@ fn burst_row(daemon: &Bursts, baseline: &Bursts) -> Row {
         ratio: None,
         goal: bound.describe("ms"),
         pass: Some(daemon.stalled == 0 && bound.holds(daemon.slowest.as_secs_f64() * 1e3)),
+    }
+}
+
+fn slowloris_row(runs: &[SlowlorisRun]) -> Row {
+    let loaded = median_duration(runs.iter().map(|run| run.loaded_p99));
+    let quiet = median_duration(runs.iter().map(|run| run.quiet_p99));
+    let failed: u64 = runs.iter().map(|run| run.failed).sum();
+    Row {
+        id: "SL",
+        figure: format!(
+            "/live p99, {SLOWLORIS_CONNECTIONS} slowloris open: {}{}",
+            format_duration(loaded),
+            if failed > 0 {
+                format!(", {failed} failed")
+            } else {
+                String::new()
+            }
+        ),
+        ceiling: format!("without: {}", format_duration(quiet)),
+        ratio: Some(loaded.as_secs_f64() / quiet.as_secs_f64()),
+        goal: "(info)".to_owned(),
+        pass: None,
     }
 }
 

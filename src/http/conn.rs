@@ -7,7 +7,8 @@
 //! connection then waits until some *other* connection closes (measured here:
 //! 1-22 of 64 new connections unanswered after 2 s). Workers hold long-lived
 //! connections, so that is not acceptable. tiny_http also sets no TCP_NODELAY
-//! and no timeouts.
+//! and no timeouts, and hands a request to a handler thread before its body
+//! has arrived.
 //!
 //! What we do, without touching tiny_http's code: the public TCP listener is
 //! ours (TCP_NODELAY set on it, inherited by accepted sockets), and tiny_http
@@ -22,21 +23,40 @@
 //! is served from those instead of queueing on handoffs. Then two threads
 //! copy bytes, one per direction.
 //!
-//! This layer also enforces what tiny_http lacks: `server.max_connections`
-//! (the next client gets a 503 and is closed), and `server.idle_timeout` (a
-//! client that sends nothing for that long, such as a half-open or stalled
-//! connection, is closed).
+//! Requests pass the [`Framer`](super::framer): each one reaches tiny_http
+//! only once its head and body are complete, under the header and body
+//! deadlines (a late client gets 408 and is closed), so a client's network
+//! speed never holds an `http-N` thread; malformed request lines, private
+//! paths and requests the router or auth will refuse are answered here.
+//!
+//! Limits: `server.max_connections` in all and
+//! `server.max_connections_per_client` per client address. When the global
+//! limit is reached, the connection that has been quiet longest (no request
+//! under way) is closed to make room; only when none is quiet does the next
+//! client get a 503. `server.idle_timeout` closes a connection that sends
+//! nothing between requests. The fd budget ([`FdBudget`]) caps
+//! `max_connections` so that the process never runs out of descriptors.
+//!
+//! The `http-spare` thread also watches tiny_http: if handoffs keep failing
+//! (its accept thread died, or the internal listener is gone), the relay
+//! marks itself failed, `/api/v1/ready` answers 503 and the thread ends,
+//! which stops the daemon with a failure status so that systemd restarts it.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use super::api::ApiError;
+use super::framer::{self, BodyLimits, Deadlines, Framer, StreamSlots};
+use super::router::RouteId;
 use crate::config::LiveConfig;
+use crate::daemon::ExitNotifier;
 use crate::metrics::METRICS;
 
 /// Relay threads copy bytes only; a small stack keeps many connections cheap.
@@ -45,6 +65,16 @@ const RELAY_BUFFER: usize = 64 * 1024;
 /// How long a relay waits for tiny_http to answer the pickup probe.
 const HANDOFF_DEADLINE: Duration = Duration::from_secs(5);
 const PROBE: &[u8] = b"GET /-/handoff HTTP/1.1\r\nHost: stacyvmd\r\n\r\n";
+/// How often `http-spare` checks that tiny_http still takes connections
+/// when nothing else has.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// Consecutive failed handoffs after which tiny_http is declared dead.
+const HANDOFF_FAILURES_FATAL: usize = 3;
+/// After a refusal, how long the relay keeps reading (and dropping) what
+/// the client still sends, so that closing does not reset the connection
+/// before the client has read the answer.
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES: usize = 1 << 20;
 
 /// Binds the public listener with TCP_NODELAY set before `listen`, so every
 /// accepted socket inherits it.
@@ -72,52 +102,159 @@ pub fn bind_internal(path: &Path) -> std::io::Result<std::os::unix::net::UnixLis
     Ok(listener)
 }
 
+/// How many connections the file-descriptor limit allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdBudget {
+    /// `server.max_connections`, lowered to what the descriptors allow.
+    pub max_connections: usize,
+    /// Handed-off internal connections kept ready.
+    pub spares: usize,
+}
+
+/// Descriptors per relayed connection: the client socket, our end of the
+/// internal connection, and tiny_http's end of it (which it duplicates).
+const FDS_PER_CONNECTION: u64 = 4;
+/// A spare is an internal connection without a client.
+const FDS_PER_SPARE: u64 = 3;
+/// How many handed-off internal connections wait for clients. Each pins an
+/// idle tiny_http thread, which costs a small stack and nothing else.
+const SPARES: usize = 64;
+
+impl FdBudget {
+    /// `available`: descriptors this layer may use (the limit, less those
+    /// open now and a reserve for everything else).
+    pub fn new(configured: usize, available: u64) -> FdBudget {
+        let spares = SPARES.min((available / 16) as usize);
+        let left = available.saturating_sub(spares as u64 * FDS_PER_SPARE);
+        let allowed = usize::try_from(left / FDS_PER_CONNECTION).unwrap_or(usize::MAX);
+        FdBudget {
+            max_connections: configured.min(allowed).max(1),
+            spares,
+        }
+    }
+}
+
+/// Marks when a connection last moved a byte and whether a request is under
+/// way, so that the quietest connection can make room at the limit.
+struct Activity {
+    /// Milliseconds since `Connections::epoch`.
+    last: AtomicU64,
+    /// A request is arriving (its head or body is not complete).
+    receiving: AtomicBool,
+    /// A request was forwarded and no byte of an answer has come back yet.
+    awaiting: AtomicBool,
+}
+
+impl Activity {
+    fn quiet(&self) -> bool {
+        !self.receiving.load(Ordering::Relaxed) && !self.awaiting.load(Ordering::Relaxed)
+    }
+}
+
+struct Entry {
+    stream: Arc<TcpStream>,
+    ip: IpAddr,
+    activity: Arc<Activity>,
+}
+
+#[derive(Default)]
+struct Registry {
+    connections: HashMap<u64, Entry>,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+impl Registry {
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.connections.remove(&id)?;
+        if let Some(n) = self.per_client.get_mut(&entry.ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_client.remove(&entry.ip);
+            }
+        }
+        Some(entry)
+    }
+}
+
 /// State shared by the acceptor, the relays and the supervisor.
 pub struct Connections {
     internal: PathBuf,
+    /// Relay threads alive.
     open: AtomicUsize,
     stopping: AtomicBool,
     /// Serialises internal connection set-up (see the module doc).
     handoff: Mutex<()>,
-    /// Client sockets, to close them all at the end of a graceful stop.
-    clients: Mutex<std::collections::HashMap<u64, TcpStream>>,
-    next_id: AtomicUsize,
+    /// Every client connection, to enforce the limits and to close them
+    /// all at the end of a graceful stop.
+    registry: Mutex<Registry>,
+    next_id: AtomicU64,
+    epoch: Instant,
+    budget: FdBudget,
     /// Internal connections already handed off and waiting for a client, so
     /// a burst of new clients does not wait on one handoff after another.
     spares: Mutex<Vec<UnixStream>>,
     /// Rings the `http-spare` thread to top the spares up.
     doorbell: crossbeam_channel::Sender<()>,
+    /// Handoffs failing back to back (see [`HANDOFF_FAILURES_FATAL`]).
+    handoff_failures: AtomicUsize,
+    /// tiny_http stopped taking connections: the daemon is going down.
+    failed: AtomicBool,
+    streams: Arc<StreamSlots>,
 }
 
-/// How many handed-off internal connections wait for clients. Each pins an
-/// idle tiny_http thread, which costs a small stack and nothing else.
-const SPARES: usize = 64;
-
 impl Connections {
-    pub fn new(internal: PathBuf) -> std::io::Result<Arc<Connections>> {
+    pub fn new(
+        internal: PathBuf,
+        budget: FdBudget,
+        streamed_bodies: usize,
+        on_exit: ExitNotifier,
+    ) -> std::io::Result<Arc<Connections>> {
         let (doorbell, rings) = crossbeam_channel::bounded::<()>(1);
         let connections = Arc::new(Connections {
             internal,
             open: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             handoff: Mutex::new(()),
-            clients: Mutex::new(Default::default()),
-            next_id: AtomicUsize::new(0),
-            spares: Mutex::new(Vec::with_capacity(SPARES)),
+            registry: Mutex::new(Registry::default()),
+            next_id: AtomicU64::new(0),
+            epoch: Instant::now(),
+            budget,
+            spares: Mutex::new(Vec::with_capacity(budget.spares)),
             doorbell,
+            handoff_failures: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+            streams: StreamSlots::new(streamed_bodies),
         });
         let weak = Arc::downgrade(&connections);
         std::thread::Builder::new()
             .name("http-spare".into())
             .stack_size(RELAY_STACK)
             .spawn(move || {
+                let _exit = on_exit.guard("http-internal");
                 // Ends when the last `Connections` is dropped (the doorbell's
-                // sender goes with it).
-                while rings.recv().is_ok() {
+                // sender goes with it), or when tiny_http is dead; only the
+                // latter reports to the supervisor.
+                loop {
+                    let rang = rings.recv_timeout(WATCH_INTERVAL);
+                    if rang == Err(crossbeam_channel::RecvTimeoutError::Disconnected) {
+                        break;
+                    }
                     let Some(connections) = weak.upgrade() else {
                         break;
                     };
-                    connections.top_up_spares();
+                    if connections.stopping.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if rang.is_ok() {
+                        connections.top_up_spares();
+                    } else {
+                        connections.check_internal();
+                    }
+                    if connections.failed.load(Ordering::SeqCst) {
+                        // `_exit` tells the supervisor, which stops the
+                        // daemon with a failure status.
+                        return;
+                    }
                 }
             })?;
         connections.ring();
@@ -128,16 +265,22 @@ impl Connections {
         let _ = self.doorbell.try_send(());
     }
 
+    /// False once tiny_http stopped taking connections.
+    pub fn healthy(&self) -> bool {
+        !self.failed.load(Ordering::SeqCst)
+    }
+
+    pub fn budget(&self) -> FdBudget {
+        self.budget
+    }
+
     fn top_up_spares(&self) {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let before = self.spares().len();
-        while !self.stopping.load(Ordering::SeqCst) && self.spares().len() < SPARES {
-            match handoff(self) {
+        while !self.stopping.load(Ordering::SeqCst) && self.spares().len() < self.budget.spares {
+            match self.handoff() {
                 Ok(spare) => self.spares().push(spare),
-                Err(e) => {
-                    log::warn!("could not prepare a spare internal connection: {e}");
-                    return;
-                }
+                Err(_) => return,
             }
         }
         let added = self.spares().len().saturating_sub(before);
@@ -149,8 +292,21 @@ impl Connections {
         }
     }
 
+    /// With nothing else to do, one handoff proves tiny_http still accepts.
+    fn check_internal(&self) {
+        if self.spares().len() < self.budget.spares {
+            self.top_up_spares();
+        } else if let Ok(probe) = self.handoff() {
+            drop(probe);
+        }
+    }
+
     fn spares(&self) -> std::sync::MutexGuard<'_, Vec<UnixStream>> {
         self.spares.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A handed-off internal connection: a spare if one is ready, else a
@@ -160,7 +316,43 @@ impl Connections {
         self.ring();
         match spare {
             Some(s) => Ok(s),
-            None => handoff(self),
+            None => self.handoff(),
+        }
+    }
+
+    /// Opens an internal connection and waits until tiny_http has picked it
+    /// up; counts the failures that mean tiny_http is gone.
+    fn handoff(&self) -> std::io::Result<UnixStream> {
+        match handoff(self) {
+            Ok(upstream) => {
+                self.handoff_failures.store(0, Ordering::SeqCst);
+                Ok(upstream)
+            }
+            // Out of descriptors on our side says nothing about tiny_http.
+            Err(HandoffError::Connect(e)) if is_out_of_fds(&e) => {
+                log::warn!("could not open an internal connection: {e}");
+                Err(e)
+            }
+            Err(HandoffError::Connect(e)) => {
+                let failures = self.handoff_failures.fetch_add(1, Ordering::SeqCst) + 1;
+                if self.stopping.load(Ordering::SeqCst) {
+                    // Shutting down: tiny_http goes away on purpose.
+                } else if failures >= HANDOFF_FAILURES_FATAL {
+                    if !self.failed.swap(true, Ordering::SeqCst) {
+                        log::error!(
+                            "the internal HTTP server ({}) stopped taking connections ({failures} handoffs failed, last: {e}); stopping",
+                            self.internal.display()
+                        );
+                    }
+                } else {
+                    log::warn!("internal handoff failed ({failures} in a row): {e}");
+                }
+                Err(e)
+            }
+            Err(HandoffError::Probe(e)) => {
+                log::warn!("the internal server did not answer a handoff probe: {e}");
+                Err(e)
+            }
         }
     }
 
@@ -168,14 +360,79 @@ impl Connections {
         self.open.load(Ordering::Relaxed)
     }
 
+    /// Registers a new client, closing the quietest connection if the
+    /// global limit is reached; `Err` is the reason to refuse it.
+    fn admit(
+        &self,
+        stream: &Arc<TcpStream>,
+        ip: IpAddr,
+        per_client: usize,
+    ) -> Result<(u64, Arc<Activity>), String> {
+        let mut registry = self.registry();
+        let max = self.budget.max_connections;
+        let per_client = per_client.min(max);
+        if registry.per_client.get(&ip).copied().unwrap_or(0) >= per_client {
+            return Err(format!(
+                "too many connections from this client (server.max_connections_per_client = {per_client}); retry later"
+            ));
+        }
+        if registry.connections.len() >= max {
+            let quietest = registry
+                .connections
+                .iter()
+                .filter(|(_, e)| e.activity.quiet())
+                .min_by_key(|(_, e)| e.activity.last.load(Ordering::Relaxed))
+                .map(|(id, _)| *id);
+            let Some(victim) = quietest.and_then(|id| registry.remove(id)) else {
+                return Err(format!(
+                    "too many connections (server.max_connections = {max}); retry later"
+                ));
+            };
+            METRICS.http.connections_timed_out.inc();
+            log::debug!("closing a quiet connection from {} to make room", victim.ip);
+            let _ = victim.stream.shutdown(Shutdown::Both);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let activity = Arc::new(Activity {
+            last: AtomicU64::new(self.now_ms()),
+            receiving: AtomicBool::new(false),
+            awaiting: AtomicBool::new(false),
+        });
+        registry.connections.insert(
+            id,
+            Entry {
+                stream: stream.clone(),
+                ip,
+                activity: activity.clone(),
+            },
+        );
+        *registry.per_client.entry(ip).or_insert(0) += 1;
+        Ok((id, activity))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn touch(&self, activity: &Activity) {
+        activity.last.store(self.now_ms(), Ordering::Relaxed);
+    }
+
     /// Closes every client connection (both directions), ending their relays.
     pub fn close_all(&self) {
         self.spares().clear();
-        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        for stream in clients.values() {
-            let _ = stream.shutdown(Shutdown::Both);
+        for entry in self.registry().connections.values() {
+            let _ = entry.stream.shutdown(Shutdown::Both);
         }
     }
+}
+
+fn is_out_of_fds(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == rustix::io::Errno::MFILE.raw_os_error()
+            || code == rustix::io::Errno::NFILE.raw_os_error()
+    )
 }
 
 /// The `http-accept` thread.
@@ -190,7 +447,7 @@ impl Acceptor {
         listener: TcpListener,
         connections: Arc<Connections>,
         live: LiveConfig,
-        on_exit: crate::daemon::ExitNotifier,
+        on_exit: ExitNotifier,
     ) -> std::io::Result<Acceptor> {
         let local = listener.local_addr()?;
         let shared = connections.clone();
@@ -233,53 +490,86 @@ fn wake_addr(local: SocketAddr) -> SocketAddr {
     addr
 }
 
+/// What a relay needs from the configuration, read once per connection.
+struct RelaySettings {
+    idle: Duration,
+    deadlines: Deadlines,
+    limits: BodyLimits,
+}
+
+/// Longest pause of the accept loop when accept keeps failing.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 fn accept_loop(listener: TcpListener, connections: &Arc<Connections>, live: &LiveConfig) {
+    let mut backoff = Duration::ZERO;
+    let mut failures: u64 = 0;
     loop {
         let (stream, peer) = match listener.accept() {
             Ok(accepted) => accepted,
             Err(e) => {
-                // EMFILE and friends: log, back off briefly, keep serving.
-                log::warn!("accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(10));
+                // EMFILE and friends: back off (up to a second), keep
+                // serving; one line per episode, not per attempt.
+                failures += 1;
+                if failures == 1 {
+                    log::warn!("accept failed: {e}; backing off");
+                }
+                backoff = (backoff * 2).clamp(Duration::from_millis(5), ACCEPT_BACKOFF_MAX);
+                std::thread::sleep(backoff);
                 continue;
             }
         };
+        if failures > 0 {
+            log::warn!("accept works again after {failures} failures");
+            failures = 0;
+            backoff = Duration::ZERO;
+        }
         if connections.stopping.load(Ordering::SeqCst) {
             break;
         }
         METRICS.http.connections_accepted.inc();
         let config = live.get();
-        if connections.open() >= config.server.max_connections {
-            METRICS.http.connections_rejected.inc();
-            log::warn!(
-                "refusing {peer}: server.max_connections ({}) reached",
-                config.server.max_connections
-            );
-            refuse(stream);
-            continue;
-        }
-        let idle = config.server.idle_timeout;
-        let max_body = BodyLimits {
-            body: config.server.max_body_bytes,
-            upload: config
-                .providers
-                .process
-                .max_upload_bytes
-                .max(config.server.max_body_bytes),
+        let stream = Arc::new(stream);
+        let (id, activity) =
+            match connections.admit(&stream, peer.ip(), config.server.max_connections_per_client) {
+                Ok(admitted) => admitted,
+                Err(why) => {
+                    METRICS.http.connections_rejected.inc();
+                    log::warn!("refusing {peer}: {why}");
+                    refuse(&stream, &ApiError::unavailable(why));
+                    continue;
+                }
+            };
+        let settings = RelaySettings {
+            idle: config.server.idle_timeout,
+            deadlines: Deadlines {
+                header: config.server.header_timeout,
+                body: config.server.body_timeout,
+                min_rate: config.server.min_body_rate,
+            },
+            limits: BodyLimits {
+                body: config.server.max_body_bytes,
+                upload: config
+                    .providers
+                    .process
+                    .max_upload_bytes
+                    .max(config.server.max_body_bytes),
+            },
         };
         connections.open.fetch_add(1, Ordering::SeqCst);
         METRICS.http.connections_open.inc();
-        let shared = connections.clone();
+        let (shared, live) = (connections.clone(), live.clone());
         let spawned = std::thread::Builder::new()
             .name("http-conn".into())
             .stack_size(RELAY_STACK)
             .spawn(move || {
-                relay(stream, peer, &shared, idle, max_body);
+                relay(&stream, peer, &shared, &activity, &settings, &live);
+                shared.registry().remove(id);
                 shared.open.fetch_sub(1, Ordering::SeqCst);
                 METRICS.http.connections_open.dec();
             });
         if let Err(e) = spawned {
             log::error!("cannot start a relay thread for {peer}: {e}");
+            connections.registry().remove(id);
             connections.open.fetch_sub(1, Ordering::SeqCst);
             METRICS.http.connections_open.dec();
         }
@@ -287,102 +577,108 @@ fn accept_loop(listener: TcpListener, connections: &Arc<Connections>, live: &Liv
     log::debug!("http-accept: stopped accepting");
 }
 
-/// Answers a connection we cannot take with a JSON 503 and closes it.
-fn refuse(mut stream: TcpStream) {
-    let body = br#"{"code":"UNAVAILABLE","message":"too many connections; retry later"}"#;
-    let head = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
+/// Answers a connection we cannot take with a JSON error and closes it.
+fn refuse(stream: &TcpStream, error: &ApiError) {
     let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
-    let _ = stream
-        .write_all(head.as_bytes())
-        .and_then(|_| stream.write_all(body));
+    let _ = (&*stream).write_all(&framer::refusal(error, None));
     let _ = stream.shutdown(Shutdown::Both);
 }
 
 fn relay(
-    client: TcpStream,
+    client: &Arc<TcpStream>,
     peer: SocketAddr,
     connections: &Arc<Connections>,
-    idle: Duration,
-    max_body: BodyLimits,
+    activity: &Arc<Activity>,
+    settings: &RelaySettings,
+    live: &LiveConfig,
 ) {
     let upstream = match connections.internal_connection() {
-        Ok(s) => s,
+        Ok(s) => Arc::new(s),
         Err(e) => {
             log::error!("internal handoff for {peer} failed: {e}");
-            refuse(client);
+            refuse(
+                client,
+                &ApiError::unavailable("the server is not ready; retry later"),
+            );
             return;
         }
     };
-    let id = connections.next_id.fetch_add(1, Ordering::Relaxed) as u64;
-    let registered = client.try_clone().map(|c| {
-        connections
-            .clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, c);
-    });
-    if registered.is_err() || connections.stopping.load(Ordering::SeqCst) {
-        refuse(client);
+    if connections.stopping.load(Ordering::SeqCst) {
+        refuse(
+            client,
+            &ApiError::unavailable("the daemon is shutting down"),
+        );
         return;
     }
-    let _ = client.set_read_timeout(Some(idle));
-    let (client_reader, upstream_writer) = match (client.try_clone(), upstream.try_clone()) {
-        (Ok(c), Ok(u)) => (c, u),
-        _ => {
-            refuse(client);
-            return;
-        }
-    };
     let last_word: Arc<Mutex<Option<Vec<u8>>>> = Arc::new(Mutex::new(None));
-    let last_word_out = last_word.clone();
     // Responses flow on a second thread; this one carries requests.
-    let responses = std::thread::Builder::new()
-        .name("http-conn-out".into())
-        .stack_size(RELAY_STACK)
-        .spawn(move || {
-            copy_responses(upstream, client, &last_word_out);
-        });
+    let responses = {
+        let (upstream, client, last_word) = (upstream.clone(), client.clone(), last_word.clone());
+        let (connections, activity) = (connections.clone(), activity.clone());
+        std::thread::Builder::new()
+            .name("http-conn-out".into())
+            .stack_size(RELAY_STACK)
+            .spawn(move || {
+                copy_responses(&upstream, &client, &last_word, &connections, &activity);
+            })
+    };
     match responses {
         Ok(responses) => {
             let end = copy_requests(
-                client_reader,
-                upstream_writer,
-                max_body,
-                &connections.stopping,
+                client,
+                &upstream,
+                settings,
+                connections,
+                activity,
+                live,
                 &last_word,
             );
-            if end == RequestsEnd::Idle {
-                METRICS.http.connections_timed_out.inc();
-                log::debug!("closing idle connection from {peer}");
+            match end {
+                RequestsEnd::Idle => {
+                    METRICS.http.connections_timed_out.inc();
+                    log::debug!("closing idle connection from {peer}");
+                }
+                RequestsEnd::Late => {
+                    METRICS.http.connections_timed_out.inc();
+                    log::info!("{peer} was too slow sending a request: 408, closing");
+                }
+                RequestsEnd::Closed | RequestsEnd::Refused => {}
             }
             let _ = responses.join();
         }
         Err(e) => log::error!("cannot start a relay thread for {peer}: {e}"),
     }
-    connections
-        .clients
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&id);
+}
+
+/// Why a handoff failed: `Connect` means the internal listener is gone
+/// (tiny_http's accept thread died, or the socket file was removed); `Probe`
+/// only that tiny_http did not answer in time, as when every handler thread
+/// is busy.
+#[derive(Debug)]
+enum HandoffError {
+    Connect(std::io::Error),
+    Probe(std::io::Error),
 }
 
 /// Opens an internal connection and waits until tiny_http has picked it up.
-fn handoff(connections: &Connections) -> std::io::Result<UnixStream> {
+fn handoff(connections: &Connections) -> Result<UnixStream, HandoffError> {
     let _one_at_a_time = connections
         .handoff
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let mut upstream = UnixStream::connect(&connections.internal)?;
+    let mut upstream = UnixStream::connect(&connections.internal).map_err(HandoffError::Connect)?;
+    probe(&mut upstream).map_err(HandoffError::Probe)?;
+    Ok(upstream)
+}
+
+fn probe(upstream: &mut UnixStream) -> std::io::Result<()> {
     upstream.set_read_timeout(Some(HANDOFF_DEADLINE))?;
     upstream.write_all(PROBE)?;
     // The probe's answer has an empty body: read up to the end of its head.
     let mut seen = Vec::with_capacity(256);
-    let mut byte = [0u8; 256];
+    let mut byte = [0u8; 1];
     while !seen.ends_with(b"\r\n\r\n") {
-        let n = upstream.read(&mut byte[..1])?;
+        let n = upstream.read(&mut byte)?;
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -397,36 +693,53 @@ fn handoff(connections: &Connections) -> std::io::Result<UnixStream> {
             ));
         }
     }
-    upstream.set_read_timeout(None)?;
-    Ok(upstream)
+    upstream.set_read_timeout(None)
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum RequestsEnd {
     /// The client closed its side, or the connection broke.
     Closed,
-    /// The client sent nothing for `server.idle_timeout`.
+    /// The client sent nothing between requests for `server.idle_timeout`.
     Idle,
+    /// A request's head or body missed its deadline: answered 408.
+    Late,
     /// The framer refused a request; its answer is the connection's last word.
     Refused,
 }
 
-/// Client to tiny_http. Every byte passes the [`Framer`], so a request
-/// tiny_http must not see (oversized body, chunked body, oversized head) is
-/// answered here and the connection ends after the answers before it.
+/// Client to tiny_http. Every byte passes the [`Framer`], so only whole,
+/// checked requests reach tiny_http; a refused or late request is answered
+/// here and the connection ends after the answers before it.
 fn copy_requests(
-    mut client: TcpStream,
-    mut upstream: UnixStream,
-    max_body: BodyLimits,
-    stopping: &AtomicBool,
+    client: &TcpStream,
+    upstream: &UnixStream,
+    settings: &RelaySettings,
+    connections: &Connections,
+    activity: &Activity,
+    live: &LiveConfig,
     last_word: &Mutex<Option<Vec<u8>>>,
 ) -> RequestsEnd {
     let mut buf = vec![0u8; RELAY_BUFFER];
     let mut framer = Framer::default();
     let mut out = Vec::with_capacity(RELAY_BUFFER);
-    let end = loop {
-        let n = match client.read(&mut buf) {
-            Ok(0) => break RequestsEnd::Closed,
+    let mut timeout = None;
+    let (end, answer) = loop {
+        let deadline = framer.deadline(&settings.deadlines);
+        // Within a request, silence is bounded by `idle_timeout` too.
+        let left = deadline.map(|at| at.saturating_duration_since(Instant::now()));
+        let wait = left.map_or(settings.idle, |left| left.min(settings.idle));
+        let silence_bound = left.is_some_and(|left| left >= settings.idle);
+        if left.is_some_and(|left| left.is_zero()) {
+            break (RequestsEnd::Late, Some(late()));
+        }
+        // One setsockopt per change: between requests the wait is constant.
+        if timeout != Some(wait) {
+            let _ = client.set_read_timeout(Some(wait.max(Duration::from_millis(1))));
+            timeout = Some(wait);
+        }
+        let n = match (&*client).read(&mut buf) {
+            Ok(0) => break (RequestsEnd::Closed, None),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e)
@@ -435,242 +748,123 @@ fn copy_requests(
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                break RequestsEnd::Idle;
+                if silence_bound {
+                    // `idle_timeout` of silence in the middle of a request.
+                    break (RequestsEnd::Late, Some(late()));
+                }
+                if deadline.is_some() {
+                    continue; // The deadline is checked at the top.
+                }
+                break (RequestsEnd::Idle, None);
             }
-            Err(_) => break RequestsEnd::Closed,
+            Err(_) => break (RequestsEnd::Closed, None),
         };
         out.clear();
-        let draining = stopping.load(Ordering::SeqCst);
-        let verdict = framer.feed(&buf[..n], max_body, draining, &mut out);
-        if !out.is_empty() && upstream.write_all(&out).is_err() {
-            break RequestsEnd::Closed;
+        let config = live.get();
+        let cx = framer::Context {
+            limits: settings.limits,
+            draining: connections.stopping.load(Ordering::SeqCst),
+            auth: &config.auth,
+            slots: &connections.streams,
+        };
+        let verdict = framer.feed(&buf[..n], Instant::now(), &cx, &mut out);
+        connections.touch(activity);
+        activity
+            .receiving
+            .store(framer.in_request(), Ordering::Relaxed);
+        if !out.is_empty() {
+            activity.awaiting.store(true, Ordering::Relaxed);
+        }
+        if !out.is_empty() && (&*upstream).write_all(&out).is_err() {
+            break (RequestsEnd::Closed, None);
         }
         if let Err(refusal) = verdict {
-            *last_word.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(refusal.response(framer.request_id.as_deref()));
-            break RequestsEnd::Refused;
+            break (RequestsEnd::Refused, Some(refusal));
         }
     };
+    if let Some(answer) = &answer {
+        METRICS
+            .http
+            .observe(RouteId::Unmatched, answer.status, Duration::ZERO);
+        *last_word.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(framer::refusal(answer, framer.request_id.as_deref()));
+    }
     match end {
         // Idle: nothing is pending; close both ways so the response side ends.
         RequestsEnd::Idle => {
             let _ = client.shutdown(Shutdown::Both);
             let _ = upstream.shutdown(Shutdown::Both);
         }
+        // A body was being streamed to a handler: cut it off there too.
+        RequestsEnd::Late if framer.streaming() => {
+            let _ = upstream.shutdown(Shutdown::Both);
+        }
         // tiny_http answers what it has, then sees the end and closes.
-        RequestsEnd::Closed | RequestsEnd::Refused => {
+        RequestsEnd::Closed | RequestsEnd::Refused | RequestsEnd::Late => {
             let _ = upstream.shutdown(Shutdown::Write);
         }
     }
     end
 }
 
+fn late() -> ApiError {
+    ApiError::new(
+        408,
+        "REQUEST_TIMEOUT",
+        "the request was not received in time (server.header_timeout, server.body_timeout, server.min_body_rate)",
+    )
+}
+
 /// tiny_http to client; when tiny_http closes, the refusal (if any) is
 /// written last and the client connection is closed.
 fn copy_responses(
-    mut upstream: UnixStream,
-    mut client: TcpStream,
+    upstream: &UnixStream,
+    client: &TcpStream,
     last_word: &Mutex<Option<Vec<u8>>>,
+    connections: &Connections,
+    activity: &Activity,
 ) {
     let mut buf = vec![0u8; RELAY_BUFFER];
     loop {
-        match upstream.read(&mut buf) {
+        match (&*upstream).read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                if client.write_all(&buf[..n]).is_err() {
+                if (&*client).write_all(&buf[..n]).is_err() {
                     break;
                 }
+                activity.awaiting.store(false, Ordering::Relaxed);
+                connections.touch(activity);
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         }
     }
-    if let Some(answer) = last_word.lock().unwrap_or_else(|e| e.into_inner()).take() {
-        let _ = client.write_all(&answer);
+    let answer = last_word.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(answer) = answer {
+        let _ = client.set_write_timeout(Some(Duration::from_secs(1)));
+        if (&*client).write_all(&answer).is_ok() {
+            linger(client, &mut buf);
+        }
     }
     let _ = client.shutdown(Shutdown::Both);
 }
 
-/// Ids for answers the relay gives itself when the client sent none.
-static RELAY_IDS: AtomicUsize = AtomicUsize::new(0);
-
-/// Request body limits: `body` for every request, `upload` for file
-/// uploads (`POST`/`PUT /api/v1/sandboxes/{id}/files`).
-#[derive(Debug, Clone, Copy)]
-struct BodyLimits {
-    body: u64,
-    upload: u64,
-}
-
-impl BodyLimits {
-    fn for_request(&self, head: &str) -> u64 {
-        let mut words = head.split(' ');
-        let method = words.next().unwrap_or("");
-        let path = words.next().unwrap_or("").split('?').next().unwrap_or("");
-        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let upload = matches!(method, "POST" | "PUT")
-            && matches!(segments.as_slice(), ["api", "v1", "sandboxes", _, "files"]);
-        if upload { self.upload } else { self.body }
-    }
-}
-
-/// Largest request head (request line and headers) accepted.
-const MAX_HEAD: usize = 16 * 1024;
-
-/// Finds request boundaries in the client's byte stream. tiny_http allocates
-/// a request's whole remaining body at once when it skips an unread body, so
-/// a hostile `Content-Length` must never reach it: the framer checks each
-/// head before forwarding it, then lets exactly that many body bytes through.
-#[derive(Default)]
-struct Framer {
-    head: Vec<u8>,
-    body_left: u64,
-    /// The X-Request-ID of the head being refused, to echo in the answer.
-    request_id: Option<String>,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-struct Refusal {
-    status: u16,
-    reason: &'static str,
-    code: &'static str,
-    message: String,
-}
-
-impl Refusal {
-    fn response(&self, request_id: Option<&str>) -> Vec<u8> {
-        let body = serde_json::json!({"code": self.code, "message": self.message}).to_string();
-        let id = match request_id {
-            Some(id) => format!("X-Request-ID: {id}\r\n"),
-            None => format!(
-                "X-Request-ID: relay-{:x}\r\n",
-                RELAY_IDS.fetch_add(1, Ordering::Relaxed)
-            ),
-        };
-        let retry = if self.status == 503 {
-            "Retry-After: 1\r\n"
-        } else {
-            ""
-        };
-        format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{id}{retry}Connection: close\r\n\r\n{body}",
-            self.status,
-            self.reason,
-            body.len()
-        )
-        .into_bytes()
-    }
-}
-
-impl Framer {
-    /// Appends to `out` the bytes that may go to tiny_http; an error means
-    /// the request whose head just ended must be refused.
-    /// While `draining` (a graceful stop), new requests get a 503 and the
-    /// connection ends once the requests before them are answered.
-    fn feed(
-        &mut self,
-        mut input: &[u8],
-        max_body: BodyLimits,
-        draining: bool,
-        out: &mut Vec<u8>,
-    ) -> Result<(), Refusal> {
-        while !input.is_empty() {
-            if self.body_left > 0 {
-                let n = input
-                    .len()
-                    .min(usize::try_from(self.body_left).unwrap_or(usize::MAX));
-                out.extend_from_slice(&input[..n]);
-                self.body_left -= n as u64;
-                input = &input[n..];
-                continue;
-            }
-            let byte = input[0];
-            input = &input[1..];
-            self.head.push(byte);
-            if self.head.ends_with(b"\r\n\r\n") {
-                self.body_left = self.check_head(max_body)?;
-                if draining {
-                    return Err(Refusal {
-                        status: 503,
-                        reason: "Service Unavailable",
-                        code: "UNAVAILABLE",
-                        message: "the daemon is shutting down".into(),
-                    });
-                }
-                out.extend_from_slice(&self.head);
-                self.head.clear();
-            } else if self.head.len() > MAX_HEAD {
-                return Err(Refusal {
-                    status: 431,
-                    reason: "Request Header Fields Too Large",
-                    code: "BAD_REQUEST",
-                    message: format!("request head is larger than {MAX_HEAD} bytes"),
-                });
-            }
+/// Half-closes after a refusal and drops what the client still sends for a
+/// moment: closing a socket with unread input resets the connection, and
+/// the client might then never read the answer.
+fn linger(client: &TcpStream, buf: &mut [u8]) {
+    let _ = client.shutdown(Shutdown::Write);
+    let until = Instant::now() + LINGER;
+    let mut dropped = 0;
+    while dropped < LINGER_BYTES {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || client.set_read_timeout(Some(left)).is_err() {
+            return;
         }
-        Ok(())
-    }
-
-    /// Returns the body length the head announces.
-    fn check_head(&mut self, limits: BodyLimits) -> Result<u64, Refusal> {
-        self.request_id = None;
-        let text = String::from_utf8_lossy(&self.head);
-        let max_body = limits.for_request(&text);
-        // `/-/` paths are the relay's own (the handoff probe): never a
-        // client's.
-        let target = text.split(' ').nth(1).unwrap_or("");
-        if target.starts_with("/-/") {
-            return Err(Refusal {
-                status: 404,
-                reason: "Not Found",
-                code: "NOT_FOUND",
-                message: format!(
-                    "no route for {}",
-                    target.split('?').next().unwrap_or(target)
-                ),
-            });
+        match (&*client).read(buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => dropped += n,
         }
-        let mut length: Option<u64> = None;
-        for line in text.split("\r\n").skip(1) {
-            let Some((name, value)) = line.split_once(':') else {
-                continue;
-            };
-            let (name, value) = (name.trim(), value.trim());
-            if name.eq_ignore_ascii_case("x-request-id") {
-                self.request_id = Some(value.to_owned()).filter(|v| super::usable_request_id(v));
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                return Err(Refusal {
-                    status: 411,
-                    reason: "Length Required",
-                    code: "BAD_REQUEST",
-                    message: "chunked request bodies are not accepted; send Content-Length".into(),
-                });
-            } else if name.eq_ignore_ascii_case("content-length") {
-                let parsed = value
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|n| length.is_none_or(|l| l == *n));
-                let Some(n) = parsed else {
-                    return Err(Refusal {
-                        status: 400,
-                        reason: "Bad Request",
-                        code: "BAD_REQUEST",
-                        message: "invalid or conflicting Content-Length".into(),
-                    });
-                };
-                length = Some(n);
-            }
-        }
-        let length = length.unwrap_or(0);
-        if length > max_body {
-            return Err(Refusal {
-                status: 413,
-                reason: "Payload Too Large",
-                code: "PAYLOAD_TOO_LARGE",
-                message: format!("request body is larger than {max_body} bytes"),
-            });
-        }
-        Ok(length)
     }
 }
 
@@ -678,150 +872,25 @@ impl Framer {
 mod tests {
     use super::*;
 
-    fn limits(body: u64) -> BodyLimits {
-        BodyLimits {
-            body,
-            upload: body * 10,
-        }
-    }
-
     #[test]
-    fn uploads_have_their_own_limit() {
-        let l = limits(100);
+    fn the_fd_budget_caps_connections_and_spares() {
+        // Plenty of descriptors: the configured limit and 64 spares.
         assert_eq!(
-            l.for_request("PUT /api/v1/sandboxes/sb-1/files?path=x HTTP/1.1"),
-            1000
-        );
-        assert_eq!(
-            l.for_request("POST /api/v1/sandboxes/sb-1/files HTTP/1.1"),
-            1000
-        );
-        assert_eq!(
-            l.for_request("POST /api/v1/sandboxes/sb-1/exec HTTP/1.1"),
-            100
-        );
-        assert_eq!(
-            l.for_request("POST /api/v1/sandboxes/sb-1/files/move HTTP/1.1"),
-            100
-        );
-        assert_eq!(
-            l.for_request("GET /api/v1/sandboxes/sb-1/files HTTP/1.1"),
-            100
-        );
-    }
-
-    fn feed_all(chunks: &[&[u8]], max_body: u64) -> (Vec<u8>, Result<(), Refusal>) {
-        let max_body = limits(max_body);
-        let mut framer = Framer::default();
-        let mut out = Vec::new();
-        for chunk in chunks {
-            if let Err(r) = framer.feed(chunk, max_body, false, &mut out) {
-                return (out, Err(r));
+            FdBudget::new(1024, 500_000),
+            FdBudget {
+                max_connections: 1024,
+                spares: 64
             }
-        }
-        (out, Ok(()))
-    }
-
-    #[test]
-    fn passes_pipelined_requests_split_anywhere() {
-        let stream = b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\n\r\n";
-        for split in 0..stream.len() {
-            let (out, verdict) = feed_all(&[&stream[..split], &stream[split..]], 100);
-            assert_eq!(verdict, Ok(()));
-            assert_eq!(out, stream.to_vec(), "split at {split}");
-        }
-    }
-
-    #[test]
-    fn body_bytes_are_not_read_as_heads() {
-        // A body that contains a blank line must not end a head early.
-        let stream = b"POST /a HTTP/1.1\r\nContent-Length: 8\r\n\r\n\r\n\r\nabcd";
-        let (out, verdict) = feed_all(&[stream], 100);
-        assert_eq!(verdict, Ok(()));
-        assert_eq!(out, stream.to_vec());
-    }
-
-    #[test]
-    fn refusals() {
-        let cases: &[(&[u8], u16)] = &[
-            (
-                b"POST / HTTP/1.1\r\nContent-Length: 99999999999999\r\n\r\n",
-                413,
-            ),
-            (b"POST / HTTP/1.1\r\ncontent-length: 101\r\n\r\n", 413),
-            (
-                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-                411,
-            ),
-            (b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
-            (b"GET /-/handoff HTTP/1.1\r\n\r\n", 404),
-            (
-                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-                400,
-            ),
-        ];
-        for (head, status) in cases {
-            let (out, verdict) = feed_all(&[head], 100);
-            assert_eq!(
-                verdict.map_err(|r| r.status),
-                Err(*status),
-                "{}",
-                String::from_utf8_lossy(head)
-            );
-            assert!(out.is_empty(), "a refused head must not be forwarded");
-        }
-        let huge = vec![b'a'; MAX_HEAD + 10];
-        assert_eq!(feed_all(&[&huge], 100).1.map_err(|r| r.status), Err(431));
-    }
-
-    #[test]
-    fn draining_refuses_new_requests_but_finishes_bodies() {
-        let mut framer = Framer::default();
-        let mut out = Vec::new();
-        // A body already under way is still forwarded while draining...
-        framer
-            .feed(
-                b"POST /a HTTP/1.1\r\nContent-Length: 4\r\n\r\nab",
-                limits(100),
-                false,
-                &mut out,
-            )
-            .unwrap();
-        framer.feed(b"cd", limits(100), true, &mut out).unwrap();
-        assert!(out.ends_with(b"abcd"));
-        // ...but the next request is answered 503 by the relay.
-        let r = framer
-            .feed(b"GET /b HTTP/1.1\r\n\r\n", limits(100), true, &mut out)
-            .unwrap_err();
-        assert_eq!(r.status, 503);
-    }
-
-    #[test]
-    fn refusal_echoes_request_id() {
-        let mut framer = Framer::default();
-        let mut out = Vec::new();
-        let r = framer
-            .feed(
-                b"POST / HTTP/1.1\r\nX-Request-ID: abc-1\r\nContent-Length: 500\r\n\r\n",
-                limits(10),
-                false,
-                &mut out,
-            )
-            .unwrap_err();
-        let text = String::from_utf8(r.response(framer.request_id.as_deref())).unwrap();
-        assert!(text.starts_with("HTTP/1.1 413 "));
-        assert!(text.contains("X-Request-ID: abc-1\r\n"));
-        assert!(
-            text.ends_with(r#""message":"request body is larger than 10 bytes"}"#)
-                || text.contains("PAYLOAD_TOO_LARGE")
         );
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn framer_never_panics(chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..64), 0..8)) {
-            let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
-            let _ = feed_all(&refs, 32);
-        }
+        // 100 descriptors: 6 spares (18 fds), (100 - 18) / 4 = 20 connections.
+        assert_eq!(
+            FdBudget::new(1024, 100),
+            FdBudget {
+                max_connections: 20,
+                spares: 6
+            }
+        );
+        // Nothing left: still one connection rather than none.
+        assert_eq!(FdBudget::new(1024, 0).max_connections, 1);
     }
 }

@@ -180,6 +180,11 @@ fn ready(ctx: &Ctx) -> Result<Reply, ApiError> {
     if ctx.draining.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable("shutting down"));
     }
+    if !ctx.connections.healthy() {
+        return Err(ApiError::unavailable(
+            "http: the internal server stopped taking connections",
+        ));
+    }
     ctx.store
         .ping()
         .map_err(|e| ApiError::unavailable(format!("store: {e}")))?;

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod auth;
 mod conn;
+mod framer;
 mod handlers;
 mod io_handlers;
 pub mod router;
@@ -27,7 +28,7 @@ use crate::lifecycle::Lifecycle;
 use crate::metrics::METRICS;
 use crate::scheduler::SchedulerHandle;
 use crate::store::StoreHandle;
-use conn::{Acceptor, Connections};
+use conn::{Acceptor, Connections, FdBudget};
 use handlers::{Incoming, Reply, Streamed};
 use router::RouteId;
 
@@ -84,7 +85,11 @@ impl HttpServer {
         );
         let public = conn::bind_public(config.server.listen)
             .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
-        let connections = Connections::new(internal.clone())
+        let budget = fd_budget(&config);
+        // A few streamed bodies (big uploads, `Expect: 100-continue`) may
+        // hold handler threads at the client's pace; never most of them.
+        let streamed = (config.server.http_threads / 4).max(1);
+        let connections = Connections::new(internal.clone(), budget, streamed, on_exit.clone())
             .map_err(|e| format!("cannot start the connection layer: {e}"))?;
         let ctx = Arc::new(Ctx {
             live: live.clone(),
@@ -126,6 +131,11 @@ impl HttpServer {
         self.acceptor.local_addr()
     }
 
+    /// `server.max_connections` as the file-descriptor limit allows it.
+    pub fn max_connections(&self) -> usize {
+        self.ctx.connections.budget().max_connections
+    }
+
     /// Graceful stop: refuse new connections, let requests in flight finish
     /// (up to `deadline`), close the remaining connections, stop the threads.
     pub fn shutdown(self, deadline: Duration) {
@@ -149,6 +159,38 @@ impl HttpServer {
         let _ = std::fs::remove_file(&self.internal);
         log::info!("HTTP server stopped");
     }
+}
+
+/// Descriptors kept for everything but client connections: the store,
+/// listeners, logs, provider pipes and files opened by handlers.
+const FD_RESERVE: u64 = 64;
+
+/// Sizes the connection layer from `RLIMIT_NOFILE` (raised at startup, see
+/// `daemon`): what is open now and a reserve for the rest are set aside.
+fn fd_budget(config: &crate::config::Config) -> FdBudget {
+    let limit = crate::daemon::nofile_limit();
+    let open = std::fs::read_dir("/proc/self/fd").map_or(64, |d| d.count() as u64);
+    let admin = if config.admin.enabled {
+        config.admin.max_connections as u64
+    } else {
+        0
+    };
+    let reserve = FD_RESERVE + admin + 2 * config.server.http_threads as u64;
+    let available = limit.saturating_sub(open + reserve);
+    let budget = FdBudget::new(config.server.max_connections, available);
+    if budget.max_connections < config.server.max_connections {
+        log::warn!(
+            "server.max_connections lowered from {} to {}: RLIMIT_NOFILE is {limit} ({open} open, {reserve} kept for the rest); raise LimitNOFILE= to allow more",
+            config.server.max_connections,
+            budget.max_connections
+        );
+    } else {
+        log::info!(
+            "server.max_connections {} (RLIMIT_NOFILE {limit}, {open} open)",
+            budget.max_connections
+        );
+    }
+    budget
 }
 
 fn serve_loop(server: &tiny_http::Server, ctx: &Ctx, stop: &AtomicBool) {

@@ -215,6 +215,8 @@ pub struct DaemonBuilder {
     data_dir: bool,
     dir: Option<Arc<TempDir>>,
     uid: Option<u32>,
+    /// A program (and its arguments) that execs the daemon, e.g. `prlimit`.
+    wrapper: Vec<String>,
 }
 
 impl DaemonBuilder {
@@ -259,6 +261,14 @@ impl DaemonBuilder {
         self
     }
 
+    /// Runs the daemon through `program args... <stacyvmd> ...`; the program
+    /// must exec it (as `prlimit --nofile=N:N --` does), so the pid is the
+    /// daemon's.
+    pub fn wrapper(mut self, program_and_args: &[&str]) -> Self {
+        self.wrapper = program_and_args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
     /// Use this temp dir instead of a fresh one.
     pub fn dir(mut self, dir: Arc<TempDir>) -> Self {
         self.dir = Some(dir);
@@ -281,7 +291,17 @@ impl DaemonBuilder {
             .dir
             .get_or_insert_with(|| Arc::new(TempDir::new("daemon")))
             .clone();
-        let mut cmd = command();
+        let mut cmd = match self.wrapper.split_first() {
+            None => command(),
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                for key in DAEMON_ENV {
+                    cmd.env_remove(key);
+                }
+                cmd.args(args).arg(bin());
+                cmd
+            }
+        };
         cmd.current_dir(dir.path());
         if let Some(text) = &self.config {
             let path = dir.join("stacyvmd.toml");
@@ -419,6 +439,7 @@ impl Daemon {
             data_dir: true,
             dir: None,
             uid: None,
+            wrapper: Vec::new(),
         }
     }
 
@@ -797,6 +818,21 @@ impl Client {
         Ok(Client {
             reader: BufReader::new(stream),
         })
+    }
+
+    /// A client on a stream the test connected itself (e.g. from another
+    /// source address).
+    pub fn from_stream(stream: TcpStream) -> Client {
+        stream.set_nodelay(true).expect("set_nodelay");
+        stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .expect("set_read_timeout");
+        stream
+            .set_write_timeout(Some(IO_TIMEOUT))
+            .expect("set_write_timeout");
+        Client {
+            reader: BufReader::new(stream),
+        }
     }
 
     pub fn stream(&self) -> &TcpStream {
