@@ -68,6 +68,12 @@ pub struct StoreConfig {
     pub checkpoint_interval: Duration,
     pub wal_size_limit: u64,
     pub max_batch: usize,
+    /// Bytes preallocated in `<path>.reserve` and given back when the disk
+    /// is full (0: no reserve).
+    pub reserve_bytes: u64,
+    /// How long ended sandboxes, released leases, idempotency keys and
+    /// audit rows are kept before the retention purge removes them.
+    pub retention: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -396,6 +402,8 @@ impl Config {
                 "checkpoint_interval",
                 "wal_size_limit",
                 "max_batch",
+                "reserve_bytes",
+                "retention",
             ],
         );
         let data_dir = PathBuf::from(r.string(
@@ -422,6 +430,8 @@ impl Config {
             ),
             wal_size_limit: r.integer(st, "store", "wal_size_limit", 64 << 20, 0, 1 << 40) as u64,
             max_batch: r.integer(st, "store", "max_batch", 256, 1, 10_000) as usize,
+            reserve_bytes: r.integer(st, "store", "reserve_bytes", 8 << 20, 0, 1 << 34) as u64,
+            retention: r.duration(st, "store", "retention", "7d", Duration::from_secs(1)),
         };
 
         let w = r.section(table, "worker");
@@ -782,7 +792,7 @@ impl Config {
         };
         merged.scheduler = new.scheduler.clone();
         let mut ignored = Vec::new();
-        let checks: [(&'static str, bool); 18] = [
+        let checks: [(&'static str, bool); 20] = [
             (
                 "sandboxes.reap_interval",
                 self.sandboxes.reap_interval != new.sandboxes.reap_interval,
@@ -823,6 +833,14 @@ impl Config {
             (
                 "store.max_batch",
                 self.store.max_batch != new.store.max_batch,
+            ),
+            (
+                "store.reserve_bytes",
+                self.store.reserve_bytes != new.store.reserve_bytes,
+            ),
+            (
+                "store.retention",
+                self.store.retention != new.store.retention,
             ),
             ("worker.id", self.worker.id != new.worker.id),
             (

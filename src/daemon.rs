@@ -85,11 +85,46 @@ pub enum Outcome {
     ComponentFailed(&'static str),
 }
 
+/// Why the daemon could not start (`main` maps it to the exit code).
+#[derive(Debug)]
+pub struct StartError {
+    pub message: String,
+    /// The filesystem of the database has no room: exit code 3.
+    pub storage_full: bool,
+}
+
+impl From<String> for StartError {
+    fn from(message: String) -> Self {
+        StartError {
+            message,
+            storage_full: false,
+        }
+    }
+}
+
+impl From<store::OpenError> for StartError {
+    fn from(e: store::OpenError) -> Self {
+        match e {
+            store::OpenError::Full(message) => StartError {
+                message,
+                storage_full: true,
+            },
+            store::OpenError::Other(message) => message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 pub fn run(
     config: Config,
     overrides: Overrides,
     apply_log_level: &dyn Fn(log::LevelFilter),
-) -> Result<Outcome, String> {
+) -> Result<Outcome, StartError> {
     let started = Instant::now();
     raise_nofile_limit();
     let notifier = Notifier::from_env();
@@ -113,8 +148,17 @@ pub fn run(
             .map_err(|e| format!("cannot start opening the mock provider: {e}"))?
     };
     let store = store::open(&config.store, on_exit.clone())?;
-    let local = heartbeat::register_local(&store.handle, &config)
-        .map_err(|e| format!("cannot register the local worker: {e}"))?;
+    let local = heartbeat::register_local(&store.handle, &config).map_err(|e| match e {
+        store::StoreError::Full(_) => StartError {
+            message: store::full_at_start(
+                store.handle.path(),
+                "cannot register the local worker in",
+                e,
+            ),
+            storage_full: true,
+        },
+        other => format!("cannot register the local worker: {other}").into(),
+    })?;
     let loaded = store
         .handle
         .list_workers()

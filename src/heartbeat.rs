@@ -4,8 +4,11 @@
 //! worker (providers, capabilities and capacity from the live config) and
 //! tells the scheduler it was received. On stop it marks the local worker
 //! `offline` in the store, so a cleanly stopped daemon is never listed as
-//! online. A failed beat is logged and retried on the next tick: the
-//! scheduler's staleness window covers a few misses.
+//! online. Like any worker's heartbeat, a beat that declares nothing new is
+//! soft state: taken in memory by the scheduler (its time persisted in a
+//! later batch), so a full disk or a slow store never makes the local
+//! worker stale. Only a registration or a change is stored durably first;
+//! such a beat that fails is logged and retried on the next tick.
 
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -133,7 +136,19 @@ impl HeartbeatThread {
 
 fn beat(config: &Config, draining: bool, store: &StoreHandle, scheduler: &SchedulerHandle) {
     let received = Instant::now();
-    match store.save_heartbeat(local_heartbeat(config, draining), now_ms(), None) {
+    let heartbeat = local_heartbeat(config, draining);
+    match scheduler.refresh(&heartbeat, received, now_ms()) {
+        Ok(Refresh::Done(_)) => {
+            crate::metrics::METRICS.workers.heartbeats.inc();
+            return;
+        }
+        Ok(Refresh::Unknown | Refresh::Changed) => {}
+        Err(e) => {
+            log::warn!("local heartbeat not taken by the scheduler: {e}");
+            return;
+        }
+    }
+    match store.save_heartbeat(heartbeat, now_ms(), None) {
         Ok(worker) => {
             crate::metrics::METRICS.workers.heartbeats.inc();
             if let Err(e) = scheduler.observe(worker, received) {

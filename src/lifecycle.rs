@@ -71,6 +71,9 @@ pub enum LifecycleError {
     Provider(String),
     /// A component (store, scheduler, executor, provider) did not answer.
     Unavailable(String),
+    /// The store's disk is full: nothing was committed (the message says
+    /// what, if anything, already happened outside the store).
+    StorageFull(String),
     Internal(String),
 }
 
@@ -82,6 +85,7 @@ impl std::fmt::Display for LifecycleError {
             | LifecycleError::Conflict(m)
             | LifecycleError::Provider(m)
             | LifecycleError::Unavailable(m)
+            | LifecycleError::StorageFull(m)
             | LifecycleError::Internal(m) => f.write_str(m),
             LifecycleError::Denied(a) => {
                 write!(
@@ -99,6 +103,7 @@ impl From<StoreError> for LifecycleError {
         match e {
             StoreError::Unavailable(_) => LifecycleError::Unavailable(e.to_string()),
             StoreError::Database(_) => LifecycleError::Internal(e.to_string()),
+            StoreError::Full(_) => LifecycleError::StorageFull(e.to_string()),
         }
     }
 }
@@ -146,6 +151,12 @@ pub struct Lifecycle {
     ids: SandboxIds,
     /// Highest lease generation this worker has seen per sandbox.
     fence: Mutex<HashMap<String, u64>>,
+    /// Destroys whose runtime is gone but whose final commit failed (the
+    /// disk was full, the store did not answer): id -> the sandbox as it
+    /// was. Retried by [`Lifecycle::finish_unfinished_destroys`]; hidden
+    /// from reads meanwhile, so no answer claims a runtime that is gone.
+    /// The durable `destroy_intents` row covers a restart.
+    unfinished: Mutex<HashMap<String, Sandbox>>,
 }
 
 impl Lifecycle {
@@ -164,6 +175,7 @@ impl Lifecycle {
             providers,
             ids: SandboxIds::new(),
             fence: Mutex::new(HashMap::new()),
+            unfinished: Mutex::new(HashMap::new()),
         }
     }
 
@@ -533,7 +545,26 @@ impl Lifecycle {
                 sandbox.provider
             ),
         }
-        let destroyed = finish_destroy(&self.store, &self.scheduler, &sandbox, &me)?;
+        let destroyed = match finish_destroy(&self.store, &self.scheduler, &sandbox, &me) {
+            Ok(destroyed) => destroyed,
+            Err(e @ (LifecycleError::StorageFull(_) | LifecycleError::Unavailable(_))) => {
+                self.unfinished
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.to_owned(), sandbox.clone());
+                log::warn!(
+                    "sandbox {id}: runtime destroyed, record not committed ({e}); finishing it when the store can commit"
+                );
+                let message = format!(
+                    "sandbox {id}: its runtime is destroyed, but the record could not be committed ({e}); it is finished as soon as the store can commit again"
+                );
+                return Err(match e {
+                    LifecycleError::StorageFull(_) => LifecycleError::StorageFull(message),
+                    _ => LifecycleError::Unavailable(message),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         self.forget_fence(id);
         log::info!("sandbox {id} destroyed");
         publish_lease("lease.released", &lease);
@@ -564,13 +595,62 @@ impl Lifecycle {
 
     pub fn get(&self, id: &str) -> Result<Sandbox, LifecycleError> {
         match self.store.get_sandbox(id)? {
-            Some(s) if s.state != SandboxState::Destroyed => Ok(s),
+            Some(s) if s.state != SandboxState::Destroyed && !self.is_unfinished(id) => Ok(s),
             _ => Err(LifecycleError::NotFound(format!("sandbox {id} not found"))),
         }
     }
 
     pub fn list(&self) -> Result<Vec<Sandbox>, LifecycleError> {
-        Ok(self.store.list_sandboxes()?)
+        let mut all = self.store.list_sandboxes()?;
+        let unfinished = self.unfinished.lock().unwrap_or_else(|e| e.into_inner());
+        if !unfinished.is_empty() {
+            all.retain(|s| !unfinished.contains_key(&s.id));
+        }
+        Ok(all)
+    }
+
+    fn is_unfinished(&self, id: &str) -> bool {
+        self.unfinished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+    }
+
+    /// Commits the destroys whose runtime went but whose record could not
+    /// be committed then; called on a short timer by the reaper (a no-op
+    /// when there are none). Returns how many were finished.
+    pub fn finish_unfinished_destroys(&self) -> usize {
+        let pending: Vec<Sandbox> = {
+            let unfinished = self.unfinished.lock().unwrap_or_else(|e| e.into_inner());
+            if unfinished.is_empty() {
+                return 0;
+            }
+            unfinished.values().cloned().collect()
+        };
+        let me = self.me();
+        let mut finished = 0;
+        for sandbox in pending {
+            let outcome = finish_destroy(&self.store, &self.scheduler, &sandbox, &me);
+            match &outcome {
+                Err(LifecycleError::StorageFull(_) | LifecycleError::Unavailable(_)) => continue,
+                Ok(_) => {
+                    finished += 1;
+                    log::info!("sandbox {} destroyed (record finished late)", sandbox.id);
+                    crate::events::publish(
+                        "sandbox",
+                        "sandbox.destroyed",
+                        || json!({"id": sandbox.id}),
+                    );
+                }
+                Err(e) => log::error!("finishing the destroy of {}: {e}", sandbox.id),
+            }
+            self.forget_fence(&sandbox.id);
+            self.unfinished
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&sandbox.id);
+        }
+        finished
     }
 
     /// Destroys every sandbox whose TTL passed. Returns how many.
@@ -680,13 +760,15 @@ impl Lifecycle {
         let me = self.me();
         let ttl = self.lease_ttl_ms();
         let timeout = self.live.get().sandboxes.provider_timeout;
-        let (mut kept, mut adopted, mut lost, mut reaped) = (0, 0, 0, 0);
+        let (mut kept, mut adopted, mut lost, mut reaped, mut destroyed) = (0, 0, 0, 0, 0);
         let reclaimed = self.store.reclaim_sandbox_leases(&me, ttl, now_ms())?;
         let conflicts: HashMap<String, String> = reclaimed.conflicts.into_iter().collect();
         for (id, holder) in &conflicts {
             log::warn!("reconcile: sandbox {id} is leased by {holder}; leaving it");
         }
         let records = reclaimed.live;
+        let intents: std::collections::HashSet<String> =
+            self.store.destroy_intents()?.into_iter().collect();
         let recorded: std::collections::HashSet<&str> =
             records.iter().map(|r| r.id.as_str()).collect();
         for provider in self.providers.all() {
@@ -708,6 +790,20 @@ impl Lifecycle {
                             adopted += 1;
                             log::info!(
                                 "reconcile: adopted the runtime of half-finished spawn {}",
+                                record.id
+                            );
+                        }
+                        Err(r) => log::warn!("reconcile: {}", refusal(&record.id, r)),
+                    }
+                } else if intents.contains(&record.id) {
+                    // A destroy got as far as the provider and not to its
+                    // commit (a crash, a full disk): finish it.
+                    match self.store.finish_destroy(&record.id, &me, now_ms())? {
+                        Ok(_) => {
+                            self.scheduler.sandbox_count(&me, &record.owner_id, -1)?;
+                            destroyed += 1;
+                            log::warn!(
+                                "reconcile: finished the interrupted destroy of {} (its runtime is gone)",
                                 record.id
                             );
                         }
@@ -749,7 +845,9 @@ impl Lifecycle {
                 }
             }
         }
-        log::info!("reconcile: {kept} kept, {adopted} adopted, {lost} lost, {reaped} reaped");
+        log::info!(
+            "reconcile: {kept} kept, {adopted} adopted, {lost} lost, {reaped} reaped, {destroyed} interrupted destroys finished"
+        );
         Ok((kept, adopted, lost, reaped))
     }
 }

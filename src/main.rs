@@ -34,9 +34,11 @@ enum Command {
     Version,
 }
 
-/// Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration.
+/// Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration,
+/// 3 no room on the database's filesystem at start (see stacyvmd(8)).
 const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 2;
+const EXIT_STORAGE_FULL: u8 = 3;
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<(Command, Overrides), String> {
     let mut overrides = Overrides::default();
@@ -166,8 +168,11 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             log::error!("{e}");
-            eprintln!("stacyvmd: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            ExitCode::from(if e.storage_full {
+                EXIT_STORAGE_FULL
+            } else {
+                EXIT_FAILURE
+            })
         }
     }
 }

@@ -174,6 +174,10 @@ pub struct StoreMetrics {
     pub commit_failures: Counter,
     pub checkpoints: Counter,
     pub checkpoint_finishes: Counter,
+    /// Times the store found the disk full (a commit failed for lack of space).
+    pub disk_full_events: Counter,
+    /// Rows removed by the retention purge.
+    pub purged_rows: Counter,
 }
 
 impl StoreMetrics {
@@ -250,6 +254,8 @@ impl Metrics {
                 commit_failures: Counter::default(),
                 checkpoints: Counter::default(),
                 checkpoint_finishes: Counter::default(),
+                disk_full_events: Counter::default(),
+                purged_rows: Counter::default(),
             },
             workers: WorkerMetrics {
                 heartbeats: Counter::default(),
@@ -632,6 +638,16 @@ pub fn render_prometheus(
             "stacyvmd_store_checkpoint_finishes_total",
             "Checkpoint passes finished by the store thread between commits, so that the WAL is reset.",
             &m.store.checkpoint_finishes,
+        ),
+        (
+            "stacyvmd_store_disk_full_total",
+            "Times a commit failed because the filesystem was full (the reserve is released each time).",
+            &m.store.disk_full_events,
+        ),
+        (
+            "stacyvmd_store_purged_rows_total",
+            "Rows removed by the retention purge (ended sandboxes, released leases, idempotency keys, audit rows).",
+            &m.store.purged_rows,
         ),
         (
             "stacyvmd_admin_events_dropped_total",

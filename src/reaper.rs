@@ -1,6 +1,8 @@
 //! The `reaper` thread: destroys sandboxes whose TTL passed (every
 //! `sandboxes.reap_interval`) and renews the leases of this worker's live
-//! sandboxes (every `leases.renew_interval`), both through `Lifecycle`.
+//! sandboxes (every `leases.renew_interval`), both through `Lifecycle`;
+//! every second it also finishes destroys whose record could not be
+//! committed when their runtime went (a full disk).
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -28,6 +30,7 @@ impl Reaper {
             .spawn(move || {
                 let _exit = on_exit.guard("reaper");
                 let (reap, renew) = (tick(reap_every), tick(renew_every));
+                let unfinished = tick(std::time::Duration::from_secs(1));
                 loop {
                     select! {
                         recv(stopped) -> _ => break,
@@ -37,6 +40,9 @@ impl Reaper {
                             Err(e) => log::warn!("reaping failed: {e}"),
                         },
                         recv(renew) -> _ => lifecycle.renew_leases(),
+                        recv(unfinished) -> _ => {
+                            lifecycle.finish_unfinished_destroys();
+                        }
                     }
                 }
             })?;

@@ -112,7 +112,11 @@ impl From<LifecycleError> for ProtoError {
             LifecycleError::NotFound(_) => ErrorCode::NotFound,
             LifecycleError::Conflict(_) => ErrorCode::Conflict,
             LifecycleError::Denied(_) => ErrorCode::ResourceLimit,
-            LifecycleError::Unavailable(_) => ErrorCode::Unavailable,
+            // The closed code set has no disk code: `unavailable` (retry
+            // later), with a message that starts with "storage full".
+            LifecycleError::Unavailable(_) | LifecycleError::StorageFull(_) => {
+                ErrorCode::Unavailable
+            }
             LifecycleError::Provider(_) | LifecycleError::Internal(_) => ErrorCode::Internal,
         };
         ProtoError::new(code, e.to_string())

@@ -63,6 +63,10 @@ impl ApiError {
     pub fn unavailable(m: impl Into<String>) -> ApiError {
         ApiError::new(503, "UNAVAILABLE", m)
     }
+    /// 507: the disk of the store is full; retry once space returns.
+    pub fn storage_full(m: impl Into<String>) -> ApiError {
+        ApiError::new(507, "STORAGE_FULL", m)
+    }
     pub fn internal(m: impl Into<String>) -> ApiError {
         ApiError::new(500, "INTERNAL_ERROR", m)
     }
@@ -81,6 +85,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Unavailable(_) => ApiError::unavailable(e.to_string()),
             StoreError::Database(_) => ApiError::internal(e.to_string()),
+            StoreError::Full(_) => ApiError::storage_full(e.to_string()),
         }
     }
 }
@@ -348,6 +353,7 @@ impl From<crate::lifecycle::LifecycleError> for ApiError {
             }
             L::Provider(m) | L::Internal(m) => ApiError::internal(m),
             L::Unavailable(m) => ApiError::unavailable(m),
+            L::StorageFull(m) => ApiError::storage_full(m),
         }
     }
 }

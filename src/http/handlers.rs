@@ -188,6 +188,9 @@ fn ready(ctx: &Ctx) -> Result<Reply, ApiError> {
     ctx.store
         .ping()
         .map_err(|e| ApiError::unavailable(format!("store: {e}")))?;
+    if let Some(why) = ctx.store.cannot_commit() {
+        return Err(ApiError::unavailable(format!("store: {why}")));
+    }
     let local = ctx.live.get().worker.id.clone();
     match ctx
         .scheduler

@@ -254,13 +254,17 @@ fn serve(ctx: &Ctx, mut request: tiny_http::Request) {
     let (reply, extra) = match result {
         Ok(reply) => (reply, None),
         Err(e) => {
-            if e.status >= 500 {
+            // A full disk fails every write alike; the store logs the
+            // change of state, not each answer.
+            if e.status == 507 {
+                log::debug!("{method} {url}: {} (request {request_id})", e.message);
+            } else if e.status >= 500 {
                 log::error!("{method} {url}: {} (request {request_id})", e.message);
             }
             let extra = e
                 .allow
                 .map(|allow| ("Allow", allow))
-                .or((e.status == 503).then_some(("Retry-After", "1")));
+                .or(matches!(e.status, 503 | 507).then_some(("Retry-After", "1")));
             (Reply::json(e.status, e.body()), extra)
         }
     };

@@ -24,6 +24,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_lean_audit",
         sql: include_str!("../../migrations/0003_lean_audit.sql"),
     },
+    Migration {
+        name: "0004_faults_retention",
+        sql: include_str!("../../migrations/0004_faults_retention.sql"),
+    },
 ];
 
 #[derive(Debug)]

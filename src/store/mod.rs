@@ -29,7 +29,9 @@
 //! `Unavailable` error at the caller, never an unbounded queue.
 
 pub mod migrate;
+mod retention;
 mod sandbox_statements;
+pub mod space;
 mod statements;
 
 use std::collections::{BTreeMap, HashMap};
@@ -39,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 use rusqlite::Connection;
 
 use crate::config::StoreConfig;
@@ -68,6 +70,10 @@ pub enum StoreError {
     Unavailable(String),
     /// SQLite refused the operation; nothing from it was committed.
     Database(String),
+    /// The filesystem holding the database is full: nothing from the
+    /// operation was committed, and the store retries by itself as soon as
+    /// space returns.
+    Full(String),
 }
 
 impl std::fmt::Display for StoreError {
@@ -75,13 +81,17 @@ impl std::fmt::Display for StoreError {
         match self {
             StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
             StoreError::Database(why) => write!(f, "store error: {why}"),
+            StoreError::Full(why) => write!(f, "storage full: {why}"),
         }
     }
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Database(e.to_string())
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full(e.to_string()),
+            _ => StoreError::Database(e.to_string()),
+        }
     }
 }
 
@@ -171,7 +181,8 @@ pub enum StoreRequest {
         now_ms: i64,
         reply: Sender<Outcome<Sandbox>>,
     },
-    /// Acquire (or renew) the sandbox lease for `holder` before a destroy.
+    /// Acquire (or renew) the sandbox lease for `holder` before a destroy,
+    /// and record the destroy's intent with it (see `DestroyIntents`).
     StartDestroy {
         id: String,
         holder: String,
@@ -205,6 +216,11 @@ pub enum StoreRequest {
     GetSandbox {
         id: String,
         reply: Sender<StoreResult<Option<Sandbox>>>,
+    },
+    /// Sandboxes whose destroy started and did not finish (nor fail and
+    /// give its lease back): their runtime may be gone.
+    DestroyIntents {
+        reply: Sender<StoreResult<Vec<String>>>,
     },
     /// The sandbox a previous spawn with this idempotency key created.
     FindIdempotent {
@@ -286,6 +302,17 @@ pub struct StoreHandle {
     inbox: Sender<StoreRequest>,
     path: PathBuf,
     tallies: Arc<Mutex<Tallies>>,
+    health: Arc<Health>,
+}
+
+/// What the store thread knows about its disk, read by readiness and
+/// diagnostics without a round trip.
+#[derive(Default)]
+pub struct Health {
+    /// The last commit failed for lack of space, and none has succeeded since.
+    full: AtomicBool,
+    /// The reserve file is in place.
+    reserve_held: AtomicBool,
 }
 
 impl StoreHandle {
@@ -446,6 +473,10 @@ impl StoreHandle {
             id: id.to_owned(),
             reply,
         })
+    }
+
+    pub fn destroy_intents(&self) -> StoreResult<Vec<String>> {
+        self.call(|reply| StoreRequest::DestroyIntents { reply })
     }
 
     pub fn find_idempotent(&self, key: &str) -> StoreResult<Option<Sandbox>> {
@@ -618,6 +649,23 @@ impl StoreHandle {
         &self.path
     }
 
+    /// Why the store cannot commit right now (`None`: it can, as far as it
+    /// knows): the disk is full. Readiness fails while this is `Some`.
+    pub fn cannot_commit(&self) -> Option<String> {
+        self.health.full.load(Ordering::SeqCst).then(|| {
+            format!(
+                "storage full: cannot commit to {} ({})",
+                self.path.display(),
+                space::describe_free(&self.path)
+            )
+        })
+    }
+
+    /// Whether the disk-full reserve file is in place.
+    pub fn reserve_held(&self) -> bool {
+        self.health.reserve_held.load(Ordering::SeqCst)
+    }
+
     /// Bytes in the WAL file right now (0 when it does not exist).
     pub fn wal_bytes(&self) -> u64 {
         std::fs::metadata(wal_path(&self.path))
@@ -732,6 +780,21 @@ impl Tallies {
         count
     }
 
+    /// Rows the retention purge removed.
+    fn purged(&mut self, leases: &[String], sandboxes: &[(SandboxState, String, String)]) {
+        for id in leases {
+            self.leases.remove(id);
+        }
+        if !leases.is_empty() {
+            self.lease_changes += 1;
+        }
+        for key in sandboxes {
+            if let Some(n) = self.sandboxes.get_mut(key) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+
     fn moved(&mut self, from: Option<&Sandbox>, to: &Sandbox) {
         if let Some(old) = from {
             if let Some(n) =
@@ -805,23 +868,87 @@ fn lock_database(db: &Path) -> Result<std::fs::File, String> {
     }
 }
 
+/// Why the store could not open.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The filesystem has no room for the reserve or the first writes.
+    Full(String),
+    Other(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Full(m) | OpenError::Other(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<String> for OpenError {
+    fn from(m: String) -> Self {
+        OpenError::Other(m)
+    }
+}
+
+/// The one message a start on a full disk gives: what, where, how much.
+pub fn full_at_start(path: &Path, what: &str, e: impl std::fmt::Display) -> String {
+    format!(
+        "storage full: {what} {}: {e} ({} on its filesystem); free some space and start again",
+        path.display(),
+        space::describe_free(path)
+    )
+}
+
 /// Opens (creating if needed) the database, applies migrations on the
 /// calling thread so that a failure stops startup before READY, then starts
-/// the store and checkpoint threads.
-pub fn open(config: &StoreConfig, on_exit: crate::daemon::ExitNotifier) -> Result<Store, String> {
+/// the store and checkpoint threads. The reserve file is made first: a
+/// filesystem without room for it fails here, clearly, before anything
+/// else is written.
+pub fn open(
+    config: &StoreConfig,
+    on_exit: crate::daemon::ExitNotifier,
+) -> Result<Store, OpenError> {
     if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
         create_private_dir(dir)
             .map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
     }
     let lock = lock_database(&config.path)?;
-    let mut conn = Connection::open(&config.path)
-        .map_err(|e| format!("cannot open {}: {e}", config.path.display()))?;
+    let mut reserve = space::Reserve::new(&config.path, config.reserve_bytes);
+    reserve.ensure().map_err(|e| {
+        let what = format!("cannot make the {}-byte reserve", config.reserve_bytes);
+        if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+            OpenError::Full(full_at_start(reserve.path(), &what, e))
+        } else {
+            OpenError::Other(format!("{what} {}: {e}", reserve.path().display()))
+        }
+    })?;
+    let sqlite_failed = |what: &str, e: rusqlite::Error| {
+        if space::is_full(&e, &config.path) {
+            OpenError::Full(full_at_start(&config.path, what, e))
+        } else {
+            OpenError::Other(format!("{what} {}: {e}", config.path.display()))
+        }
+    };
+    let mut conn = Connection::open(&config.path).map_err(|e| sqlite_failed("cannot open", e))?;
     configure_writer(&conn, config.wal_size_limit)
-        .map_err(|e| format!("cannot configure {}: {e}", config.path.display()))?;
-    migrate::migrate(&mut conn, crate::time::now_ms()).map_err(|e| e.to_string())?;
+        .map_err(|e| sqlite_failed("cannot configure", e))?;
+    migrate::migrate(&mut conn, crate::time::now_ms()).map_err(|e| match e {
+        migrate::MigrateError::Sqlite(e) => sqlite_failed("cannot migrate", e),
+        other => OpenError::Other(other.to_string()),
+    })?;
     let tallies = Arc::new(Mutex::new(
         load_tallies(&mut conn).map_err(|e| format!("cannot load tallies: {e}"))?,
     ));
+    let health = Arc::new(Health::default());
+    health.reserve_held.store(reserve.held(), Ordering::SeqCst);
+    let writer = Writer {
+        path: config.path.clone(),
+        reserve,
+        health: health.clone(),
+        retention: retention::Retention::new(config.retention),
+        next_recovery: Instant::now(),
+        last_logged: None,
+    };
 
     let (inbox, requests) = bounded(INBOX_CAPACITY);
     let max_batch = config.max_batch;
@@ -832,7 +959,14 @@ pub fn open(config: &StoreConfig, on_exit: crate::daemon::ExitNotifier) -> Resul
         .name("store".into())
         .spawn(move || {
             let _exit = on_exit.guard("store");
-            run(conn, requests, max_batch, &thread_tallies, &store_finish);
+            run(
+                conn,
+                writer,
+                requests,
+                max_batch,
+                &thread_tallies,
+                &store_finish,
+            );
         })
         .map_err(|e| format!("cannot start the store thread: {e}"))?;
     let checkpointer = Checkpointer::start(&config.path, config.checkpoint_interval, finish)?;
@@ -841,6 +975,7 @@ pub fn open(config: &StoreConfig, on_exit: crate::daemon::ExitNotifier) -> Resul
             inbox,
             path: config.path.clone(),
             tallies,
+            health,
         },
         thread,
         checkpointer,
@@ -883,27 +1018,210 @@ fn configure_writer(conn: &Connection, wal_size_limit: u64) -> rusqlite::Result<
     ))
 }
 
+/// How often the store thread tries to commit again while the disk is full
+/// (with nothing else to commit, a one-row probe).
+const RECOVERY_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The store thread's own state beside its connection: the disk and the
+/// duties it runs between batches.
+struct Writer {
+    path: PathBuf,
+    reserve: space::Reserve,
+    health: Arc<Health>,
+    retention: retention::Retention,
+    next_recovery: Instant,
+    /// When a disk-full change was last logged at warning level: a disk on
+    /// the brink flips between full and not many times a second.
+    last_logged: Option<Instant>,
+}
+
+/// How often a flipping disk-full state is logged above debug.
+const FULL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How a batch's COMMIT went.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Committed {
+    Yes,
+    /// Failed for lack of space.
+    Full,
+    Failed,
+}
+
+impl Writer {
+    fn full(&self) -> bool {
+        self.health.full.load(Ordering::SeqCst)
+    }
+
+    /// When the loop must wake up even with no request.
+    fn next_duty(&self) -> Instant {
+        if self.full() {
+            self.next_recovery
+        } else {
+            self.retention.next_run()
+        }
+    }
+
+    fn committed(&mut self, conn: &Connection, outcome: Committed) {
+        match outcome {
+            Committed::Yes if self.full() => self.space_returned("a commit"),
+            Committed::Full if !self.full() => self.disk_full(conn),
+            Committed::Yes | Committed::Full | Committed::Failed => {}
+        }
+    }
+
+    /// The first commit that failed for lack of space: say so once, give
+    /// the reserve back and let a checkpoint empty the WAL into it.
+    fn disk_full(&mut self, conn: &Connection) {
+        self.health.full.store(true, Ordering::SeqCst);
+        METRICS.store.disk_full_events.inc();
+        let released = self.reserve.release();
+        self.health.reserve_held.store(false, Ordering::SeqCst);
+        let level = self.log_level();
+        log::log!(
+            level,
+            "storage full: cannot commit to {} ({}); {}writes answer 507 STORAGE_FULL and /api/v1/ready 503 until space returns",
+            self.path.display(),
+            space::describe_free(&self.path),
+            if released {
+                format!("released the {}-byte reserve; ", self.reserve.bytes())
+            } else {
+                String::new()
+            }
+        );
+        truncate_wal(conn);
+        self.next_recovery = Instant::now() + RECOVERY_INTERVAL;
+    }
+
+    /// Error for the first change in [`FULL_LOG_INTERVAL`], debug after.
+    fn log_level(&mut self) -> log::Level {
+        let now = Instant::now();
+        match self.last_logged {
+            Some(at) if now.duration_since(at) < FULL_LOG_INTERVAL => log::Level::Debug,
+            _ => {
+                self.last_logged = Some(now);
+                log::Level::Error
+            }
+        }
+    }
+
+    fn space_returned(&mut self, what: &str) {
+        self.health.full.store(false, Ordering::SeqCst);
+        let level = match self.log_level() {
+            log::Level::Error => log::Level::Warn,
+            other => other,
+        };
+        log::log!(
+            level,
+            "storage: {what} succeeded again on {} ({}); writes resume",
+            self.path.display(),
+            space::describe_free(&self.path)
+        );
+    }
+
+    /// Work between batches: while full, try to commit again; otherwise
+    /// put the reserve back when there is room and run retention when due.
+    fn duties(&mut self, conn: &mut Connection, tallies: &Mutex<Tallies>) {
+        let now = Instant::now();
+        if self.full() {
+            if now >= self.next_recovery {
+                truncate_wal(conn);
+                if probe(conn).is_ok() {
+                    self.space_returned("a probe write");
+                }
+                self.next_recovery = Instant::now() + RECOVERY_INTERVAL;
+            }
+            return;
+        }
+        if now < self.retention.next_run() {
+            return;
+        }
+        self.restore_reserve();
+        let outcome = self.retention.run(conn, tallies);
+        if outcome == Committed::Full {
+            self.disk_full(conn);
+        }
+    }
+
+    /// Makes the reserve again once the filesystem has room for it twice
+    /// over (so that making it does not fill the disk by itself).
+    fn restore_reserve(&mut self) {
+        if self.reserve.held() {
+            return;
+        }
+        let room = space::free_bytes(&self.path).unwrap_or(0);
+        if room < self.reserve.bytes().saturating_mul(2) {
+            return;
+        }
+        match self.reserve.ensure() {
+            Ok(()) => {
+                self.health.reserve_held.store(true, Ordering::SeqCst);
+                log::info!(
+                    "storage: the {}-byte reserve {} is back in place",
+                    self.reserve.bytes(),
+                    self.reserve.path().display()
+                );
+            }
+            Err(e) => log::debug!("storage: reserve not restored yet: {e}"),
+        }
+    }
+}
+
+/// Copies the whole WAL into the database and truncates it to nothing,
+/// giving its space back (needs no reader in the way: only this thread
+/// reads through this connection, and the checkpoint thread only
+/// checkpoints).
+fn truncate_wal(conn: &Connection) {
+    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+    }) {
+        Ok((0, frames)) => log::info!("storage: WAL checkpointed and truncated ({frames} frames)"),
+        Ok((_, frames)) => log::debug!("storage: WAL truncate blocked ({frames} frames)"),
+        Err(e) => log::debug!("storage: WAL truncate failed: {e}"),
+    }
+}
+
+/// One tiny durable write: whether the store can commit at all.
+fn probe(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute(
+        "INSERT INTO store_meta (key, value) VALUES ('probe', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [crate::time::now_ms()],
+    )?;
+    tx.commit()
+}
+
 /// The store thread's loop. Returns when every handle is dropped.
 fn run(
     mut conn: Connection,
+    mut writer: Writer,
     requests: Receiver<StoreRequest>,
     max_batch: usize,
     tallies: &Mutex<Tallies>,
     finish_checkpoint: &AtomicBool,
 ) {
     let mut batch: Vec<StoreRequest> = Vec::with_capacity(max_batch);
-    while let Ok(first) = requests.recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match requests.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+    loop {
+        let wait = writer.next_duty().saturating_duration_since(Instant::now());
+        match requests.recv_timeout(wait) {
+            Ok(first) => {
+                batch.push(first);
+                while batch.len() < max_batch {
+                    match requests.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let outcome = commit_batch(&mut conn, &writer.path, &mut batch, tallies);
+                writer.committed(&conn, outcome);
+                if finish_checkpoint.swap(false, Ordering::Relaxed) && !writer.full() {
+                    checkpoint(&conn, Checkpoint::Finish);
+                }
             }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
         }
-        commit_batch(&mut conn, &mut batch, tallies);
-        if finish_checkpoint.swap(false, Ordering::Relaxed) {
-            checkpoint(&conn, Checkpoint::Finish);
-        }
+        writer.duties(&mut conn, tallies);
     }
     log::debug!("store thread: inbox closed, exiting");
 }
@@ -950,26 +1268,47 @@ fn defer<T: Send + 'static>(
     })
 }
 
-fn commit_batch(conn: &mut Connection, batch: &mut Vec<StoreRequest>, tallies: &Mutex<Tallies>) {
+fn commit_batch(
+    conn: &mut Connection,
+    path: &Path,
+    batch: &mut Vec<StoreRequest>,
+    tallies: &Mutex<Tallies>,
+) -> Committed {
     let started = Instant::now();
     let size = batch.len();
     let mut pending: Vec<Deferred> = Vec::with_capacity(size);
-    let outcome = (|| -> StoreResult<()> {
+    let outcome = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for request in batch.drain(..) {
             pending.push(apply(&tx, request));
         }
-        tx.commit()?;
-        Ok(())
+        tx.commit()
     })();
     let mut tallies = tallies.lock().unwrap_or_else(|e| e.into_inner());
     match outcome {
         Ok(()) => {
             METRICS.store.observe_commit(size, started.elapsed());
             pending.into_iter().for_each(|p| p(None, &mut tallies));
+            Committed::Yes
         }
         Err(error) => {
-            log::error!("store commit of {size} requests failed: {error}");
+            let full = space::is_full(&error, path);
+            let error = if full {
+                StoreError::Full(format!(
+                    "cannot commit to {} ({}): {error}",
+                    path.display(),
+                    space::describe_free(path)
+                ))
+            } else {
+                StoreError::from(error)
+            };
+            // Under a full disk every batch fails the same way: the first
+            // is logged by the caller's state change, the rest at debug.
+            if full {
+                log::debug!("store commit of {size} requests failed: {error}");
+            } else {
+                log::error!("store commit of {size} requests failed: {error}");
+            }
             METRICS.store.commit_failures.inc();
             // Requests not yet applied when the transaction failed to open
             // are still in `batch`; they get the same answer.
@@ -980,6 +1319,11 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<StoreRequest>, tallies: &
             pending
                 .into_iter()
                 .for_each(|p| p(Some(&error), &mut tallies));
+            if full {
+                Committed::Full
+            } else {
+                Committed::Failed
+            }
         }
     }
 }
@@ -1090,13 +1434,15 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             let (result, fx) = isolated(tx, |fx| {
                 if let Some(key) = &idempotency_key {
                     if let Some(existing) = sql::get_idempotent(tx, key)? {
-                        return match sql::get_sandbox(tx, &existing)? {
-                            Some(s) => Ok(Ok(SpawnStart::Replayed(s))),
-                            None => Ok(Err(SandboxRefusal::NotFound)),
-                        };
+                        match sql::get_sandbox(tx, &existing)? {
+                            Some(s) => return Ok(Ok(SpawnStart::Replayed(s))),
+                            // Its sandbox was purged by retention: the key
+                            // is spent, this spawn makes a new one.
+                            None => sql::forget_idempotent(tx, &existing)?,
+                        }
                     }
                 }
-                let current = sql::get_lease(tx, &sandbox.id)?;
+                let current = sql::lease_to_acquire(tx, &sandbox.id)?;
                 let lease = match leases::acquire(
                     current.as_ref(),
                     &sandbox.id,
@@ -1186,6 +1532,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
                     Err(e) => return Ok(Err(SandboxRefusal::Lease(e))),
                 };
                 sql::put_lease(tx, &lease)?;
+                sql::put_destroy_intent(tx, &id, now_ms)?;
                 fx.leases.push(lease.clone());
                 Ok(Ok((sandbox, lease)))
             });
@@ -1224,7 +1571,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
                 if !sandbox.state.is_live() {
                     return Ok(Err(SandboxRefusal::NotLive(sandbox.state)));
                 }
-                let current = sql::get_lease(tx, &id)?;
+                let current = sql::lease_to_acquire(tx, &id)?;
                 let ttl = lease_ttl_ms.max(expires_at_ms - now_ms);
                 let lease =
                     match leases::acquire(current.as_ref(), &id, "sandbox", &holder, ttl, now_ms) {
@@ -1241,6 +1588,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             defer(reply, result, fx)
         }
         StoreRequest::GetSandbox { id, reply } => defer(reply, sql::get_sandbox(tx, &id), none()),
+        StoreRequest::DestroyIntents { reply } => defer(reply, sql::destroy_intents(tx), none()),
         StoreRequest::FindIdempotent { key, reply } => {
             let found = sql::get_idempotent(tx, &key).and_then(|id| match id {
                 Some(id) => sql::get_sandbox(tx, &id),
@@ -1277,7 +1625,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             audit,
             reply,
         } => {
-            let (result, fx) = change_lease(tx, &resource_id, audit.as_ref(), |current| {
+            let (result, fx) = change_lease(tx, &resource_id, audit.as_ref(), true, |current| {
                 leases::acquire(
                     current,
                     &resource_id,
@@ -1297,7 +1645,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             audit,
             reply,
         } => {
-            let (result, fx) = change_lease(tx, &resource_id, audit.as_ref(), |current| {
+            let (result, fx) = change_lease(tx, &resource_id, audit.as_ref(), false, |current| {
                 leases::renew(current, &holder, ttl_ms, now_ms).map(|l| (l, ()))
             });
             defer(reply, result.map(|r| r.map(|(lease, ())| lease)), fx)
@@ -1309,9 +1657,14 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             audit,
             reply,
         } => {
-            let (result, fx) = change_lease(tx, &resource_id, audit.as_ref(), |current| {
+            let (result, fx) = change_lease(tx, &resource_id, audit.as_ref(), false, |current| {
                 leases::release(current, &holder, now_ms).map(|l| (l, ()))
             });
+            // Giving the lease back ends a destroy that did not happen.
+            let result = match result {
+                Ok(Ok(done)) => sql::forget_destroy_intent(tx, &resource_id).map(|()| Ok(done)),
+                other => other,
+            };
             defer(reply, result.map(|r| r.map(|(lease, ())| lease)), fx)
         }
         StoreRequest::GetLease { resource_id, reply } => {
@@ -1344,15 +1697,21 @@ type LeaseOutcome<T> = StoreResult<Result<T, LeaseError>>;
 
 /// Applies one lease rule to the stored lease of `resource_id`: on success
 /// the new lease (and `audit`, if any) is written in the request's
-/// savepoint; a refusal writes nothing.
+/// savepoint; a refusal writes nothing. An `acquiring` rule starts above
+/// the generation floor where no row exists.
 fn change_lease<T>(
     tx: &rusqlite::Transaction<'_>,
     resource_id: &str,
     audit: Option<&AuditEntry>,
+    acquiring: bool,
     rule: impl FnOnce(Option<&Lease>) -> Result<(Lease, T), LeaseError>,
 ) -> (LeaseOutcome<(Lease, T)>, Effects) {
     isolated(tx, |fx| {
-        let current = sandbox_statements::get_lease(tx, resource_id)?;
+        let current = if acquiring {
+            sandbox_statements::lease_to_acquire(tx, resource_id)?
+        } else {
+            sandbox_statements::get_lease(tx, resource_id)?
+        };
         match rule(current.as_ref()) {
             Ok((lease, extra)) => {
                 sandbox_statements::put_lease(tx, &lease)?;
@@ -1402,6 +1761,7 @@ fn end_sandbox(
             return Ok(Err(SandboxRefusal::NotFound));
         };
         release_if_held(tx, fx, id, holder, now_ms)?;
+        sql::forget_destroy_intent(tx, id)?;
         fx.sandboxes.push((Some(before), after.clone()));
         Ok(Ok(after))
     })
@@ -1445,6 +1805,7 @@ fn reply_only(request: StoreRequest, error: &StoreError) -> Deferred {
         StoreRequest::GetSandbox { reply, .. } | StoreRequest::FindIdempotent { reply, .. } => {
             fail(reply, error)
         }
+        StoreRequest::DestroyIntents { reply } => fail(reply, error),
         StoreRequest::ListSandboxes { reply } | StoreRequest::ListExpired { reply, .. } => {
             fail(reply, error)
         }
@@ -1522,6 +1883,9 @@ enum Checkpoint {
     Finish,
 }
 
+/// Whether the last checkpoint failed (its warning is not repeated).
+static CHECKPOINT_FAILING: AtomicBool = AtomicBool::new(false);
+
 /// Runs a PASSIVE checkpoint; returns the WAL's frames when it started and
 /// how many of them it left uncopied (None when it failed).
 fn checkpoint(conn: &Connection, kind: Checkpoint) -> Option<(i64, i64)> {
@@ -1530,6 +1894,9 @@ fn checkpoint(conn: &Connection, kind: Checkpoint) -> Option<(i64, i64)> {
         Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
     }) {
         Ok((log_frames, done)) => {
+            if CHECKPOINT_FAILING.swap(false, Ordering::Relaxed) {
+                log::info!("WAL checkpoints succeed again");
+            }
             match kind {
                 Checkpoint::Pass => METRICS.store.checkpoints.inc(),
                 Checkpoint::Finish => METRICS.store.checkpoint_finishes.inc(),
@@ -1543,7 +1910,10 @@ fn checkpoint(conn: &Connection, kind: Checkpoint) -> Option<(i64, i64)> {
             Some((log_frames, log_frames - done))
         }
         Err(e) => {
-            log::warn!("WAL checkpoint ({kind:?}) failed: {e}");
+            // Once per streak: under a full disk every pass fails alike.
+            if !CHECKPOINT_FAILING.swap(true, Ordering::Relaxed) {
+                log::warn!("WAL checkpoint ({kind:?}) failed: {e}");
+            }
             None
         }
     }
@@ -1606,6 +1976,8 @@ mod tests {
             checkpoint_interval: Duration::from_millis(50),
             wal_size_limit: 1 << 20,
             max_batch: 64,
+            reserve_bytes: 1 << 16,
+            retention: Duration::from_secs(7 * 86_400),
         }
     }
 

@@ -138,6 +138,31 @@ pub fn forget_idempotent(tx: &Transaction<'_>, sandbox_id: &str) -> StoreResult<
     Ok(())
 }
 
+/// A destroy is under way for `sandbox_id` (see migration 0004).
+pub fn put_destroy_intent(tx: &Transaction<'_>, sandbox_id: &str, now_ms: i64) -> StoreResult<()> {
+    tx.prepare_cached(
+        "INSERT INTO destroy_intents (sandbox_id, requested_at) VALUES (?1, ?2)
+         ON CONFLICT (sandbox_id) DO UPDATE SET requested_at = excluded.requested_at",
+    )?
+    .execute(params![sandbox_id, now_ms])?;
+    Ok(())
+}
+
+pub fn forget_destroy_intent(tx: &Transaction<'_>, sandbox_id: &str) -> StoreResult<()> {
+    tx.prepare_cached("DELETE FROM destroy_intents WHERE sandbox_id = ?1")?
+        .execute(params![sandbox_id])?;
+    Ok(())
+}
+
+pub fn destroy_intents(tx: &Transaction<'_>) -> StoreResult<Vec<String>> {
+    let mut stmt =
+        tx.prepare_cached("SELECT sandbox_id FROM destroy_intents ORDER BY sandbox_id")?;
+    let ids = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
+    Ok(ids)
+}
+
 pub fn put_idempotent(
     tx: &Transaction<'_>,
     key: &str,
@@ -160,6 +185,27 @@ pub fn get_lease(tx: &Transaction<'_>, resource_id: &str) -> StoreResult<Option<
     Ok(stmt
         .query_row(params![resource_id], lease_from_row)
         .optional()?)
+}
+
+/// The lease an acquire starts from: the stored one, or where no row
+/// exists but lease rows were purged, a released placeholder at the
+/// generation floor, so that the new lease's generation is above every
+/// purged one (see `retention`).
+pub fn lease_to_acquire(tx: &Transaction<'_>, resource_id: &str) -> StoreResult<Option<Lease>> {
+    if let Some(lease) = get_lease(tx, resource_id)? {
+        return Ok(Some(lease));
+    }
+    let floor = super::retention::generation_floor(tx)?;
+    Ok((floor > 0).then(|| Lease {
+        resource_id: resource_id.to_owned(),
+        resource_type: String::new(),
+        holder_id: String::new(),
+        generation: floor,
+        acquired_at_ms: 0,
+        renewed_at_ms: 0,
+        expires_at_ms: i64::MIN,
+        transitions: 0,
+    }))
 }
 
 pub fn put_lease(tx: &Transaction<'_>, l: &Lease) -> StoreResult<()> {
