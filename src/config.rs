@@ -12,7 +12,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::time::{format_duration, parse_duration};
+use crate::time::{format_duration, parse_duration, parse_duration_within};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
 use crate::workers::validate_worker_id;
 
 /// Flags given on the command line; they win over everything else.
@@ -118,6 +122,8 @@ pub struct SandboxConfig {
 pub struct LeaseConfig {
     pub ttl: Duration,
     pub renew_interval: Duration,
+    /// The longest `ttl` a request (REST or admin) may ask a lease for.
+    pub max_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -332,8 +338,16 @@ impl Config {
                 "idle_timeout",
                 "75s",
                 Duration::from_millis(100),
+                HOUR,
             ),
-            shutdown_timeout: r.duration(s, "server", "shutdown_timeout", "20s", Duration::ZERO),
+            shutdown_timeout: r.duration(
+                s,
+                "server",
+                "shutdown_timeout",
+                "20s",
+                Duration::ZERO,
+                HOUR,
+            ),
         };
 
         let st = r.section(table, "store");
@@ -369,6 +383,7 @@ impl Config {
                 "checkpoint_interval",
                 "1s",
                 Duration::from_millis(10),
+                HOUR,
             ),
             wal_size_limit: r.integer(st, "store", "wal_size_limit", 64 << 20, 0, 1 << 40) as u64,
             max_batch: r.integer(st, "store", "max_batch", 256, 1, 10_000) as usize,
@@ -409,9 +424,24 @@ impl Config {
                 "heartbeat_interval",
                 "5s",
                 Duration::from_millis(10),
+                HOUR,
             ),
-            stale_after: r.duration(w, "worker", "stale_after", "15s", Duration::from_millis(10)),
-            down_after: r.duration(w, "worker", "down_after", "60s", Duration::from_millis(10)),
+            stale_after: r.duration(
+                w,
+                "worker",
+                "stale_after",
+                "15s",
+                Duration::from_millis(10),
+                DAY,
+            ),
+            down_after: r.duration(
+                w,
+                "worker",
+                "down_after",
+                "60s",
+                Duration::from_millis(10),
+                7 * DAY,
+            ),
         };
         if worker.heartbeat_interval >= worker.stale_after {
             r.problem(
@@ -502,8 +532,16 @@ impl Config {
                 "default_ttl",
                 "30m",
                 Duration::from_secs(1),
+                365 * DAY,
             ),
-            max_ttl: r.duration(sb, "sandboxes", "max_ttl", "24h", Duration::from_secs(1)),
+            max_ttl: r.duration(
+                sb,
+                "sandboxes",
+                "max_ttl",
+                "24h",
+                Duration::from_secs(1),
+                365 * DAY,
+            ),
             max_sandboxes: r.integer(sb, "sandboxes", "max_sandboxes", 1000, 0, 10_000_000) as u32,
             max_per_owner: r.integer(sb, "sandboxes", "max_per_owner", 0, 0, 10_000_000) as u32,
             default_memory_mb: r.integer(sb, "sandboxes", "default_memory_mb", 512, 1, 1 << 24)
@@ -517,6 +555,7 @@ impl Config {
                 "provider_timeout",
                 "30s",
                 Duration::from_millis(10),
+                HOUR,
             ),
             reap_interval: r.duration(
                 sb,
@@ -524,6 +563,7 @@ impl Config {
                 "reap_interval",
                 "1s",
                 Duration::from_millis(10),
+                HOUR,
             ),
         };
         if sandboxes.default_ttl > sandboxes.max_ttl {
@@ -549,17 +589,42 @@ impl Config {
         }
 
         let le = r.section(table, "leases");
-        r.only_keys("leases", le, &["ttl", "renew_interval"]);
+        r.only_keys("leases", le, &["ttl", "renew_interval", "max_ttl"]);
         let leases = LeaseConfig {
-            ttl: r.duration(le, "leases", "ttl", "30s", Duration::from_millis(100)),
+            ttl: r.duration(
+                le,
+                "leases",
+                "ttl",
+                "30s",
+                Duration::from_millis(100),
+                365 * DAY,
+            ),
             renew_interval: r.duration(
                 le,
                 "leases",
                 "renew_interval",
                 "10s",
                 Duration::from_millis(10),
+                DAY,
+            ),
+            max_ttl: r.duration(
+                le,
+                "leases",
+                "max_ttl",
+                "24h",
+                Duration::from_secs(1),
+                365 * DAY,
             ),
         };
+        if leases.ttl > leases.max_ttl {
+            r.problem(
+                "leases.ttl",
+                format!(
+                    "must be at most leases.max_ttl ({})",
+                    format_duration(leases.max_ttl)
+                ),
+            );
+        }
         if leases.renew_interval >= leases.ttl {
             r.problem(
                 "leases.renew_interval",
@@ -622,7 +687,14 @@ impl Config {
         let providers = ProvidersConfig {
             default: default_provider,
             mock: MockConfig {
-                latency: r.duration(mk, "providers.mock", "latency", "0ms", Duration::ZERO),
+                latency: r.duration(
+                    mk,
+                    "providers.mock",
+                    "latency",
+                    "0ms",
+                    Duration::ZERO,
+                    MINUTE,
+                ),
                 failure_rate,
             },
             process,
@@ -688,6 +760,7 @@ impl Config {
                 "idle_timeout",
                 "5m",
                 Duration::from_millis(100),
+                DAY,
             ),
         };
 
@@ -728,13 +801,14 @@ impl Config {
         };
         merged.scheduler = new.scheduler.clone();
         let mut ignored = Vec::new();
-        let checks: [(&'static str, bool); 18] = [
+        let checks: [(&'static str, bool); 19] = [
             (
                 "sandboxes.reap_interval",
                 self.sandboxes.reap_interval != new.sandboxes.reap_interval,
             ),
             ("admin", self.admin != new.admin),
             ("leases.ttl", self.leases.ttl != new.leases.ttl),
+            ("leases.max_ttl", self.leases.max_ttl != new.leases.max_ttl),
             (
                 "leases.renew_interval",
                 self.leases.renew_interval != new.leases.renew_interval,
@@ -981,6 +1055,9 @@ impl Reader {
         }
     }
 
+    /// A duration key, through the one checked parser with this key's
+    /// bounds (`min..=max`).
+    #[allow(clippy::too_many_arguments)]
     fn duration(
         &mut self,
         t: &toml::Table,
@@ -988,18 +1065,12 @@ impl Reader {
         key: &str,
         default: &str,
         min: Duration,
+        max: Duration,
     ) -> Duration {
         let fallback = parse_duration(default).expect("built-in default durations parse");
         let text = self.string(t, section, key, default);
-        match parse_duration(&text) {
-            Ok(d) if d >= min => d,
-            Ok(_) => {
-                self.problem(
-                    &format!("{section}.{key}"),
-                    format!("must be at least {}", format_duration(min)),
-                );
-                fallback
-            }
+        match parse_duration_within(&text, min, max) {
+            Ok(d) => d,
             Err(e) => {
                 self.problem(&format!("{section}.{key}"), e);
                 fallback
@@ -1057,9 +1128,16 @@ impl Reader {
                 ),
             ),
         }
-        let exec_timeout = self.duration(t, S, "exec_timeout", "60s", Duration::from_millis(1));
-        let max_exec_timeout =
-            self.duration(t, S, "max_exec_timeout", "1h", Duration::from_millis(1));
+        let exec_timeout =
+            self.duration(t, S, "exec_timeout", "60s", Duration::from_millis(1), DAY);
+        let max_exec_timeout = self.duration(
+            t,
+            S,
+            "max_exec_timeout",
+            "1h",
+            Duration::from_millis(1),
+            DAY,
+        );
         if exec_timeout > max_exec_timeout {
             self.problem(
                 &format!("{S}.exec_timeout"),
