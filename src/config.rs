@@ -12,7 +12,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::time::{format_duration, parse_duration};
+use crate::time::{format_duration, parse_duration, parse_duration_within};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
 use crate::workers::validate_worker_id;
 
 /// Flags given on the command line; they win over everything else.
@@ -133,6 +137,8 @@ pub struct SandboxConfig {
 pub struct LeaseConfig {
     pub ttl: Duration,
     pub renew_interval: Duration,
+    /// The longest `ttl` a request (REST or admin) may ask a lease for.
+    pub max_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,6 +379,15 @@ impl Config {
                 "idle_timeout",
                 "75s",
                 Duration::from_millis(100),
+                HOUR,
+            ),
+            shutdown_timeout: r.duration(
+                s,
+                "server",
+                "shutdown_timeout",
+                "20s",
+                Duration::ZERO,
+                HOUR,
             ),
             header_timeout: r.duration(
                 s,
@@ -380,6 +395,7 @@ impl Config {
                 "header_timeout",
                 "10s",
                 Duration::from_millis(100),
+                HOUR,
             ),
             body_timeout: r.duration(
                 s,
@@ -387,9 +403,9 @@ impl Config {
                 "body_timeout",
                 "10s",
                 Duration::from_millis(100),
+                HOUR,
             ),
             min_body_rate: r.integer(s, "server", "min_body_rate", 8192, 1, 1 << 30) as u64,
-            shutdown_timeout: r.duration(s, "server", "shutdown_timeout", "20s", Duration::ZERO),
         };
 
         let st = r.section(table, "store");
@@ -427,11 +443,19 @@ impl Config {
                 "checkpoint_interval",
                 "1s",
                 Duration::from_millis(10),
+                HOUR,
             ),
             wal_size_limit: r.integer(st, "store", "wal_size_limit", 64 << 20, 0, 1 << 40) as u64,
             max_batch: r.integer(st, "store", "max_batch", 256, 1, 10_000) as usize,
             reserve_bytes: r.integer(st, "store", "reserve_bytes", 8 << 20, 0, 1 << 34) as u64,
-            retention: r.duration(st, "store", "retention", "7d", Duration::from_secs(1)),
+            retention: r.duration(
+                st,
+                "store",
+                "retention",
+                "7d",
+                Duration::from_secs(1),
+                3650 * DAY,
+            ),
         };
 
         let w = r.section(table, "worker");
@@ -469,9 +493,24 @@ impl Config {
                 "heartbeat_interval",
                 "5s",
                 Duration::from_millis(10),
+                HOUR,
             ),
-            stale_after: r.duration(w, "worker", "stale_after", "15s", Duration::from_millis(10)),
-            down_after: r.duration(w, "worker", "down_after", "60s", Duration::from_millis(10)),
+            stale_after: r.duration(
+                w,
+                "worker",
+                "stale_after",
+                "15s",
+                Duration::from_millis(10),
+                DAY,
+            ),
+            down_after: r.duration(
+                w,
+                "worker",
+                "down_after",
+                "60s",
+                Duration::from_millis(10),
+                7 * DAY,
+            ),
         };
         if worker.heartbeat_interval >= worker.stale_after {
             r.problem(
@@ -562,8 +601,16 @@ impl Config {
                 "default_ttl",
                 "30m",
                 Duration::from_secs(1),
+                365 * DAY,
             ),
-            max_ttl: r.duration(sb, "sandboxes", "max_ttl", "24h", Duration::from_secs(1)),
+            max_ttl: r.duration(
+                sb,
+                "sandboxes",
+                "max_ttl",
+                "24h",
+                Duration::from_secs(1),
+                365 * DAY,
+            ),
             max_sandboxes: r.integer(sb, "sandboxes", "max_sandboxes", 1000, 0, 10_000_000) as u32,
             max_per_owner: r.integer(sb, "sandboxes", "max_per_owner", 0, 0, 10_000_000) as u32,
             default_memory_mb: r.integer(sb, "sandboxes", "default_memory_mb", 512, 1, 1 << 24)
@@ -577,6 +624,7 @@ impl Config {
                 "provider_timeout",
                 "30s",
                 Duration::from_millis(10),
+                HOUR,
             ),
             reap_interval: r.duration(
                 sb,
@@ -584,6 +632,7 @@ impl Config {
                 "reap_interval",
                 "1s",
                 Duration::from_millis(10),
+                HOUR,
             ),
         };
         if sandboxes.default_ttl > sandboxes.max_ttl {
@@ -609,17 +658,42 @@ impl Config {
         }
 
         let le = r.section(table, "leases");
-        r.only_keys("leases", le, &["ttl", "renew_interval"]);
+        r.only_keys("leases", le, &["ttl", "renew_interval", "max_ttl"]);
         let leases = LeaseConfig {
-            ttl: r.duration(le, "leases", "ttl", "30s", Duration::from_millis(100)),
+            ttl: r.duration(
+                le,
+                "leases",
+                "ttl",
+                "30s",
+                Duration::from_millis(100),
+                365 * DAY,
+            ),
             renew_interval: r.duration(
                 le,
                 "leases",
                 "renew_interval",
                 "10s",
                 Duration::from_millis(10),
+                DAY,
+            ),
+            max_ttl: r.duration(
+                le,
+                "leases",
+                "max_ttl",
+                "24h",
+                Duration::from_secs(1),
+                365 * DAY,
             ),
         };
+        if leases.ttl > leases.max_ttl {
+            r.problem(
+                "leases.ttl",
+                format!(
+                    "must be at most leases.max_ttl ({})",
+                    format_duration(leases.max_ttl)
+                ),
+            );
+        }
         if leases.renew_interval >= leases.ttl {
             r.problem(
                 "leases.renew_interval",
@@ -682,7 +756,14 @@ impl Config {
         let providers = ProvidersConfig {
             default: default_provider,
             mock: MockConfig {
-                latency: r.duration(mk, "providers.mock", "latency", "0ms", Duration::ZERO),
+                latency: r.duration(
+                    mk,
+                    "providers.mock",
+                    "latency",
+                    "0ms",
+                    Duration::ZERO,
+                    MINUTE,
+                ),
                 failure_rate,
             },
             process,
@@ -748,6 +829,7 @@ impl Config {
                 "idle_timeout",
                 "5m",
                 Duration::from_millis(100),
+                DAY,
             ),
         };
 
@@ -792,13 +874,14 @@ impl Config {
         };
         merged.scheduler = new.scheduler.clone();
         let mut ignored = Vec::new();
-        let checks: [(&'static str, bool); 20] = [
+        let checks: [(&'static str, bool); 21] = [
             (
                 "sandboxes.reap_interval",
                 self.sandboxes.reap_interval != new.sandboxes.reap_interval,
             ),
             ("admin", self.admin != new.admin),
             ("leases.ttl", self.leases.ttl != new.leases.ttl),
+            ("leases.max_ttl", self.leases.max_ttl != new.leases.max_ttl),
             (
                 "leases.renew_interval",
                 self.leases.renew_interval != new.leases.renew_interval,
@@ -1053,6 +1136,9 @@ impl Reader {
         }
     }
 
+    /// A duration key, through the one checked parser with this key's
+    /// bounds (`min..=max`).
+    #[allow(clippy::too_many_arguments)]
     fn duration(
         &mut self,
         t: &toml::Table,
@@ -1060,18 +1146,12 @@ impl Reader {
         key: &str,
         default: &str,
         min: Duration,
+        max: Duration,
     ) -> Duration {
         let fallback = parse_duration(default).expect("built-in default durations parse");
         let text = self.string(t, section, key, default);
-        match parse_duration(&text) {
-            Ok(d) if d >= min => d,
-            Ok(_) => {
-                self.problem(
-                    &format!("{section}.{key}"),
-                    format!("must be at least {}", format_duration(min)),
-                );
-                fallback
-            }
+        match parse_duration_within(&text, min, max) {
+            Ok(d) => d,
             Err(e) => {
                 self.problem(&format!("{section}.{key}"), e);
                 fallback
@@ -1135,9 +1215,16 @@ impl Reader {
                 ),
             ),
         }
-        let exec_timeout = self.duration(t, S, "exec_timeout", "60s", Duration::from_millis(1));
-        let max_exec_timeout =
-            self.duration(t, S, "max_exec_timeout", "1h", Duration::from_millis(1));
+        let exec_timeout =
+            self.duration(t, S, "exec_timeout", "60s", Duration::from_millis(1), DAY);
+        let max_exec_timeout = self.duration(
+            t,
+            S,
+            "max_exec_timeout",
+            "1h",
+            Duration::from_millis(1),
+            DAY,
+        );
         if exec_timeout > max_exec_timeout {
             self.problem(
                 &format!("{S}.exec_timeout"),
@@ -1179,7 +1266,14 @@ impl Reader {
             disk_mb: self.integer(t, S, "disk_mb", 0, 0, 1 << 24) as u64,
             workspace_mb: self.integer(t, S, "workspace_mb", 1024, 1, 1 << 24) as u64,
             workspace_inodes: self.integer(t, S, "workspace_inodes", 65_536, 64, 1 << 32) as u64,
-            file_timeout: self.duration(t, S, "file_timeout", "30s", Duration::from_millis(100)),
+            file_timeout: self.duration(
+                t,
+                S,
+                "file_timeout",
+                "30s",
+                Duration::from_millis(100),
+                HOUR,
+            ),
             max_ops_per_sandbox: self.integer(t, S, "max_ops_per_sandbox", 8, 1, 1 << 16) as usize,
             proc,
         }

@@ -159,14 +159,50 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// The longest duration any field accepts (10 years). Every epoch-ms sum
+/// `now + duration` then stays far inside `i64` and inside the four-digit
+/// years RFC 3339 renders; fields have their own, smaller bounds.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
 /// Parses a duration string such as `500ms`, `90s`, `30m`, `1h30m`, `2d`.
-/// A bare number is refused: the unit is part of the value.
+/// A bare number is refused: the unit is part of the value. Anything over
+/// [`MAX_DURATION`] is refused, never wrapped or saturated. Edges do not call
+/// this directly: they call [`parse_duration_within`] with their field's
+/// bounds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    parse_duration_within(text, Duration::ZERO, MAX_DURATION)
+}
+
+/// The one checked parser of every duration on every edge (REST bodies,
+/// admin envelopes, the config file): `text` must parse and lie within
+/// `min..=max` (`max` is capped at [`MAX_DURATION`]). The message says which
+/// bound was crossed, so callers only prefix the field's name.
+pub fn parse_duration_within(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let max = max.min(MAX_DURATION);
+    // `None`: beyond even u128 milliseconds; over every bound all the same.
+    let ms = match duration_millis(text)? {
+        Some(ms) if ms <= max.as_millis() => ms,
+        _ => return Err(format!("must be at most {}", format_duration(max))),
+    };
+    if ms < min.as_millis() {
+        return Err(if min <= Duration::from_millis(1) {
+            "must be a positive duration".to_owned()
+        } else {
+            format!("must be at least {}", format_duration(min))
+        });
+    }
+    // At most MAX_DURATION, so it fits.
+    Ok(Duration::from_millis(ms as u64))
+}
+
+/// The milliseconds `text` spells, in u128 so that no sum wraps; `None`
+/// when even that overflows.
+fn duration_millis(text: &str) -> Result<Option<u128>, String> {
     let text = text.trim();
     if text.is_empty() {
         return Err("empty duration".into());
     }
-    let mut total = Duration::ZERO;
+    let mut total: Option<u128> = Some(0);
     let mut rest = text;
     while !rest.is_empty() {
         let digits = rest
@@ -175,21 +211,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         if digits == 0 {
             return Err(format!("invalid duration {text:?}: expected a number"));
         }
-        let value: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("invalid duration {text:?}: number too large"))?;
+        let value: Option<u128> = rest[..digits].parse().ok();
         rest = &rest[digits..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
-        let part = match unit {
-            "ms" => Duration::from_millis(value),
-            "s" => Duration::from_secs(value),
-            "m" => Duration::from_secs(value.saturating_mul(60)),
-            "h" => Duration::from_secs(value.saturating_mul(3600)),
-            "d" => Duration::from_secs(value.saturating_mul(86_400)),
+        let millis_per_unit: u128 = match unit {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
             "" => {
                 return Err(format!(
                     "invalid duration {text:?}: missing unit (ms, s, m, h, d)"
@@ -198,10 +232,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             other => return Err(format!("invalid duration {text:?}: unknown unit {other:?}")),
         };
         total = total
-            .checked_add(part)
-            .ok_or_else(|| format!("invalid duration {text:?}: too large"))?;
+            .zip(value)
+            .and_then(|(t, v)| t.checked_add(v.checked_mul(millis_per_unit)?));
     }
     Ok(total)
+}
+
+/// Milliseconds of a duration that came through [`parse_duration`] or a
+/// bounded config value; saturates instead of wrapping for anything else.
+pub fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Renders a duration the way `parse_duration` reads it back.
@@ -275,14 +315,50 @@ mod tests {
                 "{text}"
             );
         }
-        for bad in ["", "10", "s", "5x", "-5s", "1.5s", "99999999999999999999s"] {
+        for bad in [
+            "",
+            "10",
+            "s",
+            "5x",
+            "-5s",
+            "1.5s",
+            "99999999999999999999s",
+            "18446744073709552s",
+            "106751991167d",
+            "3651d",
+            "3650d1ms",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
         }
+        assert_eq!(parse_duration("3650d").unwrap(), MAX_DURATION);
+    }
+
+    #[test]
+    fn bounded_durations() {
+        let (min, max) = (Duration::from_millis(1), Duration::from_secs(86_400));
+        assert_eq!(
+            parse_duration_within("24h", min, max),
+            Ok(Duration::from_secs(86_400))
+        );
+        assert_eq!(
+            parse_duration_within("24h1ms", min, max).unwrap_err(),
+            "must be at most 24h"
+        );
+        assert_eq!(
+            parse_duration_within("0s", min, max).unwrap_err(),
+            "must be a positive duration"
+        );
+        assert_eq!(
+            parse_duration_within("50ms", Duration::from_millis(100), max).unwrap_err(),
+            "must be at least 100ms"
+        );
     }
 
     #[test]
     fn format_round_trips() {
-        for ms in [0u64, 250, 1000, 61_000, 5_400_000, 90_250] {
+        for ms in [
+            0u64, 250, 1000, 61_000, 5_400_000, 90_250, 86_400_000, 90_061_000,
+        ] {
             let d = Duration::from_millis(ms);
             assert_eq!(parse_duration(&format_duration(d)).unwrap(), d);
         }

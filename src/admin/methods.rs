@@ -12,7 +12,7 @@ use super::{AdminCtx, Peer, Subscriber, Writer};
 use crate::http::api::{LeaseJson, SandboxJson, WorkerJson, parse_heartbeat, parse_spawn};
 use crate::lifecycle::LifecycleError;
 use crate::store::{AuditEntry, LeaseOp};
-use crate::time::{now_ms, parse_duration};
+use crate::time::{MAX_DURATION, now_ms, parse_duration_within};
 use crate::workerproto::{self, Claims, Envelope, ErrorCode, Method, ProtoError};
 use crate::workers::{WorkerStatus, validate_worker_id};
 
@@ -179,16 +179,15 @@ impl<'a> Params<'a> {
         }
     }
 
-    fn duration_ms(&self, key: &str) -> Result<Option<i64>, ProtoError> {
+    /// A positive duration of at most `max`, through the one checked
+    /// parser (never truncated: the old `as_millis() as i64` turned
+    /// `18446744073709552s` into 384 ms).
+    fn duration_ms(&self, key: &str, max: Duration) -> Result<Option<i64>, ProtoError> {
         match self.str(key)? {
             None => Ok(None),
-            Some(text) => {
-                let d = parse_duration(text).map_err(|e| invalid(format!("param `{key}`: {e}")))?;
-                let ms = Some(d.as_millis() as i64)
-                    .filter(|ms| *ms > 0)
-                    .ok_or_else(|| invalid(format!("param `{key}` must be positive")))?;
-                Ok(Some(ms))
-            }
+            Some(text) => parse_duration_within(text, Duration::from_millis(1), max)
+                .map(|d| Some(crate::time::millis(d)))
+                .map_err(|e| invalid(format!("param `{key}`: {e}"))),
         }
     }
 }
@@ -243,7 +242,8 @@ fn run(
         };
         workerproto::check_lease(e.method, e.lease.as_ref(), &me, highest, now)?;
     }
-    let lease_ttl = config.leases.ttl.as_millis() as i64;
+    let lease_ttl = crate::time::millis(config.leases.ttl);
+    let max_lease_ttl = config.leases.max_ttl;
     match e.method {
         Method::WorkerHeartbeat => {
             let params = Value::Object(e.params.clone()).to_string();
@@ -309,7 +309,7 @@ fn run(
         Method::WorkerRenewLease => {
             let lease = e.lease.as_ref().expect("checked above");
             let ttl = Params::only(&e.params, &["ttl"])?
-                .duration_ms("ttl")?
+                .duration_ms("ttl", max_lease_ttl)?
                 .unwrap_or(lease_ttl);
             let renewed = ctx.store.renew_lease(&lease.resource_id, &me, ttl, now)??;
             Ok(to_value(&LeaseJson::new(&renewed, now)).into())
@@ -426,7 +426,7 @@ fn run(
             let holder = p.required("holder_id")?;
             validate_worker_id(holder)
                 .map_err(|err| invalid(format!("param `holder_id`: {err}")))?;
-            let ttl = p.duration_ms("ttl")?.unwrap_or(lease_ttl);
+            let ttl = p.duration_ms("ttl", max_lease_ttl)?.unwrap_or(lease_ttl);
             let op = match e.method {
                 Method::LeaseAcquire => LeaseOp::Acquire {
                     resource_type: p.str("resource_type")?.unwrap_or("sandbox").to_owned(),
@@ -482,7 +482,9 @@ fn run(
                 ..Default::default()
             };
             req.owner_id = p.str("owner_id")?.unwrap_or("").to_owned();
-            req.ttl_ms = p.duration_ms("ttl")?;
+            // As for a spawn: over `sandboxes.max_ttl` is an admission
+            // answer, not a parse error.
+            req.ttl_ms = p.duration_ms("ttl", MAX_DURATION)?;
             let spec = ctx.lifecycle.resolve(&req)?;
             let admission = ctx.lifecycle.admission(&req)?;
             let per_worker: Vec<Value> = ctx
@@ -608,12 +610,19 @@ fn sources(ctx: &AdminCtx) -> crate::diagnostics::Sources<'_> {
     }
 }
 
+/// The longest `worker.shutdown` deadline accepted.
+const MAX_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(3600);
+
 /// `worker.shutdown`: drain now (no new placements here), wait for spawns in
 /// flight up to the deadline, then stop the daemon (`mode` "stop", the
 /// default) or leave it running drained (`mode` "drain").
 fn shutdown(ctx: &Arc<AdminCtx>, e: &Envelope, me: &str) -> Result<Value, ProtoError> {
     let p = Params::only(&e.params, &["deadline", "mode"])?;
-    let deadline = Duration::from_millis(p.duration_ms("deadline")?.unwrap_or(10_000) as u64);
+    let deadline = p
+        .duration_ms("deadline", MAX_SHUTDOWN_DEADLINE)?
+        .map_or(Duration::from_secs(10), |ms| {
+            Duration::from_millis(ms as u64)
+        });
     let stop = match p.str("mode")?.unwrap_or("stop") {
         "stop" => true,
         "drain" => false,

@@ -2,12 +2,14 @@
 //! status and code, the wire shapes of responses, and request-body parsing
 //! with messages that name the offending field.
 
+use std::time::Duration;
+
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::scheduler::{SchedulerError, WorkerRef, WorkerView};
 use crate::store::StoreError;
-use crate::time::Rfc3339;
+use crate::time::{MAX_DURATION, Rfc3339};
 use crate::workers::{Capacity, Heartbeat, MAX_LIST_ITEMS, WorkerStatus, validate_name};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -433,16 +435,12 @@ fn object(body: &[u8]) -> Result<Option<serde_json::Map<String, Value>>, ApiErro
     }
 }
 
-fn duration_field(field: &str, value: &Value) -> Result<i64, ApiError> {
+/// A positive duration of at most `max`, in milliseconds.
+pub fn duration_field(field: &str, value: &Value, max: Duration) -> Result<i64, ApiError> {
     let text = string_field(field, value)?;
-    let d = crate::time::parse_duration(text)
-        .map_err(|e| ApiError::bad_request(format!("field `{field}`: {e}")))?;
-    i64::try_from(d.as_millis())
-        .ok()
-        .filter(|ms| *ms > 0)
-        .ok_or_else(|| {
-            ApiError::bad_request(format!("field `{field}` must be a positive duration"))
-        })
+    crate::time::parse_duration_within(text, Duration::from_millis(1), max)
+        .map(crate::time::millis)
+        .map_err(|e| ApiError::bad_request(format!("field `{field}`: {e}")))
 }
 
 fn count_field(field: &str, value: &Value) -> Result<u64, ApiError> {
@@ -467,7 +465,10 @@ pub fn parse_spawn(body: &[u8]) -> Result<crate::lifecycle::SpawnRequest, ApiErr
             "provider" => req.provider = Some(string_field("provider", value)?.to_owned()),
             "memory_mb" => req.memory_mb = Some(count_field("memory_mb", value)?),
             "vcpus" => req.vcpus = Some(count_field("vcpus", value)?),
-            "ttl" => req.ttl_ms = Some(duration_field("ttl", value)?),
+            // Over `sandboxes.max_ttl` is an admission denial (429
+            // `max_ttl`, as StacyVM answers); the parser's ceiling only
+            // keeps the arithmetic sound.
+            "ttl" => req.ttl_ms = Some(duration_field("ttl", value, MAX_DURATION)?),
             "owner_id" => req.owner_id = string_field("owner_id", value)?.to_owned(),
             "metadata" => {
                 let map = value.as_object().ok_or_else(|| {
@@ -507,13 +508,13 @@ pub fn parse_spawn(body: &[u8]) -> Result<crate::lifecycle::SpawnRequest, ApiErr
     Ok(req)
 }
 
-/// `{"ttl":"30m"}` for extend.
-pub fn parse_ttl(body: &[u8]) -> Result<i64, ApiError> {
+/// `{"ttl":"30m"}` for extend; at most `max` (`sandboxes.max_ttl`).
+pub fn parse_ttl(body: &[u8], max: Duration) -> Result<i64, ApiError> {
     let fields = object(body)?.ok_or_else(|| ApiError::bad_request("field `ttl` is required"))?;
     let mut ttl = None;
     for (key, value) in &fields {
         match key.as_str() {
-            "ttl" => ttl = Some(duration_field("ttl", value)?),
+            "ttl" => ttl = Some(duration_field("ttl", value, max)?),
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown field `{other}` (expected ttl)"
@@ -532,7 +533,8 @@ pub struct LeaseBody {
     pub resource_type: String,
 }
 
-pub fn parse_lease_body(body: &[u8]) -> Result<LeaseBody, ApiError> {
+/// `max_ttl` is `leases.max_ttl`.
+pub fn parse_lease_body(body: &[u8], max_ttl: Duration) -> Result<LeaseBody, ApiError> {
     let fields =
         object(body)?.ok_or_else(|| ApiError::bad_request("field `holder_id` is required"))?;
     let mut out = LeaseBody {
@@ -543,7 +545,7 @@ pub fn parse_lease_body(body: &[u8]) -> Result<LeaseBody, ApiError> {
     for (key, value) in &fields {
         match key.as_str() {
             "holder_id" => out.holder_id = string_field("holder_id", value)?.to_owned(),
-            "ttl" => out.ttl_ms = Some(duration_field("ttl", value)?),
+            "ttl" => out.ttl_ms = Some(duration_field("ttl", value, max_ttl)?),
             "resource_type" => out.resource_type = string_field("resource_type", value)?.to_owned(),
             other => {
                 return Err(ApiError::bad_request(format!(

@@ -120,8 +120,14 @@ pub fn parse_exec(body: &[u8]) -> Result<ExecRequest, ApiError> {
                 let text = string("timeout", value)?;
                 if !text.is_empty() {
                     req.timeout = Some(
-                        crate::time::parse_duration(text)
-                            .map_err(|e| ApiError::bad_request(format!("field `timeout`: {e}")))?,
+                        // `sandbox_io` checks it against
+                        // `max_exec_timeout`, which it knows.
+                        crate::time::parse_duration_within(
+                            text,
+                            std::time::Duration::ZERO,
+                            crate::time::MAX_DURATION,
+                        )
+                        .map_err(|e| ApiError::bad_request(format!("field `timeout`: {e}")))?,
                     );
                 }
             }

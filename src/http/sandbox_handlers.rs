@@ -107,7 +107,7 @@ pub fn prune(ctx: &Ctx) -> Result<Reply, ApiError> {
 }
 
 pub fn extend(ctx: &Ctx, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
-    let ttl_ms = parse_ttl(body)?;
+    let ttl_ms = parse_ttl(body, ctx.live.get().sandboxes.max_ttl)?;
     let sandbox = ctx.lifecycle.extend(id, ttl_ms)?;
     Ok(Reply::json(200, to_json(&SandboxJson::from(&sandbox))))
 }
@@ -153,11 +153,10 @@ pub fn lease_action(
     if id.is_empty() || id.len() > 255 || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(ApiError::bad_request("invalid resource id"));
     }
-    let b = parse_lease_body(body)?;
+    let leases = &ctx.live.get().leases;
+    let b = parse_lease_body(body, leases.max_ttl)?;
     let now = now_ms();
-    let ttl = b
-        .ttl_ms
-        .unwrap_or(ctx.live.get().leases.ttl.as_millis() as i64);
+    let ttl = b.ttl_ms.unwrap_or(crate::time::millis(leases.ttl));
     let (op, action) = match verb {
         LeaseVerb::Acquire => (
             LeaseOp::Acquire {
