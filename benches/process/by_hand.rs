@@ -71,7 +71,12 @@ fn daemon_namespaces() -> Vec<&'static str> {
 fn make_state(state: &Path) -> Result<(), String> {
     let io = |what: &str, r: std::io::Result<()>| r.map_err(|e| format!("{what}: {e}"));
     io("creating the state dir", fs::create_dir(state))?;
-    for (sub, mode) in [("workspace", 0o755), ("tmp", 0o1777), ("rootfs", 0o755)] {
+    for (sub, mode) in [
+        ("workspace", 0o755),
+        ("tmp", 0o1777),
+        ("rootfs", 0o755),
+        ("disk", 0o755),
+    ] {
         let dir = state.join(sub);
         io("creating a state subdir", fs::create_dir(&dir))?;
         io(
@@ -142,17 +147,43 @@ fn init_direct(binary: &Path, state: &Path, log: &Path, n: usize) -> Result<Dura
         .arg("--state")
         .arg(state)
         .args(["--image", IMAGE, "--hostname", &format!("by-hand-{n}")])
+        .args([
+            "--owner",
+            "1999999999",
+            "--tmpfs-mb",
+            "1024",
+            "--tmpfs-inodes",
+            "65536",
+        ])
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(log_file(log)?)
         .spawn()
         .map_err(|e| format!("starting setsid/unshare: {e}"))?;
     let stdout = launcher.stdout.take().ok_or("stdout is not piped")?;
+    let mut go = launcher.stdin.take().ok_or("stdin is not piped")?;
     let _ = launcher.wait();
+    let mut stdout = BufReader::new(stdout);
     let mut line = String::new();
-    let _ = BufReader::new(stdout).read_line(&mut line);
+    let _ = stdout.read_line(&mut line);
+    // As the daemon does: the init asks for its user namespace's id maps.
+    if line.trim_end() == "userns" {
+        use std::io::Write;
+        let pid = fs::read_to_string(state.join("init.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|v| v["pid"].as_i64())
+            .ok_or("no init.json")?;
+        for file in ["uid_map", "gid_map"] {
+            fs::write(format!("/proc/{pid}/{file}"), "0 1999999999 1\n")
+                .map_err(|e| format!("writing {file}: {e}"))?;
+        }
+        go.write_all(b"go\n").map_err(|e| format!("go: {e}"))?;
+        line.clear();
+        let _ = stdout.read_line(&mut line);
+    }
     let elapsed = started.elapsed();
     // init.json is written before the root is built: kill the init (and its
     // namespace) whether or not it got as far as ready.
