@@ -356,9 +356,7 @@ fn run_exec(
     };
     let started = Instant::now();
     let deadline = started + timeout;
-    let mut child = p
-        .helper(sandbox_id, action, Stdio::piped(), Stdio::piped())?
-        .child;
+    let mut child = p.helper(sandbox_id, action, Stdio::piped(), Stdio::piped())?;
     // The spec was all it had to read.
     drop(child.stdin.take());
     let result = drive(&mut child, deadline, config.exec_output_bytes, &mut sink);
@@ -525,13 +523,24 @@ fn fs_helper(
     op: FsOp,
     stdin: bool,
 ) -> Result<Child, OpError> {
-    let mut child = p
-        .helper(sandbox_id, Action::Fs(op), Stdio::piped(), Stdio::piped())?
-        .child;
+    let mut child = p.helper(sandbox_id, Action::Fs(op), Stdio::piped(), Stdio::piped())?;
     if !stdin {
         drop(child.stdin.take());
     }
     Ok(child)
+}
+
+/// The 408 of a file helper that made no progress for `idle` (and was
+/// killed).
+fn stalled(what: &str, idle: Duration) -> OpError {
+    OpError::new(
+        408,
+        "TIMEOUT",
+        format!(
+            "the file helper {what} within {}; it was killed",
+            crate::time::format_duration(idle)
+        ),
+    )
 }
 
 /// Copies `input` into the helper's stdin; a helper that reads nothing for
@@ -562,14 +571,7 @@ fn feed(
                     match rustix::event::poll(&mut fds, Some(&poll_timeout(idle))) {
                         Ok(0) => {
                             let _ = child.kill();
-                            return Err(OpError::new(
-                                408,
-                                "TIMEOUT",
-                                format!(
-                                    "the file helper took nothing for {}; it was killed",
-                                    crate::time::format_duration(idle)
-                                ),
-                            ));
+                            return Err(stalled("took no content", idle));
                         }
                         Ok(_) | Err(rustix::io::Errno::INTR) => {}
                         Err(e) => return Err(OpError::internal(format!("poll: {e}"))),
@@ -670,14 +672,7 @@ fn run_file_op(
         .map_err(|e| OpError::internal(format!("waiting for the file helper: {e}")))?;
     let outcome = outcome?;
     if outcome.timed_out {
-        return Err(OpError::new(
-            408,
-            "TIMEOUT",
-            format!(
-                "the file operation did not finish within {}; its helper was killed",
-                crate::time::format_duration(idle)
-            ),
-        ));
+        return Err(stalled("did not finish", idle));
     }
     if !status.success() {
         return Err(helper_error(&outcome.stderr.bytes));
@@ -731,14 +726,7 @@ fn open_file(p: &ProcessProvider, sandbox_id: &str, path: &str) -> Result<FileRe
     if !matches!(rustix::event::poll(&mut fds, Some(&poll_timeout(idle))), Ok(n) if n > 0) {
         let _ = child.kill();
         let _ = child.wait();
-        return Err(OpError::new(
-            408,
-            "TIMEOUT",
-            format!(
-                "the file helper did not answer within {}; it was killed",
-                crate::time::format_duration(idle)
-            ),
-        ));
+        return Err(stalled("did not answer", idle));
     }
     let mut reader = BufReader::new(stdout);
     // One bounded header line: a misbehaving helper cannot make the daemon

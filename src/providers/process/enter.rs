@@ -1,19 +1,21 @@
-//! `stacyvmd sandbox-enter <json>`: a short-lived helper that joins a
-//! running sandbox and does one thing there, as the sandbox's own user
-//! under the sandbox's limits: run a command, or one file operation.
+//! `stacyvmd sandbox-enter`: a short-lived helper that joins a running
+//! sandbox and does one thing there, as the sandbox's root under the
+//! sandbox's limits: run a command, or one file operation. Its spec comes
+//! on stdin ([`encode_spec`]); its environment is empty.
 //!
 //! The daemon never joins a sandbox itself (setns needs a single-threaded
 //! process, and the daemon's credentials must not touch sandbox paths).
-//! The helper: opens a pidfd on the sandbox's init and checks its start
-//! time (so a reused pid is never entered), joins the sandbox's cgroup when
-//! there is one, sets its rlimits, enters all of the init's namespaces at
-//! once (which also puts it at the sandbox's root), and then either spawns
-//! the command as the sandbox's uid on the sandbox's CPUs (exec; the helper
-//! itself stays on all CPUs, so a busy sandbox cannot starve it of the
-//! turns it needs to stop the command) or pins itself, drops to that uid
-//! and does the file operation itself (files). Paths are
-//! therefore resolved exactly as the sandbox sees them: a symlink cannot
-//! lead out of the sandbox's root, and permissions are the sandbox user's.
+//! The helper: marks inherited fds close-on-exec, opens a pidfd on the
+//! sandbox's init and checks its start time (so a reused pid is never
+//! entered), joins the sandbox's cgroup when there is one, sets its
+//! rlimits, enters the init's namespaces (see [`enter`] for the order),
+//! becomes the sandbox's root, and then either spawns the command, which
+//! pins itself to the sandbox's CPUs and drops every privilege before its
+//! `execve` ([`confine::confine_command`]; the helper itself stays on all
+//! CPUs, so a busy sandbox cannot starve it of the turns it needs to stop
+//! the command), or pins and confines itself and does the file operation
+//! (files). Paths are therefore resolved exactly as the sandbox sees them:
+//! a symlink cannot lead out of the sandbox's root.
 //!
 //! Exec: the helper's process group is the daemon's handle on the command;
 //! its exit code is the command's (128 + signal when killed). Files: see

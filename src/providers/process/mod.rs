@@ -93,12 +93,6 @@ impl Drop for OpGuard {
     }
 }
 
-/// A started helper: its process, with its stdin still open when the
-/// operation reads one (a file's content).
-pub struct Helper {
-    pub child: std::process::Child,
-}
-
 fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -243,7 +237,6 @@ impl ProcessProvider {
                 EnterError::NotRunning(m) | EnterError::Failed(m) => m,
             })?;
         let output = helper
-            .child
             .wait_with_output()
             .map_err(|e| format!("waiting for the probe's exec: {e}"))?;
         if output.status.success() {
@@ -350,8 +343,8 @@ impl ProcessProvider {
             })
     }
 
-    /// The lowest slot no live runtime uses; the sandbox's uid is
-    /// `uid_base + slot`.
+    /// The lowest slot no live runtime uses: where the sandbox's CPUs
+    /// start in rlimit mode (its uid comes from `uids`).
     fn free_slot(runtimes: &HashMap<String, Runtime>) -> u32 {
         let used: std::collections::HashSet<u32> = runtimes.values().map(|r| r.spec.slot).collect();
         (0..).find(|s| !used.contains(s)).unwrap_or(0)
@@ -585,7 +578,7 @@ impl ProcessProvider {
         action: Action,
         stdout: Stdio,
         stderr: Stdio,
-    ) -> Result<Helper, EnterError> {
+    ) -> Result<std::process::Child, EnterError> {
         let runtime = self.runtime(sandbox_id)?;
         if !runtime.spec.userns {
             return Err(EnterError::Failed(format!(
@@ -601,7 +594,7 @@ impl ProcessProvider {
         action: Action,
         stdout: Stdio,
         stderr: Stdio,
-    ) -> Result<Helper, EnterError> {
+    ) -> Result<std::process::Child, EnterError> {
         use std::io::Write;
         use std::os::unix::process::CommandExt;
         let limits_by_cgroup = runtime.spec.cgroup.is_some();
@@ -651,7 +644,7 @@ impl ProcessProvider {
                 }
             }
         }
-        Ok(Helper { child })
+        Ok(child)
     }
 
     /// The environment every exec starts from; the request's `env` is laid
