@@ -130,7 +130,9 @@ pub fn run() -> i32 {
             return EXIT_ENTER_FAILED;
         }
     };
-    let filter = enter(&spec).and_then(|()| Filter::new());
+    // Built on the host's side (it reads the host's /proc/sys), before
+    // the helper joins anything.
+    let filter = Filter::new().and_then(|f| enter(&spec).map(|()| f));
     let filter = match filter {
         Ok(f) => f,
         Err(e) => {

@@ -15,6 +15,7 @@ pub mod confine;
 pub mod enter;
 pub mod files;
 pub mod init;
+mod seccomp;
 pub mod state;
 mod uids;
 
