@@ -80,7 +80,12 @@ impl InitArgs {
                 "--mask" => out.masks.push(PathBuf::from(value)),
                 "--cgroup" => out.cgroup = Some(PathBuf::from(value)),
                 "--disk" => out.disk = Some(PathBuf::from(value)),
-                "--owner" => out.owner = number(flag, value)? as u32,
+                "--owner" => {
+                    out.owner = u32::try_from(number(flag, value)?)
+                        .ok()
+                        .filter(|&uid| uid != u32::MAX)
+                        .ok_or_else(|| format!("bad {flag} {value}: not a uid"))?
+                }
                 "--tmpfs-mb" => out.tmpfs_mb = number(flag, value)?,
                 "--tmpfs-inodes" => out.tmpfs_inodes = number(flag, value)?,
                 "--proc" => out.proc_pid_only = value == "pid",
@@ -620,6 +625,30 @@ fn reap_forever() -> ! {
                 let _ = s.wait().count();
             }
             None => std::thread::sleep(std::time::Duration::from_secs(1)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<InitArgs, String> {
+        let mut args: Vec<String> = ["--state", "/s", "--image", "/"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        InitArgs::parse(&args)
+    }
+
+    #[test]
+    fn an_owner_must_be_a_real_uid() {
+        assert_eq!(parse(&["--owner", "100000"]).unwrap().owner, 100_000);
+        // 2^32 used to wrap to uid 0; u32::MAX is chown's "leave as is".
+        for bad in ["4294967296", "4294967295", "-1", "x"] {
+            let e = parse(&["--owner", bad]).err().unwrap_or_default();
+            assert!(e.contains("--owner"), "--owner {bad}: {e:?}");
         }
     }
 }
