@@ -180,6 +180,10 @@ pub struct ProcessConfig {
     /// of its own from `uid_base .. uid_base + uid_count`, in turn.
     pub uid_base: u32,
     pub uid_count: u32,
+    /// Root daemon: the host-wide file whose byte `uid` is locked by the
+    /// sandbox that has that uid, so that daemons sharing a range never
+    /// give one uid to two sandboxes.
+    pub uid_registry: PathBuf,
     /// Processes per sandbox (cgroup `pids.max`, else `RLIMIT_NPROC`).
     pub max_processes: u32,
     pub max_open_files: u32,
@@ -1183,6 +1187,7 @@ impl Reader {
                 "file_timeout",
                 "max_ops_per_sandbox",
                 "proc",
+                "uid_registry",
             ],
         );
         let mut images = BTreeMap::new();
@@ -1250,10 +1255,19 @@ impl Reader {
                 "uid_base + uid_count must stay below 4294967295".into(),
             );
         }
+        let uid_registry =
+            PathBuf::from(self.string(t, S, "uid_registry", "/run/stacyvmd-uids/registry"));
+        if !uid_registry.is_absolute() {
+            self.problem(
+                &format!("{S}.uid_registry"),
+                "must be an absolute path".into(),
+            );
+        }
         ProcessConfig {
             images,
             uid_base,
             uid_count,
+            uid_registry,
             max_processes: self.integer(t, S, "max_processes", 256, 8, 1 << 20) as u32,
             max_open_files: self.integer(t, S, "max_open_files", 1024, 64, 1 << 20) as u32,
             max_file_bytes: (self.integer(t, S, "max_file_mb", 1024, 1, 1 << 30) as u64) << 20,
@@ -1430,6 +1444,20 @@ mod tests {
         assert_eq!(merged.log.level, log::LevelFilter::Debug);
         assert_eq!(merged.auth.api_keys, vec!["k"]);
         assert_eq!(ignored, vec!["server.listen"]);
+    }
+
+    #[test]
+    fn the_uid_registry_must_be_an_absolute_path() {
+        let c = parse("").unwrap();
+        assert_eq!(
+            c.providers.process.uid_registry,
+            PathBuf::from("/run/stacyvmd-uids/registry")
+        );
+        let e = parse("[providers.process]\nuid_registry = 'uids.lock'\n").unwrap_err();
+        assert!(
+            format!("{e:?}").contains("providers.process.uid_registry"),
+            "{e:?}"
+        );
     }
 
     #[test]

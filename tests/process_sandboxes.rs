@@ -1538,6 +1538,66 @@ fn isolation_uids_are_never_shared_and_nothing_setuid_reaches_the_host() {
     );
 }
 
+/// Finding 3, across daemons: two daemons on one host with the same uid
+/// range gave their first sandboxes the same host uid (each only knew its
+/// own). The host-wide registry makes every live sandbox's uid its own.
+#[test]
+fn isolation_two_daemons_never_share_a_uid() {
+    if !daemon_is_root() {
+        return; // rootless: every sandbox is the daemon's own uid by design
+    }
+    let uid_base = 2_000_000_000
+        + (std::process::id() % 10_000) * 10_000
+        + NEXT_UID_BLOCK.fetch_add(1, Ordering::Relaxed) * 100;
+    let shared = TempDir::new_in(Path::new(env!("CARGO_TARGET_TMPDIR")), "uids");
+    let config = format!(
+        "[admin]\nenabled = false\n\n[providers.process]\nuid_base = {uid_base}\nuid_count = 3\nuid_registry = {:?}\n",
+        shared.path().join("registry").display().to_string()
+    );
+    let start = || {
+        let dir = Arc::new(TempDir::new_in(
+            Path::new(env!("CARGO_TARGET_TMPDIR")),
+            "ps",
+        ));
+        let daemon = Daemon::builder().config(&config).dir(dir.clone()).start();
+        (
+            daemon,
+            Reaper {
+                dir,
+                _turn: Turn::shared(),
+            },
+        )
+    };
+    let ((one, _r1), (two, _r2)) = (start(), start());
+    let host_uid = |daemon: &Daemon, id: &str| -> u32 {
+        let map = sh(daemon, id, "cat /proc/self/uid_map");
+        map.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let a = spawn_process(&one, json!({}));
+    let b = spawn_process(&two, json!({}));
+    let c = spawn_process(&two, json!({}));
+    let uids = [host_uid(&one, &a), host_uid(&two, &b), host_uid(&two, &c)];
+    assert!(
+        uids[0] != uids[1] && uids[0] != uids[2] && uids[1] != uids[2],
+        "two live sandboxes share a host uid: {uids:?}"
+    );
+    // The range (3) is used up on this host: the next spawn is refused,
+    // whichever daemon asks.
+    let refused = spawn(&one, &process_body());
+    assert!(
+        refused.status >= 400,
+        "a fourth sandbox got a uid: {}",
+        refused.text()
+    );
+    // A destroyed sandbox's uid is free again, for the other daemon too.
+    destroy_ok(&two, &b);
+    let d = spawn_process(&one, json!({}));
+    assert_eq!(host_uid(&one, &d), uids[1]);
+    for (daemon, id) in [(&one, &a), (&two, &c), (&one, &d)] {
+        destroy_ok(daemon, id);
+    }
+}
+
 /// Finding 5: a FIFO held a file helper, and with it an HTTP thread,
 /// forever; 16 of them took the whole REST API.
 #[test]

@@ -233,6 +233,114 @@ pub fn parent_user_namespace(init_pid: i32) -> Result<std::os::fd::OwnedFd, Stri
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
+/// An open file description of the host-wide uid registry holding the
+/// write lock on byte `uid` (an OFD lock: it belongs to the description,
+/// so it is shared by every descriptor of it, inherited across fork and
+/// exec, and released when the last one closes: when the sandbox's init,
+/// which keeps one, is gone).
+pub struct UidLock {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl UidLock {
+    /// Takes the lock on `uid` in `registry` (created 0600 if missing);
+    /// `None` when another description (another sandbox, of this daemon
+    /// or any other) holds it.
+    pub fn take(registry: &std::path::Path, uid: u32) -> Result<Option<UidLock>, String> {
+        use std::os::fd::{AsRawFd, OwnedFd};
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(registry)
+            .map_err(|e| format!("opening the uid registry {}: {e}", registry.display()))?;
+        let mut lock: libc::flock = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: libc::off_t::from(uid),
+            l_len: 1,
+            l_pid: 0,
+        };
+        // SAFETY: F_OFD_SETLK reads the flock struct we own for the call,
+        // on a descriptor we own.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut lock) };
+        if rc == 0 {
+            return Ok(Some(UidLock {
+                fd: OwnedFd::from(file),
+            }));
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(None),
+            _ => Err(format!(
+                "locking uid {uid} in {}: {}",
+                registry.display(),
+                std::io::Error::last_os_error()
+            )),
+        }
+    }
+
+    /// The descriptor's number, for the init's `--uid-lock-fd`.
+    pub fn raw_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
+    }
+
+    /// Lets `command`'s process inherit the lock: its copy of the
+    /// descriptor loses close-on-exec between fork and exec.
+    pub fn pass_to(&self, command: &mut Command) {
+        let fd = self.raw_fd();
+        let hook = move || -> std::io::Result<()> {
+            // SAFETY: the descriptor is owned by the parent's UidLock,
+            // alive for the whole spawn; this child only clears a flag
+            // on its copy, with one system call.
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            rustix::io::fcntl_setfd(borrowed, rustix::io::FdFlags::empty())
+                .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
+        };
+        // SAFETY: the hook runs between fork and execve and makes one
+        // system call; it allocates nothing and takes no lock.
+        unsafe {
+            command.pre_exec(hook);
+        }
+    }
+
+    /// The init's side: keeps the inherited descriptor `fd` (checked to
+    /// be the registry's, holding `uid`'s lock) for the init's lifetime.
+    pub fn adopt(fd: i32, uid: u32) -> Result<UidLock, String> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: a number is only trusted after fcntl says it is open;
+        // nothing else in this process owns or closes it.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(format!("--uid-lock-fd {fd} is not open"));
+        }
+        // SAFETY: checked open above; from here the init owns it.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let mut probe: libc::flock = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: libc::off_t::from(uid),
+            l_len: 1,
+            l_pid: 0,
+        };
+        // Re-taking a lock this description holds succeeds, and so does
+        // taking a free one; one that another description holds fails.
+        // Either way, from here this description holds it.
+        // SAFETY: as in `take`.
+        let rc = unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_OFD_SETLK, &mut probe) };
+        if rc != 0 {
+            return Err(format!(
+                "uid {uid} is not locked by this sandbox: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(UidLock { fd: owned })
+    }
+}
+
 /// Marks every inherited file descriptor above stderr close-on-exec, so
 /// that nothing the daemon (or the daemon's own parent) left open reaches
 /// a sandbox process: one `close_range(CLOSE_RANGE_CLOEXEC)` (Linux 5.11),

@@ -54,6 +54,9 @@ pub struct InitArgs {
     /// Host uid (= gid) that the sandbox's root is mapped to, and owner of
     /// `/workspace` and `/tmp` (0 when rootless: the daemon's own uid).
     pub owner: u32,
+    /// An inherited descriptor of the host-wide uid registry holding
+    /// `owner`'s lock (root daemon), kept for the init's lifetime.
+    pub uid_lock_fd: Option<i32>,
 }
 
 impl InitArgs {
@@ -69,6 +72,7 @@ impl InitArgs {
             tmpfs_inodes: 0,
             proc_pid_only: false,
             owner: 0,
+            uid_lock_fd: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -89,6 +93,12 @@ impl InitArgs {
                 "--tmpfs-mb" => out.tmpfs_mb = number(flag, value)?,
                 "--tmpfs-inodes" => out.tmpfs_inodes = number(flag, value)?,
                 "--proc" => out.proc_pid_only = value == "pid",
+                "--uid-lock-fd" => {
+                    out.uid_lock_fd = Some(
+                        i32::try_from(number(flag, value)?)
+                            .map_err(|_| format!("bad {flag} {value}"))?,
+                    )
+                }
                 other => return Err(format!("unknown argument {other}")),
             }
         }
@@ -105,8 +115,20 @@ fn number(flag: &str, value: &str) -> Result<u64, String> {
 
 /// Runs the init; returns only on a set-up failure (the caller exits 1).
 pub fn run(args: &InitArgs) -> String {
+    // The uid's lock is the init's from here to its exit: no other sandbox
+    // on this host can be given the uid while this one lives.
+    let uid_lock = match args.uid_lock_fd {
+        Some(fd) => match super::confine::UidLock::adopt(fd, args.owner) {
+            Ok(lock) => Some(lock),
+            Err(e) => return format!("sandbox init failed: {e}"),
+        },
+        None => None,
+    };
     match super::confine::close_inherited_fds().and_then(|()| build(args)) {
-        Ok(()) => reap_forever(),
+        Ok(()) => {
+            let _held = uid_lock;
+            reap_forever()
+        }
         Err(e) => format!("sandbox init failed: {e}"),
     }
 }

@@ -161,6 +161,9 @@ impl ProcessProvider {
             }
         }
         let uids = uids::UidAllocator::open(&base, config.uid_base, config.uid_count)?;
+        if !rootless {
+            uids::prepare_registry(&config.uid_registry)?;
+        }
         let provider = ProcessProvider {
             base,
             masks: all_masks,
@@ -368,20 +371,24 @@ impl ProcessProvider {
         for sub in ["rootfs", "disk"] {
             io(format!("creating {sub}/"), fs::create_dir(dir.join(sub)))?;
         }
-        let (slot, uid) = {
+        // The uid's lock (root daemon) is held here until the init has its
+        // own copy of it, and by the init from then on.
+        let (slot, uid, uid_lock) = {
             let runtimes = self.runtimes();
             let slot = Self::free_slot(&runtimes);
-            let uid = if self.rootless {
-                0
+            let (uid, lock) = if self.rootless {
+                (0, None)
             } else {
                 let in_use: std::collections::HashSet<u32> =
                     runtimes.values().map(|r| r.spec.uid).collect();
-                self.uids
+                let (uid, lock) = self
+                    .uids
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .next(&in_use)?
+                    .next(&in_use, &self.config.uid_registry)?;
+                (uid, Some(lock))
             };
-            (slot, uid)
+            (slot, uid, lock)
         };
         let cgroup = match &self.cgroups {
             Some(c) => Some(
@@ -440,6 +447,10 @@ impl ProcessProvider {
         }
         if let Some(image) = &disk {
             command.arg("--disk").arg(image);
+        }
+        if let Some(lock) = &uid_lock {
+            command.args(["--uid-lock-fd", &lock.raw_fd().to_string()]);
+            lock.pass_to(&mut command);
         }
         command
             .env_clear()
