@@ -121,6 +121,9 @@ fn run() -> Result<(), String> {
     let mut next_sample = started + SAMPLE_EVERY;
     let mut live: VecDeque<String> = VecDeque::new();
     let (mut done, mut failed) = (0u64, 0u64);
+    // Every refusal by operation kind and status, with the first answer of
+    // each, so that a failure in a long run can be told apart.
+    let mut refusals: std::collections::BTreeMap<(&str, u16), (u64, String)> = Default::default();
     let (mut max_db, mut max_wal) = (0u64, 0u64);
     let mut op = 0u64;
     while started.elapsed() < options.duration {
@@ -162,6 +165,17 @@ fn run() -> Result<(), String> {
             }
         } else {
             failed += 1;
+            let kind = ["spawn", "destroy", "acquire", "release"][(op % 4) as usize];
+            let seen = refusals.entry((kind, response.status)).or_insert_with(|| {
+                (
+                    0,
+                    String::from_utf8_lossy(response.body)
+                        .chars()
+                        .take(200)
+                        .collect(),
+                )
+            });
+            seen.0 += 1;
         }
         op += 1;
         if Instant::now() >= next_sample {
@@ -184,6 +198,9 @@ fn run() -> Result<(), String> {
         file_bytes(&wal),
         rows(&db)?
     );
+    for ((kind, status), (n, first)) in &refusals {
+        println!("refused: {n} x {kind} -> {status}, first: {first}");
+    }
     running.stop()?;
     Ok(())
 }
