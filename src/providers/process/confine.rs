@@ -258,28 +258,12 @@ impl UidLock {
             .custom_flags(libc::O_CLOEXEC)
             .open(registry)
             .map_err(|e| format!("opening the uid registry {}: {e}", registry.display()))?;
-        let mut lock: libc::flock = libc::flock {
-            l_type: libc::F_WRLCK as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: libc::off_t::from(uid),
-            l_len: 1,
-            l_pid: 0,
-        };
-        // SAFETY: F_OFD_SETLK reads the flock struct we own for the call,
-        // on a descriptor we own.
-        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut lock) };
-        if rc == 0 {
-            return Ok(Some(UidLock {
+        match lock_byte(file.as_raw_fd(), uid) {
+            Ok(()) => Ok(Some(UidLock {
                 fd: OwnedFd::from(file),
-            }));
-        }
-        match std::io::Error::last_os_error().raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(None),
-            _ => Err(format!(
-                "locking uid {uid} in {}: {}",
-                registry.display(),
-                std::io::Error::last_os_error()
-            )),
+            })),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => Ok(None),
+            Err(e) => Err(format!("locking uid {uid} in {}: {e}", registry.display())),
         }
     }
 
@@ -319,25 +303,31 @@ impl UidLock {
         }
         // SAFETY: checked open above; from here the init owns it.
         let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        let mut probe: libc::flock = libc::flock {
-            l_type: libc::F_WRLCK as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: libc::off_t::from(uid),
-            l_len: 1,
-            l_pid: 0,
-        };
         // Re-taking a lock this description holds succeeds, and so does
         // taking a free one; one that another description holds fails.
         // Either way, from here this description holds it.
-        // SAFETY: as in `take`.
-        let rc = unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_OFD_SETLK, &mut probe) };
-        if rc != 0 {
-            return Err(format!(
-                "uid {uid} is not locked by this sandbox: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        lock_byte(owned.as_raw_fd(), uid)
+            .map_err(|e| format!("uid {uid} is not locked by this sandbox: {e}"))?;
         Ok(UidLock { fd: owned })
+    }
+}
+
+/// `F_OFD_SETLK`: a write lock on byte `uid` of `fd`'s file, without
+/// waiting.
+fn lock_byte(fd: std::os::fd::RawFd, uid: u32) -> std::io::Result<()> {
+    let mut lock = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: libc::off_t::from(uid),
+        l_len: 1,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK reads the flock struct we own for the call; an
+    // fd that is not open fails EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &mut lock) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
