@@ -37,6 +37,7 @@ pub mod sandboxes;
 pub mod scheduler;
 pub mod signals;
 pub mod store;
+pub mod templates;
 pub mod time;
 pub mod workerproto;
 pub mod workers;

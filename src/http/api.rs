@@ -452,13 +452,20 @@ fn count_field(field: &str, value: &Value) -> Result<u64, ApiError> {
 /// Parses a spawn (or admission) body into a request; the caller adds the
 /// headers (`X-User-ID`, `Idempotency-Key`).
 pub fn parse_spawn(body: &[u8]) -> Result<crate::lifecycle::SpawnRequest, ApiError> {
+    match object(body)? {
+        Some(fields) => spawn_fields(&fields),
+        None => Ok(crate::lifecycle::SpawnRequest::default()),
+    }
+}
+
+/// The fields of a spawn body, checked one by one.
+fn spawn_fields(
+    fields: &serde_json::Map<String, Value>,
+) -> Result<crate::lifecycle::SpawnRequest, ApiError> {
     use crate::sandboxes::{MAX_METADATA_ENTRIES, MAX_METADATA_KEY_LEN, MAX_METADATA_VALUE_LEN};
     let mut req = crate::lifecycle::SpawnRequest::default();
-    let Some(fields) = object(body)? else {
-        return Ok(req);
-    };
     let mut template = None;
-    for (key, value) in &fields {
+    for (key, value) in fields {
         match key.as_str() {
             "image" => req.image = Some(string_field("image", value)?.to_owned()),
             "template" => template = Some(string_field("template", value)?.to_owned()),
@@ -506,6 +513,95 @@ pub fn parse_spawn(body: &[u8]) -> Result<crate::lifecycle::SpawnRequest, ApiErr
         req.image = template;
     }
     Ok(req)
+}
+
+/// A template body (`POST /api/v1/templates`): `name` and `image`, and the
+/// spawn fields `provider` (`""` is the default one), `memory_mb`,
+/// `vcpus`, `ttl` and `metadata`, checked as a spawn's.
+pub fn parse_template(body: &[u8]) -> Result<crate::templates::Template, ApiError> {
+    let mut fields = object(body)?
+        .ok_or_else(|| ApiError::bad_request("fields `name` and `image` are required"))?;
+    let name = match fields.remove("name") {
+        Some(v) => string_field("name", &v)?.to_owned(),
+        None => return Err(ApiError::bad_request("field `name` is required")),
+    };
+    crate::templates::validate_name(&name).map_err(ApiError::bad_request)?;
+    if let Some(other) = ["owner_id", "template"]
+        .iter()
+        .find(|k| fields.contains_key(**k))
+    {
+        return Err(ApiError::bad_request(format!(
+            "unknown field `{other}` (expected name, image, provider, memory_mb, vcpus, ttl, metadata)"
+        )));
+    }
+    if fields.get("provider").and_then(Value::as_str) == Some("") {
+        fields.remove("provider");
+    }
+    let ttl = match fields.get("ttl") {
+        Some(v) => Some(string_field("ttl", v)?.to_owned()),
+        None => None,
+    };
+    let req = spawn_fields(&fields)?;
+    let small = |field: &str, v: Option<u64>, default: u32| {
+        v.map_or(Ok(default), |n| {
+            u32::try_from(n)
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| ApiError::bad_request(format!("field `{field}` is out of range")))
+        })
+    };
+    Ok(crate::templates::Template {
+        owner_id: String::new(),
+        name,
+        image: req
+            .image
+            .ok_or_else(|| ApiError::bad_request("field `image` is required"))?,
+        provider: req.provider.unwrap_or_default(),
+        memory_mb: small(
+            "memory_mb",
+            req.memory_mb,
+            crate::templates::DEFAULT_MEMORY_MB,
+        )?,
+        vcpus: small("vcpus", req.vcpus, crate::templates::DEFAULT_VCPUS)?,
+        ttl: ttl.unwrap_or_else(|| crate::templates::DEFAULT_TTL.to_owned()),
+        metadata: req.metadata,
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    })
+}
+
+/// A template as the API shows it (the SDK's `Template` fields, and when
+/// it was written).
+#[derive(Serialize)]
+pub struct TemplateJson<'a> {
+    name: &'a str,
+    image: &'a str,
+    provider: &'a str,
+    memory_mb: u32,
+    vcpus: u32,
+    ttl: &'a str,
+    metadata: &'a std::collections::BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    owner_id: &'a str,
+    created_at: Rfc3339,
+    updated_at: Rfc3339,
+}
+
+impl<'a> From<&'a crate::templates::Template> for TemplateJson<'a> {
+    fn from(t: &'a crate::templates::Template) -> TemplateJson<'a> {
+        TemplateJson {
+            name: &t.name,
+            image: &t.image,
+            provider: &t.provider,
+            memory_mb: t.memory_mb,
+            vcpus: t.vcpus,
+            ttl: &t.ttl,
+            metadata: &t.metadata,
+            owner_id: &t.owner_id,
+            created_at: Rfc3339(t.created_at_ms),
+            updated_at: Rfc3339(t.updated_at_ms),
+        }
+    }
 }
 
 /// `{"ttl":"30m"}` for extend; at most `max` (`sandboxes.max_ttl`).

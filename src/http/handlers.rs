@@ -149,6 +149,13 @@ pub fn handle(
         Route::LeaseAction { id, action } => read_body(body, body_length, limit).and_then(|b| {
             sandbox_handlers::lease_action(ctx, incoming, principal, &id, action, &b)
         }),
+        Route::ListTemplates => super::template_handlers::list(ctx, incoming),
+        Route::SaveTemplate => read_body(body, body_length, limit)
+            .and_then(|b| super::template_handlers::save(ctx, incoming, &b)),
+        Route::GetTemplate { name } => super::template_handlers::get(ctx, incoming, &name),
+        Route::DeleteTemplate { name } => super::template_handlers::delete(ctx, incoming, &name),
+        Route::SpawnTemplate { name } => read_body(body, body_length, limit)
+            .and_then(|b| super::template_handlers::spawn(ctx, incoming, &name, &b)),
     };
     (id, result)
 }

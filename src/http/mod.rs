@@ -14,6 +14,7 @@ mod handlers;
 mod io_handlers;
 pub mod router;
 mod sandbox_handlers;
+mod template_handlers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

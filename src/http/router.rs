@@ -33,12 +33,17 @@ pub enum RouteId {
     ListLeases,
     GetLease,
     LeaseAction,
+    ListTemplates,
+    SaveTemplate,
+    GetTemplate,
+    DeleteTemplate,
+    SpawnTemplate,
     Handoff,
     Unmatched,
 }
 
 impl RouteId {
-    pub const ALL: [RouteId; 31] = [
+    pub const ALL: [RouteId; 36] = [
         RouteId::Health,
         RouteId::Live,
         RouteId::Ready,
@@ -68,6 +73,11 @@ impl RouteId {
         RouteId::ListLeases,
         RouteId::GetLease,
         RouteId::LeaseAction,
+        RouteId::ListTemplates,
+        RouteId::SaveTemplate,
+        RouteId::GetTemplate,
+        RouteId::DeleteTemplate,
+        RouteId::SpawnTemplate,
         RouteId::Handoff,
         RouteId::Unmatched,
     ];
@@ -102,6 +112,9 @@ impl RouteId {
             RouteId::ListLeases => "/api/v1/admin/leases",
             RouteId::GetLease => "/api/v1/admin/leases/{id}",
             RouteId::LeaseAction => "/api/v1/admin/leases/{id}/{action}",
+            RouteId::ListTemplates | RouteId::SaveTemplate => "/api/v1/templates",
+            RouteId::GetTemplate | RouteId::DeleteTemplate => "/api/v1/templates/{name}",
+            RouteId::SpawnTemplate => "/api/v1/templates/{name}/spawn",
             RouteId::Handoff => "/-/handoff",
             RouteId::Unmatched => "unmatched",
         }
@@ -116,9 +129,14 @@ impl RouteId {
             | RouteId::Exec
             | RouteId::FilesMove
             | RouteId::FilesChmod
-            | RouteId::LeaseAction => "POST",
+            | RouteId::LeaseAction
+            | RouteId::SaveTemplate
+            | RouteId::SpawnTemplate => "POST",
             RouteId::Files => "any",
-            RouteId::DeleteWorker | RouteId::PruneSandboxes | RouteId::DestroySandbox => "DELETE",
+            RouteId::DeleteWorker
+            | RouteId::PruneSandboxes
+            | RouteId::DestroySandbox
+            | RouteId::DeleteTemplate => "DELETE",
             RouteId::Unmatched => "any",
             _ => "GET",
         }
@@ -191,6 +209,17 @@ pub enum Route {
         id: String,
         action: LeaseVerb,
     },
+    ListTemplates,
+    SaveTemplate,
+    GetTemplate {
+        name: String,
+    },
+    DeleteTemplate {
+        name: String,
+    },
+    SpawnTemplate {
+        name: String,
+    },
     /// The relay's pickup probe on a new internal connection (see `conn`).
     Handoff,
 }
@@ -231,6 +260,11 @@ impl Route {
             Route::ListLeases => RouteId::ListLeases,
             Route::GetLease { .. } => RouteId::GetLease,
             Route::LeaseAction { .. } => RouteId::LeaseAction,
+            Route::ListTemplates => RouteId::ListTemplates,
+            Route::SaveTemplate => RouteId::SaveTemplate,
+            Route::GetTemplate { .. } => RouteId::GetTemplate,
+            Route::DeleteTemplate { .. } => RouteId::DeleteTemplate,
+            Route::SpawnTemplate { .. } => RouteId::SpawnTemplate,
             Route::Handoff => RouteId::Handoff,
         }
     }
@@ -262,7 +296,12 @@ impl Route {
             | Route::ExtendSandbox { .. }
             | Route::Exec { .. }
             | Route::Files { .. }
-            | Route::Providers => Access::User,
+            | Route::Providers
+            | Route::ListTemplates
+            | Route::SaveTemplate
+            | Route::GetTemplate { .. }
+            | Route::DeleteTemplate { .. }
+            | Route::SpawnTemplate { .. } => Access::User,
             Route::ListLeases | Route::GetLease { .. } | Route::LeaseAction { .. } => Access::Admin,
         }
     }
@@ -412,6 +451,23 @@ pub fn route(method: &str, path: &str) -> Result<Route, RouteError> {
                     },
                 )
             }
+            ["templates"] => match method {
+                "POST" => Ok(Route::SaveTemplate),
+                _ => allow("GET, POST", Route::ListTemplates),
+            },
+            ["templates", name] => {
+                let name = (*name).to_owned();
+                match method {
+                    "DELETE" => Ok(Route::DeleteTemplate { name }),
+                    _ => allow("GET, DELETE", Route::GetTemplate { name }),
+                }
+            }
+            ["templates", name, "spawn"] => allow(
+                "POST",
+                Route::SpawnTemplate {
+                    name: (*name).to_owned(),
+                },
+            ),
             ["admin", "leases"] => allow("GET", Route::ListLeases),
             ["admin", "leases", id] => allow(
                 "GET",

@@ -17,7 +17,14 @@ use crate::store::{AuditEntry, LeaseOp};
 use crate::time::{format_duration, now_ms};
 
 fn spawn_request(incoming: &Incoming<'_>, body: &[u8]) -> Result<SpawnRequest, ApiError> {
-    let mut req = parse_spawn(body)?;
+    with_headers(incoming, parse_spawn(body)?)
+}
+
+/// A spawn's headers applied to it: `X-User-ID`, `Idempotency-Key`.
+pub(super) fn with_headers(
+    incoming: &Incoming<'_>,
+    mut req: SpawnRequest,
+) -> Result<SpawnRequest, ApiError> {
     // StacyVM: the X-User-ID header names the owner, over the body.
     if let Some(user) = incoming.user_id {
         req.owner_id = user.to_owned();

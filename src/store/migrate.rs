@@ -28,6 +28,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_faults_retention",
         sql: include_str!("../../migrations/0004_faults_retention.sql"),
     },
+    Migration {
+        name: "0005_templates",
+        sql: include_str!("../../migrations/0005_templates.sql"),
+    },
 ];
 
 #[derive(Debug)]

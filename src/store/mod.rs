@@ -33,6 +33,7 @@ mod retention;
 mod sandbox_statements;
 pub mod space;
 mod statements;
+mod template_statements;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -293,6 +294,25 @@ pub enum StoreRequest {
     },
     Ping {
         reply: Sender<StoreResult<()>>,
+    },
+    SaveTemplate {
+        template: crate::templates::Template,
+        now_ms: i64,
+        reply: Sender<StoreResult<crate::templates::Saved>>,
+    },
+    GetTemplate {
+        owner: String,
+        name: String,
+        reply: Sender<StoreResult<Option<crate::templates::Template>>>,
+    },
+    ListTemplates {
+        owner: String,
+        reply: Sender<StoreResult<Vec<crate::templates::Template>>>,
+    },
+    DeleteTemplate {
+        owner: String,
+        name: String,
+        reply: Sender<StoreResult<bool>>,
     },
 }
 
@@ -639,6 +659,48 @@ impl StoreHandle {
     }
 
     /// Round trip through the store thread, for readiness and diagnostics.
+    /// Creates or replaces a template (durable when this returns).
+    pub fn save_template(
+        &self,
+        template: crate::templates::Template,
+        now_ms: i64,
+    ) -> StoreResult<crate::templates::Saved> {
+        self.call(|reply| StoreRequest::SaveTemplate {
+            template,
+            now_ms,
+            reply,
+        })
+    }
+
+    /// `owner`'s template `name`, else nobody's (`owner` "" is nobody).
+    pub fn get_template(
+        &self,
+        owner: &str,
+        name: &str,
+    ) -> StoreResult<Option<crate::templates::Template>> {
+        self.call(|reply| StoreRequest::GetTemplate {
+            owner: owner.to_owned(),
+            name: name.to_owned(),
+            reply,
+        })
+    }
+
+    pub fn list_templates(&self, owner: &str) -> StoreResult<Vec<crate::templates::Template>> {
+        self.call(|reply| StoreRequest::ListTemplates {
+            owner: owner.to_owned(),
+            reply,
+        })
+    }
+
+    /// Deletes `owner`'s own template `name`; whether there was one.
+    pub fn delete_template(&self, owner: &str, name: &str) -> StoreResult<bool> {
+        self.call(|reply| StoreRequest::DeleteTemplate {
+            owner: owner.to_owned(),
+            name: name.to_owned(),
+            reply,
+        })
+    }
+
     pub fn ping(&self) -> StoreResult<Duration> {
         let started = Instant::now();
         self.call(|reply| StoreRequest::Ping { reply })?;
@@ -1671,6 +1733,26 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
             defer(reply, sql::get_lease(tx, &resource_id), none())
         }
         StoreRequest::ListLeases { reply } => defer(reply, sql::list_leases(tx), none()),
+        StoreRequest::SaveTemplate {
+            template,
+            now_ms,
+            reply,
+        } => {
+            let (result, fx) =
+                isolated_write(tx, |_| template_statements::save(tx, &template, now_ms));
+            defer(reply, result, fx)
+        }
+        StoreRequest::GetTemplate { owner, name, reply } => {
+            defer(reply, template_statements::get(tx, &owner, &name), none())
+        }
+        StoreRequest::ListTemplates { owner, reply } => {
+            defer(reply, template_statements::list(tx, &owner), none())
+        }
+        StoreRequest::DeleteTemplate { owner, name, reply } => {
+            let (result, fx) =
+                isolated_write(tx, |_| template_statements::delete(tx, &owner, &name));
+            defer(reply, result, fx)
+        }
         StoreRequest::RenewSandboxLeases {
             holder,
             ttl_ms,
@@ -1818,6 +1900,10 @@ fn reply_only(request: StoreRequest, error: &StoreError) -> Deferred {
         StoreRequest::GetLease { reply, .. } => fail(reply, error),
         StoreRequest::ListLeases { reply } => fail(reply, error),
         StoreRequest::RenewSandboxLeases { reply, .. } => fail(reply, error),
+        StoreRequest::SaveTemplate { reply, .. } => fail(reply, error),
+        StoreRequest::GetTemplate { reply, .. } => fail(reply, error),
+        StoreRequest::ListTemplates { reply, .. } => fail(reply, error),
+        StoreRequest::DeleteTemplate { reply, .. } => fail(reply, error),
     }
 }
 
