@@ -473,7 +473,14 @@ fn heartbeat_loop(
 /// Checks the lease and heartbeat writers' resources on a freshly
 /// restarted daemon, then settles the requests the crash left unanswered
 /// by taking what the daemon shows as the writers' new acknowledged state.
-fn check_writers_after_restart(daemon: &Daemon, round: usize, ledger: &mut Ledger) {
+/// Returns how many unanswered lease requests and heartbeat changes turned
+/// out to have been committed.
+fn check_writers_after_restart(
+    daemon: &Daemon,
+    round: usize,
+    ledger: &mut Ledger,
+) -> (usize, usize) {
+    let (mut leases_committed, mut heartbeats_committed) = (0, 0);
     let mut writer_leases: BTreeMap<String, LeaseState> = BTreeMap::new();
     for l in leases(daemon) {
         if l["resource_type"] == "sandbox" {
@@ -506,6 +513,7 @@ fn check_writers_after_restart(daemon: &Daemon, round: usize, ledger: &mut Ledge
             explained,
             "round {round}: lease {id} is {now:?}; acknowledged {acked:?}, unanswered {pending:?}"
         );
+        leases_committed += usize::from(now != acked);
         ledger.leases.insert(id, now);
     }
 
@@ -561,6 +569,7 @@ fn check_writers_after_restart(daemon: &Daemon, round: usize, ledger: &mut Ledge
         }
         // A restart gives every known worker a fresh grace window.
         assert_eq!(w["stale"], false, "round {round}: worker {id}: {w}");
+        heartbeats_committed += usize::from(acked.is_none_or(|a| a.declared != declared));
         ledger.workers.insert(
             id,
             WorkerState {
@@ -571,6 +580,7 @@ fn check_writers_after_restart(daemon: &Daemon, round: usize, ledger: &mut Ledge
             },
         );
     }
+    (leases_committed, heartbeats_committed)
 }
 
 /// Checks every invariant on a freshly restarted daemon; returns the lease
@@ -802,7 +812,7 @@ fn kill_9_during_spawns_and_destroys_loses_nothing_acknowledged() {
         );
         generations = check_after_restart(&daemon, round, &l, &generations);
         let unanswered = (l.pending_leases.len(), l.pending_heartbeats.len());
-        check_writers_after_restart(&daemon, round, &mut l);
+        let committed = check_writers_after_restart(&daemon, round, &mut l);
         let mut states: BTreeMap<String, usize> = BTreeMap::new();
         for s in list(&daemon) {
             *states.entry(s["state"].to_string()).or_default() += 1;
@@ -810,13 +820,15 @@ fn kill_9_during_spawns_and_destroys_loses_nothing_acknowledged() {
         eprintln!(
             "round {round}: killed after {} acked (target {target}), {} lease answers \
              ({lease_target}), {} heartbeat answers ({heartbeat_target}); {} lease and {} \
-             heartbeat requests unanswered; totals: {} spawned, {} destroyed, {} destroys \
+             heartbeat requests unanswered, of which {} and {} changes were committed; totals: {} spawned, {} destroyed, {} destroys \
              unanswered; states now {states:?}",
             acked.load(Ordering::SeqCst),
             lease_acked.load(Ordering::SeqCst),
             heartbeat_acked.load(Ordering::SeqCst),
             unanswered.0,
             unanswered.1,
+            committed.0,
+            committed.1,
             l.spawned.len(),
             l.destroyed.len(),
             l.pending_destroys.len(),
