@@ -1,8 +1,9 @@
 //! Load generator for the HTTP targets of PERFORMANCE.md (H1, H3, R1, R3, C1,
-//! M1, MEM), and SL: what slow clients cost everyone else (the p99 of
-//! `/api/v1/live` with 200 slowloris connections open, against without).
+//! M1, MEM), and, with `--slowloris N`, SL: what slow clients cost everyone
+//! else (the p50 and p99 of `/api/v1/live` with N slowloris connections
+//! open, against without, in the same run).
 //!
-//!     cargo build --release && cargo bench --bench loadgen [-- --quick] [-- --runs N]
+//!     cargo build --release && cargo bench --bench loadgen [-- --quick] [-- --runs N] [-- --slowloris N]
 //!
 //! Every target is a ratio or a bound measured in this one process on this
 //! one machine: the release daemon is started on 127.0.0.1:0 with a fresh data
@@ -19,6 +20,7 @@ mod client;
 mod daemon;
 mod latency;
 mod load;
+mod slowloris;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -29,8 +31,9 @@ use baseline::Baseline;
 use client::Client;
 use daemon::Daemon;
 use load::{Measurement, Plan};
+use slowloris::SlowClients;
 
-const USAGE: &str = "usage: cargo bench --bench loadgen [-- [--quick] [--runs N]]";
+const USAGE: &str = "usage: cargo bench --bench loadgen [-- [--quick] [--runs N] [--slowloris N]]";
 
 /// Bound on requests per measurement, on top of the time bound.
 const MAX_REQUESTS: usize = 2_000_000;
@@ -45,16 +48,17 @@ const SCRAPED_WORKERS: usize = 1_000;
 const BURST_CONNECTIONS: usize = 64;
 const BURST_REPEATS: usize = 5;
 const BURST_TIMEOUT: Duration = Duration::from_secs(2);
-/// SL: connections that declare a 1 MiB body and send 1 byte of it.
-const SLOWLORIS_CONNECTIONS: usize = 200;
-const SLOWLORIS_HEAD: &[u8] =
-    b"POST /api/v1/admin/workers/slow/heartbeat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1048576\r\n\r\n{";
+/// SL: how long the daemon may take to hold every slow connection (its
+/// `stacyvmd_http_connections_open` gauge), and to drop them again.
+const SLOWLORIS_SETTLE: Duration = Duration::from_secs(5);
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 const MIB: f64 = 1024.0 * 1024.0;
 
 struct Options {
     runs: usize,
     duration: Duration,
+    /// SL's slow connections; `None` (the default) skips SL.
+    slowloris: Option<usize>,
 }
 
 /// `None` when only help was asked for.
@@ -62,6 +66,7 @@ fn parse_options(mut arguments: impl Iterator<Item = String>) -> Result<Option<O
     let mut options = Options {
         runs: 3,
         duration: Duration::from_secs(3),
+        slowloris: None,
     };
     while let Some(argument) = arguments.next() {
         match argument.as_str() {
@@ -72,6 +77,15 @@ fn parse_options(mut arguments: impl Iterator<Item = String>) -> Result<Option<O
                     .and_then(|value| value.parse().ok())
                     .filter(|&runs| runs > 0)
                     .ok_or("--runs needs a positive number")?;
+            }
+            "--slowloris" => {
+                options.slowloris = Some(
+                    arguments
+                        .next()
+                        .and_then(|value| value.parse().ok())
+                        .filter(|&count| count > 0)
+                        .ok_or("--slowloris needs a positive number of connections")?,
+                );
             }
             // `cargo bench` appends --bench to every bench binary's arguments.
             "--bench" => {}
@@ -153,9 +167,14 @@ fn run() -> Result<(), String> {
     let baseline_bursts = bursts("bare tiny_http", baseline.addr);
     drop(baseline);
     let scrape_p99s = bench.scrape(options.runs)?;
-    let slowloris_runs = (1..=options.runs)
-        .map(|run| bench.slowloris_run(run, options.runs))
-        .collect::<Result<Vec<_>, _>>()?;
+    let slowloris_runs = match options.slowloris {
+        Some(count) => Some(
+            (1..=options.runs)
+                .map(|run| bench.slowloris_run(run, options.runs, count))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        None => None,
+    };
 
     let loaded_rss = daemon.rss_bytes()?;
     // A bad stop is a finding to report, not a reason to drop the figures.
@@ -165,7 +184,7 @@ fn run() -> Result<(), String> {
         Err(problem) => println!("WARNING: {problem}"),
     }
 
-    let rows = [
+    let mut rows = vec![
         heartbeat_throughput_row(&heartbeat_runs),
         heartbeat_latency_row(&heartbeat_runs),
         list_throughput_row(&list_runs),
@@ -177,7 +196,6 @@ fn run() -> Result<(), String> {
             median_duration(scrape_p99s),
             Bound::AtMost(5.0),
         ),
-        slowloris_row(&slowloris_runs),
         memory_row(
             "RSS idle after startup",
             idle_rss,
@@ -185,6 +203,9 @@ fn run() -> Result<(), String> {
         ),
         memory_row("RSS after the load", loaded_rss, None),
     ];
+    if let Some(runs) = &slowloris_runs {
+        rows.extend(slowloris_rows(runs));
+    }
     print_table(&rows, options.runs);
     Ok(())
 }
@@ -212,10 +233,16 @@ struct ListRun {
 
 /// One run of SL.
 struct SlowlorisRun {
+    connections: usize,
+    quiet_p50: Duration,
     quiet_p99: Duration,
+    loaded_p50: Duration,
     loaded_p99: Duration,
     /// `/api/v1/live` exchanges that failed with the slow clients open.
     failed: u64,
+    /// Slow connections neither answered nor closed when the loaded
+    /// measurement ended.
+    held: usize,
 }
 
 /// Outcome of C1's repeats against one server.
@@ -312,28 +339,40 @@ impl Bench {
         })
     }
 
-    /// SL: `/api/v1/live` at 1 connection, then again while 200 slowloris
-    /// connections are held open (each declared a 1 MiB body, sent 1 byte).
-    fn slowloris_run(&self, run: usize, runs: usize) -> Result<SlowlorisRun, String> {
+    /// SL: `/api/v1/live` at 1 connection, then again while `count` slow
+    /// connections are held open (see `slowloris.rs`), with the same client
+    /// code as H1's `/live` measurement. The loaded measurement starts once
+    /// the daemon counts every slow connection as open.
+    fn slowloris_run(&self, run: usize, runs: usize, count: usize) -> Result<SlowlorisRun, String> {
         println!(
-            "run {run}/{runs}: /api/v1/live without and with {SLOWLORIS_CONNECTIONS} slowloris connections"
+            "run {run}/{runs}: /api/v1/live without and with {count} slowloris connections \
+             (from 127.0.0.2.., {} per address; half a silent 1 MiB body, half a head \
+             trickled 1 byte per {:?})",
+            slowloris::PER_SOURCE_ADDRESS,
+            slowloris::TRICKLE_INTERVAL,
         );
         let live = || vec![client::get("/api/v1/live")];
         let quiet = self.measure("daemon /api/v1/live", self.daemon, 1, |_| live())?;
-        let mut slow = Vec::with_capacity(SLOWLORIS_CONNECTIONS);
-        for index in 0..SLOWLORIS_CONNECTIONS {
-            let mut stream = std::net::TcpStream::connect(self.daemon)
-                .map_err(|error| format!("slowloris connection {index}: {error}"))?;
-            std::io::Write::write_all(&mut stream, SLOWLORIS_HEAD)
-                .map_err(|error| format!("slowloris connection {index}: {error}"))?;
-            slow.push(stream);
-        }
+        let before = open_connections(self.daemon)?;
+        let slow = SlowClients::open(self.daemon, count)?;
+        wait_for_open_connections(self.daemon, |open| open >= before + slow.len())?;
         let loaded = self.measure("  ... with slowloris open", self.daemon, 1, |_| live())?;
+        let held = slow.still_open();
+        let open = open_connections(self.daemon)?;
+        println!(
+            "  slow connections still held after the measurement: {held} of {count} \
+             (daemon: {open} connections open, {before} before)"
+        );
         drop(slow);
+        wait_for_open_connections(self.daemon, |open| open <= before)?;
         Ok(SlowlorisRun {
+            connections: count,
+            quiet_p50: quiet.latencies.percentile(50.0),
             quiet_p99: quiet.latencies.percentile(99.0),
+            loaded_p50: loaded.latencies.percentile(50.0),
             loaded_p99: loaded.latencies.percentile(99.0),
             failed: loaded.failed,
+            held,
         })
     }
 
@@ -436,6 +475,39 @@ fn fetch(addr: SocketAddr, path: &str) -> Result<Vec<u8>, String> {
         ));
     }
     Ok(response.body.to_vec())
+}
+
+/// The daemon's `stacyvmd_http_connections_open` gauge (the connection
+/// that asks included).
+fn open_connections(addr: SocketAddr) -> Result<usize, String> {
+    let body = fetch(addr, "/metrics")?;
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|line| line.strip_prefix("stacyvmd_http_connections_open "))
+        .and_then(|value| value.trim().parse().ok())
+        .ok_or_else(|| "/metrics has no stacyvmd_http_connections_open gauge".to_owned())
+}
+
+/// Polls the open-connections gauge until `settled` holds, for at most
+/// [`SLOWLORIS_SETTLE`].
+fn wait_for_open_connections(
+    addr: SocketAddr,
+    settled: impl Fn(usize) -> bool,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + SLOWLORIS_SETTLE;
+    loop {
+        let open = open_connections(addr)?;
+        if settled(open) {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "the daemon's open connections did not settle within {SLOWLORIS_SETTLE:?} \
+                 (now {open})"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn count_json_array(body: &[u8]) -> Result<usize, String> {
@@ -544,26 +616,42 @@ fn burst_row(daemon: &Bursts, baseline: &Bursts) -> Row {
     }
 }
 
-fn slowloris_row(runs: &[SlowlorisRun]) -> Row {
-    let loaded = median_duration(runs.iter().map(|run| run.loaded_p99));
-    let quiet = median_duration(runs.iter().map(|run| run.quiet_p99));
+/// SL: the p99 and the p50 of `/live` with the slow clients open, against
+/// without; medians over the runs, ratios the median of the per-run ratios.
+fn slowloris_rows(runs: &[SlowlorisRun]) -> [Row; 2] {
+    let count = runs.first().map_or(0, |run| run.connections);
     let failed: u64 = runs.iter().map(|run| run.failed).sum();
-    Row {
+    let held = runs.iter().map(|run| run.held).min().unwrap_or(0);
+    let row = |what: &str,
+               loaded: fn(&SlowlorisRun) -> Duration,
+               quiet: fn(&SlowlorisRun) -> Duration| Row {
         id: "SL",
         figure: format!(
-            "/live p99, {SLOWLORIS_CONNECTIONS} slowloris open: {}{}",
-            format_duration(loaded),
+            "/live {what}, {count} slow open: {}{}",
+            format_duration(median_duration(runs.iter().map(loaded))),
             if failed > 0 {
                 format!(", {failed} failed")
+            } else if held < count {
+                format!(", only {held} held")
             } else {
                 String::new()
             }
         ),
-        ceiling: format!("without: {}", format_duration(quiet)),
-        ratio: Some(loaded.as_secs_f64() / quiet.as_secs_f64()),
+        ceiling: format!(
+            "without: {}",
+            format_duration(median_duration(runs.iter().map(quiet)))
+        ),
+        ratio: Some(median(
+            runs.iter()
+                .map(|run| loaded(run).as_secs_f64() / quiet(run).as_secs_f64()),
+        )),
         goal: "(info)".to_owned(),
         pass: None,
-    }
+    };
+    [
+        row("p99", |run| run.loaded_p99, |run| run.quiet_p99),
+        row("p50", |run| run.loaded_p50, |run| run.quiet_p50),
+    ]
 }
 
 /// An absolute limit on a figure.
