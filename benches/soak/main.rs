@@ -121,8 +121,9 @@ fn run() -> Result<(), String> {
     let mut next_sample = started + SAMPLE_EVERY;
     let mut live: VecDeque<String> = VecDeque::new();
     let (mut done, mut failed) = (0u64, 0u64);
-    // Every refusal by operation kind and status, with the first answer of
-    // each, so that a failure in a long run can be told apart.
+    // Every refusal by operation kind and status (0: no answer), with the
+    // first answer of each, so that a failure in a long run can be told
+    // apart.
     let mut refusals: std::collections::BTreeMap<(&str, u16), (u64, String)> = Default::default();
     let (mut max_db, mut max_wal) = (0u64, 0u64);
     let mut op = 0u64;
@@ -151,9 +152,25 @@ fn run() -> Result<(), String> {
                 r#"{"holder_id":"soak"}"#,
             ),
         };
-        let response = client
-            .exchange(&request)
-            .map_err(|e| format!("operation {op}: {e}"))?;
+        let kind = ["spawn", "destroy", "acquire", "release"][(op % 4) as usize];
+        let response = match client.exchange(&request) {
+            Ok(r) => r,
+            Err(e) => {
+                // No answer within the client's 10 s (or a broken
+                // connection): counted, shown at the end, and the run goes
+                // on over a new connection.
+                failed += 1;
+                let when = started.elapsed().as_secs();
+                let seen = refusals
+                    .entry((kind, 0))
+                    .or_insert_with(|| (0, format!("at {when} s: {e}")));
+                seen.0 += 1;
+                client = Client::connect(running.addr, Duration::from_secs(10))
+                    .map_err(|e| format!("reconnecting: {e}"))?;
+                op += 1;
+                continue;
+            }
+        };
         if (200..300).contains(&response.status) {
             done += 1;
             if op % 4 == 0 {
@@ -165,7 +182,6 @@ fn run() -> Result<(), String> {
             }
         } else {
             failed += 1;
-            let kind = ["spawn", "destroy", "acquire", "release"][(op % 4) as usize];
             let seen = refusals.entry((kind, response.status)).or_insert_with(|| {
                 (
                     0,
