@@ -529,3 +529,29 @@ fn owner_keys_from_the_environment() {
     // Without an admin key configured, no one sees across owners.
     assert_error(&daemon.get(SANDBOXES), 401, "UNAUTHORIZED");
 }
+
+#[test]
+fn a_refused_owner_is_answered_before_the_body() {
+    let daemon = Daemon::builder().config(&keys_config("")).start();
+    // A head that declares a body it never sends: the relay answers at
+    // once (the same 403 the handler gives), and nobody waits for the body.
+    let mut client = common::Client::connect(daemon.addr);
+    client.set_read_timeout(Duration::from_secs(5));
+    client
+        .write_raw(
+            format!(
+                "POST {SANDBOXES} HTTP/1.1\r\nHost: t\r\nX-API-Key: {BOB_KEY}\r\n\
+                 X-User-ID: alice\r\nContent-Type: application/json\r\n\
+                 Content-Length: 100000\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .expect("write the head");
+    let resp = client.read_response().expect("an answer before the body");
+    let message = assert_error(&resp, 403, "FORBIDDEN");
+    assert!(message.contains("X-User-ID"), "{message}");
+    assert_eq!(
+        ids(&daemon.send(&as_admin(Request::get(SANDBOXES)))),
+        Vec::<String>::new()
+    );
+}
