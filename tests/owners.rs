@@ -555,3 +555,41 @@ fn a_refused_owner_is_answered_before_the_body() {
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn audit_names_owner_keys_by_position_never_by_key() {
+    let daemon = Daemon::builder().config(&keys_config("")).start();
+    // The third [[auth.keys]] table is the admin key; the legacy admin
+    // list names its own.
+    for (key, request_id) in [(ADMIN_KEY, "aud-key"), (LEGACY_ADMIN_KEY, "aud-legacy")] {
+        let resp = daemon.send(
+            &Request::post("/api/v1/admin/workers/w-aud/heartbeat")
+                .header("X-Admin-API-Key", key)
+                .header("X-Request-ID", request_id)
+                .json(&json!({"hostname": request_id})),
+        );
+        assert_status(&resp, 200);
+    }
+    let db = rusqlite::Connection::open_with_flags(
+        &daemon.db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open the database");
+    let mut stmt = db
+        .prepare(
+            "SELECT request_id, actor FROM admin_audit WHERE request_id LIKE 'aud-%' ORDER BY seq",
+        )
+        .unwrap();
+    let rows: Vec<(String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("aud-key".to_owned(), "key#3".to_owned()),
+            ("aud-legacy".to_owned(), "admin-key#1".to_owned()),
+        ]
+    );
+}
