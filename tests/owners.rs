@@ -450,6 +450,17 @@ fn sighup_carries_new_owner_keys() {
     // The old keys still work, bound as before.
     let bob = spawn_as(&daemon, BOB_KEY, &json!({}));
     assert_eq!(bob.json()["owner_id"], "bob", "{bob}");
+    // A reload that drops Bob's table revokes his key; Carol's stays.
+    daemon.write_config(&format!(
+        "[[auth.keys]]\nkey = \"{ALICE_KEY}\"\nowner_id = \"alice\"\n\n\
+         [[auth.keys]]\nkey = \"{carol_key}\"\nowner_id = \"carol\"\n"
+    ));
+    daemon.sighup();
+    poll_until(Duration::from_secs(5), "bob's key to be revoked", || {
+        spawn_as(&daemon, BOB_KEY, &json!({})).status == 401
+    });
+    assert_status(&carol(), 201);
+    assert_eq!(listed(&daemon, "carol-key-5b2e9d07c1").len(), 3);
     assert_eq!(daemon.stop().code(), Some(0));
     assert!(!daemon.stderr_text().contains(carol_key));
 }
