@@ -92,15 +92,19 @@ pub struct WorkerConfig {
     pub down_after: Duration,
 }
 
-#[derive(Clone, PartialEq)]
+#[derive(Clone, PartialEq, Default)]
 pub struct AuthConfig {
+    /// Legacy user keys: bound to no owner, they act only on sandboxes
+    /// without one.
     pub api_keys: Vec<String>,
     pub admin_api_keys: Vec<String>,
+    /// `[[auth.keys]]`: keys with a role, user keys bound to an owner.
+    pub keys: Vec<KeyEntry>,
 }
 
 impl AuthConfig {
     pub fn enabled(&self) -> bool {
-        !self.api_keys.is_empty() || !self.admin_api_keys.is_empty()
+        !self.api_keys.is_empty() || !self.admin_api_keys.is_empty() || !self.keys.is_empty()
     }
 }
 
@@ -110,7 +114,33 @@ impl fmt::Debug for AuthConfig {
         f.debug_struct("AuthConfig")
             .field("api_keys", &self.api_keys.len())
             .field("admin_api_keys", &self.admin_api_keys.len())
+            .field("keys", &self.keys)
             .finish()
+    }
+}
+
+/// What an `[[auth.keys]]` entry may do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyRole {
+    /// Acts for exactly this owner (never empty; validated as an owner id).
+    User { owner_id: String },
+    /// Acts for every owner, and on the admin routes.
+    Admin,
+}
+
+/// One `[[auth.keys]]` entry.
+#[derive(Clone, PartialEq)]
+pub struct KeyEntry {
+    pub key: String,
+    pub role: KeyRole,
+}
+
+/// The key is a secret: shown as its role only.
+impl fmt::Debug for KeyEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyEntry")
+            .field("role", &self.role)
+            .finish_non_exhaustive()
     }
 }
 
@@ -533,25 +563,13 @@ impl Config {
         }
 
         let a = r.section(table, "auth");
-        r.only_keys("auth", a, &["api_keys", "admin_api_keys"]);
+        r.only_keys("auth", a, &["api_keys", "admin_api_keys", "keys"]);
         let auth = AuthConfig {
             api_keys: r.string_list(a, "auth", "api_keys", &[]),
             admin_api_keys: r.string_list(a, "auth", "admin_api_keys", &[]),
+            keys: r.key_entries(a),
         };
-        for (key, list) in [
-            ("auth.api_keys", &auth.api_keys),
-            ("auth.admin_api_keys", &auth.admin_api_keys),
-        ] {
-            if list
-                .iter()
-                .any(|k| k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()))
-            {
-                r.problem(
-                    key,
-                    "keys must be non-empty and contain no whitespace".into(),
-                );
-            }
-        }
+        r.check_keys(&auth);
         if !auth.enabled()
             && !server.listen.ip().is_loopback()
             && !server.allow_unauthenticated_remote
@@ -988,15 +1006,39 @@ fn apply_overrides(
                 .collect(),
         )
     };
+    // `owner=key,owner=key` into `[[auth.keys]]` tables; owner ids hold no
+    // `=` or `,` (a key may hold `=`). A pair without `=` becomes a table
+    // without `owner_id`, which validation reports.
+    let owner_keys = |v: String| {
+        toml::Value::Array(
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|pair| {
+                    let mut entry = toml::Table::new();
+                    let key = match pair.split_once('=') {
+                        Some((owner, key)) => {
+                            entry.insert("owner_id".into(), owner.trim().to_owned().into());
+                            key.trim()
+                        }
+                        None => pair,
+                    };
+                    entry.insert("key".into(), key.to_owned().into());
+                    toml::Value::Table(entry)
+                })
+                .collect(),
+        )
+    };
     let string = toml::Value::String;
     type Convert = fn(String) -> toml::Value;
-    let env_keys: [(&str, &str, &str, Convert); 6] = [
+    let env_keys: [(&str, &str, &str, Convert); 7] = [
         ("STACYVMD_LISTEN", "server", "listen", string),
         ("STACYVMD_DATA_DIR", "store", "data_dir", string),
         ("STACYVMD_LOG_LEVEL", "log", "level", string),
         ("STACYVMD_WORKER_ID", "worker", "id", string),
         ("STACYVMD_API_KEYS", "auth", "api_keys", list),
         ("STACYVMD_ADMIN_API_KEYS", "auth", "admin_api_keys", list),
+        ("STACYVMD_OWNER_KEYS", "auth", "keys", owner_keys),
     ];
     for (var, section, key, convert) in env_keys {
         if let Some(value) = env(var).filter(|v| !v.is_empty()) {
@@ -1321,6 +1363,117 @@ impl Reader {
         }
     }
 
+    /// `[[auth.keys]]`: each entry a table of `key`, `role` and (for the
+    /// user role, required) `owner_id`.
+    fn key_entries(&mut self, auth: &toml::Table) -> Vec<KeyEntry> {
+        let items = match auth.get("keys") {
+            None => return Vec::new(),
+            Some(toml::Value::Array(items)) => items,
+            Some(other) => {
+                self.problem(
+                    "auth.keys",
+                    format!(
+                        "must be an array of tables ([[auth.keys]]), found {}",
+                        other.type_str()
+                    ),
+                );
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let name = format!("auth.keys[{i}]");
+            let Some(t) = item.as_table() else {
+                self.problem(&name, format!("must be a table, found {}", item.type_str()));
+                continue;
+            };
+            self.only_keys(&name, t, &["key", "owner_id", "role"]);
+            if !t.contains_key("key") {
+                self.problem(&format!("{name}.key"), "is required".into());
+                continue;
+            }
+            let key = self.string(t, &name, "key", "");
+            let owner = t
+                .get("owner_id")
+                .map(|_| self.string(t, &name, "owner_id", ""));
+            let role = match self.string(t, &name, "role", "user").as_str() {
+                "user" => match owner {
+                    Some(owner_id) if !owner_id.is_empty() => {
+                        if let Err(e) = crate::sandboxes::validate_owner_id(&owner_id) {
+                            self.problem(&format!("{name}.owner_id"), e);
+                        }
+                        KeyRole::User { owner_id }
+                    }
+                    _ => {
+                        self.problem(
+                            &format!("{name}.owner_id"),
+                            "is required for role = \"user\" (the owner whose sandboxes the key acts on)"
+                                .into(),
+                        );
+                        continue;
+                    }
+                },
+                "admin" => {
+                    if owner.is_some() {
+                        self.problem(
+                            &format!("{name}.owner_id"),
+                            "is only for role = \"user\": an admin key acts for every owner".into(),
+                        );
+                    }
+                    KeyRole::Admin
+                }
+                other => {
+                    self.problem(
+                        &format!("{name}.role"),
+                        format!("must be \"user\" or \"admin\", not {other:?}"),
+                    );
+                    continue;
+                }
+            };
+            out.push(KeyEntry { key, role });
+        }
+        out
+    }
+
+    /// Every key well-formed and unique across `api_keys`,
+    /// `admin_api_keys` and `[[auth.keys]]`. Problems name the places,
+    /// never the key.
+    fn check_keys(&mut self, auth: &AuthConfig) {
+        let places = auth
+            .api_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (format!("auth.api_keys[{i}]"), k))
+            .chain(
+                auth.admin_api_keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| (format!("auth.admin_api_keys[{i}]"), k)),
+            )
+            .chain(
+                auth.keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (format!("auth.keys[{i}].key"), &e.key)),
+            );
+        let mut seen: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
+        for (place, key) in places {
+            if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                self.problem(
+                    &place,
+                    "keys must be non-empty and contain no whitespace".into(),
+                );
+            } else if let Some(first) = seen.get(key.as_str()) {
+                self.problem(
+                    &place,
+                    format!("the same key as {first}: every key must be unique (a key has one role and one owner)"),
+                );
+            } else {
+                seen.insert(key, place);
+            }
+        }
+    }
+
     fn string_list(
         &mut self,
         t: &toml::Table,
@@ -1462,8 +1615,76 @@ mod tests {
 
     #[test]
     fn debug_never_shows_keys() {
-        let c = parse("[auth]\napi_keys=['supersecret']\n").unwrap();
+        let c = parse(
+            "[auth]\napi_keys=['supersecret']\n[[auth.keys]]\nkey='topsecret'\nowner_id='a'\n",
+        )
+        .unwrap();
         assert!(!format!("{c:?}").contains("supersecret"));
+        assert!(!format!("{c:?}").contains("topsecret"));
+    }
+
+    #[test]
+    fn owner_keys() {
+        let c = parse(
+            "[[auth.keys]]\nkey='k1'\nowner_id='alice'\n[[auth.keys]]\nkey='k2'\nrole='admin'\n",
+        )
+        .unwrap();
+        assert!(c.auth.enabled());
+        assert_eq!(
+            c.auth.keys[0].role,
+            KeyRole::User {
+                owner_id: "alice".into()
+            }
+        );
+        assert_eq!(c.auth.keys[1].role, KeyRole::Admin);
+        for (text, key) in [
+            ("[[auth.keys]]\nkey='k'\n", "auth.keys[0].owner_id"),
+            (
+                "[[auth.keys]]\nkey='k'\nowner_id=''\n",
+                "auth.keys[0].owner_id",
+            ),
+            (
+                "[[auth.keys]]\nkey='k'\nrole='admin'\nowner_id='a'\n",
+                "auth.keys[0].owner_id",
+            ),
+            (
+                "[[auth.keys]]\nkey='k'\nowner_id='a'\nrole='x'\n",
+                "auth.keys[0].role",
+            ),
+            ("[[auth.keys]]\nowner_id='a'\n", "auth.keys[0].key"),
+            (
+                "[[auth.keys]]\nkey='a b'\nowner_id='a'\n",
+                "auth.keys[0].key",
+            ),
+            ("[auth]\nkeys = 'k'\n", "auth.keys"),
+            (
+                "[auth]\napi_keys=['k']\n[[auth.keys]]\nkey='k'\nowner_id='a'\n",
+                "auth.keys[0].key",
+            ),
+            ("[auth]\napi_keys=['k','k']\n", "auth.api_keys[1]"),
+        ] {
+            let problems = parse(text).unwrap_err();
+            assert!(
+                problems.iter().any(|p| p.key == key),
+                "{text}: {problems:?}"
+            );
+        }
+        // The environment form, and a reload carries the keys.
+        let mut table = toml::Table::new();
+        let env = |k: &str| (k == "STACYVMD_OWNER_KEYS").then(|| "alice=k=1, bob=k2,".to_owned());
+        apply_overrides(&mut table, &Overrides::default(), &env);
+        let from_env = Config::from_table(&table, None).unwrap();
+        assert_eq!(from_env.auth.keys.len(), 2);
+        assert_eq!(from_env.auth.keys[0].key, "k=1");
+        assert_eq!(
+            from_env.auth.keys[1].role,
+            KeyRole::User {
+                owner_id: "bob".into()
+            }
+        );
+        let (merged, ignored) = parse("").unwrap().reload(&from_env);
+        assert_eq!(merged.auth, from_env.auth);
+        assert!(ignored.is_empty(), "{ignored:?}");
     }
 }
 

@@ -23,7 +23,9 @@ use std::time::Duration;
 use crate::config::LiveConfig;
 use crate::leases::Lease;
 use crate::providers::{ExecError, ExecutorHandle, Late, Registry, RuntimeSpec};
-use crate::sandboxes::{Sandbox, SandboxIds, SandboxState, SpawnSpec, validate_owner_id};
+use crate::sandboxes::{
+    OwnerScope, Sandbox, SandboxIds, SandboxState, SpawnSpec, validate_owner_id,
+};
 use crate::scheduler::{Admission, AdmissionQuery, Limits, SchedulerError, SchedulerHandle};
 use crate::store::{SandboxRefusal, SpawnStart, StoreError, StoreHandle};
 use crate::time::now_ms;
@@ -476,7 +478,12 @@ impl Lifecycle {
 
     /// Destroys a sandbox: lease first, then provider, then record and lease
     /// release together.
-    pub fn destroy(&self, id: &str) -> Result<Sandbox, LifecycleError> {
+    /// A sandbox outside `scope` is refused as a missing one, before
+    /// anything is touched (owners never change, so the check holds).
+    pub fn destroy(&self, scope: &OwnerScope, id: &str) -> Result<Sandbox, LifecycleError> {
+        if *scope != OwnerScope::All {
+            self.get(scope, id)?;
+        }
         let me = self.me();
         let now = now_ms();
         let (sandbox, lease) = match self
@@ -572,7 +579,15 @@ impl Lifecycle {
         Ok(destroyed)
     }
 
-    pub fn extend(&self, id: &str, ttl_ms: i64) -> Result<Sandbox, LifecycleError> {
+    pub fn extend(
+        &self,
+        scope: &OwnerScope,
+        id: &str,
+        ttl_ms: i64,
+    ) -> Result<Sandbox, LifecycleError> {
+        if *scope != OwnerScope::All {
+            self.get(scope, id)?;
+        }
         let max = self.live.get().sandboxes.max_ttl.as_millis() as i64;
         if ttl_ms <= 0 || ttl_ms > max {
             return Err(LifecycleError::Invalid(format!(
@@ -593,15 +608,26 @@ impl Lifecycle {
         }
     }
 
-    pub fn get(&self, id: &str) -> Result<Sandbox, LifecycleError> {
+    /// A live sandbox within `scope`; one outside it is answered exactly
+    /// as a missing one, so its id does not leak.
+    pub fn get(&self, scope: &OwnerScope, id: &str) -> Result<Sandbox, LifecycleError> {
         match self.store.get_sandbox(id)? {
-            Some(s) if s.state != SandboxState::Destroyed && !self.is_unfinished(id) => Ok(s),
+            Some(s)
+                if s.state != SandboxState::Destroyed
+                    && scope.permits(&s.owner_id)
+                    && !self.is_unfinished(id) =>
+            {
+                Ok(s)
+            }
             _ => Err(LifecycleError::NotFound(format!("sandbox {id} not found"))),
         }
     }
 
-    pub fn list(&self) -> Result<Vec<Sandbox>, LifecycleError> {
+    pub fn list(&self, scope: &OwnerScope) -> Result<Vec<Sandbox>, LifecycleError> {
         let mut all = self.store.list_sandboxes()?;
+        if *scope != OwnerScope::All {
+            all.retain(|s| scope.permits(&s.owner_id));
+        }
         let unfinished = self.unfinished.lock().unwrap_or_else(|e| e.into_inner());
         if !unfinished.is_empty() {
             all.retain(|s| !unfinished.contains_key(&s.id));
@@ -653,17 +679,20 @@ impl Lifecycle {
         finished
     }
 
-    /// Destroys every sandbox whose TTL passed. Returns how many.
-    pub fn prune(&self) -> Result<usize, LifecycleError> {
+    /// Destroys every sandbox within `scope` whose TTL passed. Returns how
+    /// many.
+    pub fn prune(&self, scope: &OwnerScope) -> Result<usize, LifecycleError> {
         let mut pruned = 0;
         loop {
-            let expired = self.store.list_expired(now_ms(), 256)?;
+            let expired = self
+                .store
+                .list_expired(now_ms(), 256, scope.fixed_owner())?;
             if expired.is_empty() {
                 return Ok(pruned);
             }
             let mut progress = false;
             for s in expired {
-                match self.destroy(&s.id) {
+                match self.destroy(scope, &s.id) {
                     Ok(_) => {
                         pruned += 1;
                         progress = true;

@@ -34,7 +34,7 @@ impl Reaper {
                 loop {
                     select! {
                         recv(stopped) -> _ => break,
-                        recv(reap) -> _ => match lifecycle.prune() {
+                        recv(reap) -> _ => match lifecycle.prune(&crate::sandboxes::OwnerScope::All) {
                             Ok(0) => {}
                             Ok(n) => log::info!("reaped {n} expired sandboxes"),
                             Err(e) => log::warn!("reaping failed: {e}"),

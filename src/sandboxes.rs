@@ -70,6 +70,38 @@ pub struct SpawnSpec {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// Which sandboxes a caller may see and act on: decided once from the key
+/// it presented (`http::auth`), then passed to every lifecycle call. A
+/// sandbox outside the scope is treated exactly as a missing one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerScope {
+    /// Admin keys, and no keys configured (the loopback default): every
+    /// owner; the caller may name the owner of what it creates.
+    All,
+    /// A key bound to this owner (never empty): only its sandboxes.
+    Owner(String),
+    /// A legacy `auth.api_keys` entry, bound to no one: only sandboxes
+    /// without an owner.
+    Unowned,
+}
+
+impl OwnerScope {
+    /// The owner the caller acts as when its key fixes it (`""` for no
+    /// owner); `None` when it may act for anyone.
+    pub fn fixed_owner(&self) -> Option<&str> {
+        match self {
+            OwnerScope::All => None,
+            OwnerScope::Owner(owner) => Some(owner),
+            OwnerScope::Unowned => Some(""),
+        }
+    }
+
+    /// Whether a sandbox of `owner_id` is visible to the caller.
+    pub fn permits(&self, owner_id: &str) -> bool {
+        self.fixed_owner().is_none_or(|fixed| fixed == owner_id)
+    }
+}
+
 pub const MAX_OWNER_ID_LEN: usize = 128;
 pub const MAX_METADATA_ENTRIES: usize = 64;
 pub const MAX_METADATA_KEY_LEN: usize = 128;

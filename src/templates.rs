@@ -2,10 +2,10 @@
 //! (`/api/v1/templates`, docs/api.md). Pure data; the store keeps them
 //! (migration 0005), the REST edge validates them with the spawn parser.
 //!
-//! Whose a template is: the caller's owner when it has one (`owner_id`),
-//! else nobody's (`""`): a caller sees its own templates and the ones of
-//! nobody, and a name is looked up in that order. Names are unique per
-//! owner.
+//! Whose a template is: the owner the caller acts as (its key's, or the
+//! one an admin names with `X-User-ID`), else nobody's (`""`): a caller
+//! sees its own templates and the ones of nobody, and a name is looked up
+//! in that order. Names are unique per owner.
 
 use std::collections::BTreeMap;
 

@@ -117,6 +117,49 @@ fn keys_from_the_environment() {
 }
 
 #[test]
+fn the_bearer_scheme_is_case_insensitive_with_any_spaces() {
+    let daemon = Daemon::builder()
+        .config(&format!("[auth]\napi_keys = [\"{USER_KEY}\"]\n"))
+        .start();
+    for scheme in [
+        "Bearer ",
+        "bearer ",
+        "BEARER ",
+        "bEaReR ",
+        "Bearer    ",
+        "bearer\t",
+    ] {
+        let value = format!("{scheme}{USER_KEY}");
+        // Without a body (the handler decides) and with one (the relay
+        // decides before the body): the same answer.
+        let get = daemon.send(&Request::get("/api/v1/workers").header("Authorization", &value));
+        assert_status(&get, 200);
+        let post = daemon.send(
+            &Request::post("/api/v1/sandboxes/admission")
+                .header("Authorization", &value)
+                .json(&json!({})),
+        );
+        assert_status(&post, 200);
+    }
+    // Another scheme, or the scheme glued to the key, is not a bearer token.
+    for value in [
+        format!("Basic {USER_KEY}"),
+        format!("Bearer{USER_KEY}"),
+        format!("Bearerx {USER_KEY}"),
+        USER_KEY.to_owned(),
+    ] {
+        let resp = daemon.send(&Request::get("/api/v1/workers").header("Authorization", &value));
+        assert_error(&resp, 401, "UNAUTHORIZED");
+        let resp = daemon.send(
+            &Request::post("/api/v1/sandboxes/admission")
+                .header("Authorization", &value)
+                .json(&json!({})),
+        );
+        assert_error(&resp, 401, "UNAUTHORIZED");
+    }
+}
+
+#[test]
 fn no_keys_means_every_route_is_open_on_loopback() {
     let daemon = Daemon::start();
     assert_status(&daemon.get("/api/v1/workers"), 200);

@@ -25,6 +25,10 @@ use serde_json::Value;
 /// The SDK release the test pins.
 const SDK_VERSION: &str = "0.1.1";
 const API_KEY: &str = "sdk-e2e-key-4b7d20c9e1";
+/// The owner the script names with `X-User-ID` (tests/sdk/e2e.py `OWNER`):
+/// the key is bound to it, so the SDK's header is accepted and the script
+/// sees only this owner's sandboxes.
+const OWNER: &str = "sdk-e2e";
 /// The daemon's default exec timeout for this test: short, so the script
 /// can check how a streamed exec (which cannot send a timeout) ends at it.
 const EXEC_TIMEOUT_SECS: u64 = 2;
@@ -202,7 +206,7 @@ fn python_sdk_drives_a_live_daemon() {
     let python = sdk_python();
     let daemon = Daemon::builder()
         .config(&format!(
-            "[auth]\napi_keys = [\"{API_KEY}\"]\n\n\
+            "[[auth.keys]]\nkey = \"{API_KEY}\"\nowner_id = \"{OWNER}\"\n\n\
              [providers.process]\nexec_timeout = \"{EXEC_TIMEOUT_SECS}s\"\n"
         ))
         .start();

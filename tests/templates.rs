@@ -254,3 +254,61 @@ fn a_saved_template_survives_kill_9() {
     assert_status(&t, 200);
     assert_eq!(t.json()["ttl"], "2h");
 }
+
+/// With owner-bound keys, a key's templates are its owner's: another
+/// owner's are invisible (404 as a missing one), `X-User-ID` naming
+/// someone else is refused, and a legacy unbound key sees only nobody's.
+#[test]
+fn owner_bound_keys_decide_whose_templates_a_caller_sees() {
+    let daemon = Daemon::builder()
+        .config(
+            "[auth]\napi_keys = [\"legacy-key-0001\"]\n\n\
+             [[auth.keys]]\nkey = \"alice-key-0001\"\nowner_id = \"alice\"\n\n\
+             [[auth.keys]]\nkey = \"bob-key-00001\"\nowner_id = \"bob\"\n\n\
+             [[auth.keys]]\nkey = \"admin-key-0001\"\nrole = \"admin\"\n",
+        )
+        .start();
+    let with_key = |req: Request, key: &str| req.header("X-API-Key", key);
+    let list = |key: &str| -> Vec<String> {
+        let resp = daemon.send(&with_key(Request::get(TEMPLATES), key));
+        assert_status(&resp, 200);
+        resp.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let post =
+        |key: &str, body: Value| daemon.send(&with_key(Request::post(TEMPLATES).json(&body), key));
+    assert_status(
+        &post("alice-key-0001", json!({"name": "py", "image": "a"})),
+        201,
+    );
+    assert_status(
+        &post("admin-key-0001", json!({"name": "base", "image": "b"})),
+        201,
+    );
+    assert_eq!(list("alice-key-0001"), vec!["base", "py"]);
+    assert_eq!(list("bob-key-00001"), vec!["base"]);
+    assert_eq!(list("legacy-key-0001"), vec!["base"]);
+    let bob_get = daemon.send(&with_key(
+        Request::get(&template_path("py")),
+        "bob-key-00001",
+    ));
+    assert_error(&bob_get, 404, "TEMPLATE_NOT_FOUND");
+    let spoof =
+        with_key(Request::get(&template_path("py")), "bob-key-00001").header("X-User-ID", "alice");
+    assert_error(&daemon.send(&spoof), 403, "FORBIDDEN");
+    // The admin key acts for the owner X-User-ID names.
+    let as_alice =
+        with_key(Request::get(&template_path("py")), "admin-key-0001").header("X-User-ID", "alice");
+    assert_eq!(daemon.send(&as_alice).json()["image"], "a");
+    // A sandbox spawned from a template is the key's owner's.
+    let spawned = daemon.send(&with_key(
+        Request::post(&format!("{TEMPLATES}/base/spawn")),
+        "bob-key-00001",
+    ));
+    assert_status(&spawned, 201);
+    assert_eq!(spawned.json()["owner_id"], "bob");
+}

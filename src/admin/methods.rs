@@ -11,6 +11,7 @@ use serde_json::{Map, Value, json};
 use super::{AdminCtx, Peer, Subscriber, Writer};
 use crate::http::api::{LeaseJson, SandboxJson, WorkerJson, parse_heartbeat, parse_spawn};
 use crate::lifecycle::LifecycleError;
+use crate::sandboxes::OwnerScope;
 use crate::store::{AuditEntry, LeaseOp};
 use crate::time::{MAX_DURATION, now_ms, parse_duration_within};
 use crate::workerproto::{self, Claims, Envelope, ErrorCode, Method, ProtoError};
@@ -276,7 +277,7 @@ fn run(
                 Some(lease) if e.method == Method::WorkerDestroy => lease.resource_id.clone(),
                 _ => Params::only(&e.params, &["id"])?.required("id")?.to_owned(),
             };
-            ctx.lifecycle.destroy(&id)?;
+            ctx.lifecycle.destroy(&OwnerScope::All, &id)?;
             Ok(json!({"status": "destroyed", "id": id}).into())
         }
         Method::WorkerStatus => {
@@ -399,7 +400,7 @@ fn run(
         }
         Method::SandboxList => {
             Params::only(&e.params, &[])?;
-            let all = ctx.lifecycle.list()?;
+            let all = ctx.lifecycle.list(&OwnerScope::All)?;
             Ok(Value::Array(
                 all.iter()
                     .map(|s| to_value(&SandboxJson::from(s)))
@@ -409,7 +410,10 @@ fn run(
         }
         Method::SandboxGet => {
             let id = Params::only(&e.params, &["id"])?.required("id")?.to_owned();
-            Ok(to_value(&SandboxJson::from(&ctx.lifecycle.get(&id)?)).into())
+            Ok(to_value(&SandboxJson::from(
+                &ctx.lifecycle.get(&OwnerScope::All, &id)?,
+            ))
+            .into())
         }
         Method::SandboxSpawn => {
             let params = Value::Object(e.params.clone()).to_string();

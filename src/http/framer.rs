@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::api::ApiError;
-use super::auth::{Presented, authorize};
+use super::auth::{Presented, authorize, bearer_token};
 use super::router::{RouteError, percent_decode, route};
 use crate::config::AuthConfig;
 
@@ -312,12 +312,11 @@ impl Framer {
             } else if name.eq_ignore_ascii_case("x-admin-api-key") {
                 presented.admin_key = Some(value);
             } else if name.eq_ignore_ascii_case("authorization") {
-                // Lenient on purpose: the relay must never refuse what the
-                // handler would take; the handler decides the rest.
-                presented.bearer = value
-                    .split_once(' ')
-                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                    .map(|(_, token)| token.trim());
+                // The handler reads it with the same function: the relay
+                // never refuses what the handler would take.
+                presented.bearer = bearer_token(value);
+            } else if name.eq_ignore_ascii_case("x-user-id") {
+                presented.user_id = Some(value);
             }
         }
         let length = length.unwrap_or(0);
@@ -488,10 +487,7 @@ mod tests {
     }
 
     fn no_keys() -> AuthConfig {
-        AuthConfig {
-            api_keys: Vec::new(),
-            admin_api_keys: Vec::new(),
-        }
+        AuthConfig::default()
     }
 
     struct Run {
@@ -721,7 +717,7 @@ mod tests {
         let mut run = Run::new(100);
         run.auth = AuthConfig {
             api_keys: vec!["k".into()],
-            admin_api_keys: Vec::new(),
+            ..AuthConfig::default()
         };
         let mut out = Vec::new();
         let now = Instant::now();

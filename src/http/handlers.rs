@@ -63,8 +63,6 @@ pub struct Incoming<'r> {
     pub request_id: &'r str,
     pub presented: Presented<'r>,
     pub received: Instant,
-    /// `X-User-ID`: the sandbox owner, over the body's `owner_id`.
-    pub user_id: Option<&'r str>,
     pub idempotency_key: Option<&'r str>,
 }
 
@@ -92,8 +90,8 @@ pub fn handle(
     };
     let id = route.id();
     let config = ctx.live.get();
-    let principal = match authorize(route.access(), &config.auth, &incoming.presented) {
-        Ok(p) => p,
+    let caller = match authorize(route.access(), &config.auth, &incoming.presented) {
+        Ok(caller) => caller,
         Err(e) => {
             crate::metrics::METRICS.http.auth_failures.inc();
             log::warn!(
@@ -120,42 +118,44 @@ pub fn handle(
         Route::ListWorkers { .. } => list_workers(ctx),
         Route::GetWorker { id, .. } => get_worker(ctx, &id),
         Route::Heartbeat { id } => read_body(body, body_length, limit)
-            .and_then(|bytes| heartbeat(ctx, incoming, principal, &id, &bytes)),
-        Route::DeleteWorker { id } => delete_worker(ctx, incoming, principal, &id, query),
+            .and_then(|bytes| heartbeat(ctx, incoming, caller.principal, &id, &bytes)),
+        Route::DeleteWorker { id } => delete_worker(ctx, incoming, caller.principal, &id, query),
         Route::Diagnostics { .. } => diagnostics(ctx),
         Route::MetricsJson => metrics_json(ctx),
         Route::MetricsPrometheus { .. } => prometheus(ctx),
         Route::Scheduler => scheduler(ctx),
         Route::Spawn => read_body(body, body_length, limit)
-            .and_then(|b| sandbox_handlers::spawn(ctx, incoming, &b)),
+            .and_then(|b| sandbox_handlers::spawn(ctx, incoming, &caller.scope, &b)),
         Route::Admission => read_body(body, body_length, limit)
-            .and_then(|b| sandbox_handlers::admission(ctx, incoming, &b)),
-        Route::ListSandboxes => sandbox_handlers::list(ctx),
-        Route::PruneSandboxes => sandbox_handlers::prune(ctx),
-        Route::GetSandbox { id } => sandbox_handlers::get(ctx, &id),
-        Route::DestroySandbox { id } => sandbox_handlers::destroy(ctx, &id),
-        Route::ExtendSandbox { id } => {
-            read_body(body, body_length, limit).and_then(|b| sandbox_handlers::extend(ctx, &id, &b))
-        }
-        Route::Exec { id } => {
-            read_body(body, body_length, limit).and_then(|b| super::io_handlers::exec(ctx, &id, &b))
-        }
+            .and_then(|b| sandbox_handlers::admission(ctx, incoming, &caller.scope, &b)),
+        Route::ListSandboxes => sandbox_handlers::list(ctx, &caller.scope),
+        Route::PruneSandboxes => sandbox_handlers::prune(ctx, &caller.scope),
+        Route::GetSandbox { id } => sandbox_handlers::get(ctx, &caller.scope, &id),
+        Route::DestroySandbox { id } => sandbox_handlers::destroy(ctx, &caller.scope, &id),
+        Route::ExtendSandbox { id } => read_body(body, body_length, limit)
+            .and_then(|b| sandbox_handlers::extend(ctx, &caller.scope, &id, &b)),
+        Route::Exec { id } => read_body(body, body_length, limit)
+            .and_then(|b| super::io_handlers::exec(ctx, &caller.scope, &id, &b)),
         Route::Files { id, op } => {
-            super::io_handlers::files(ctx, &id, op, query, body, body_length)
+            super::io_handlers::files(ctx, &caller.scope, &id, op, query, body, body_length)
         }
         Route::Providers => sandbox_handlers::providers(ctx),
         Route::ListLeases => sandbox_handlers::list_leases(ctx),
         Route::GetLease { id } => sandbox_handlers::get_lease(ctx, &id),
         Route::LeaseAction { id, action } => read_body(body, body_length, limit).and_then(|b| {
-            sandbox_handlers::lease_action(ctx, incoming, principal, &id, action, &b)
+            sandbox_handlers::lease_action(ctx, incoming, caller.principal, &id, action, &b)
         }),
-        Route::ListTemplates => super::template_handlers::list(ctx, incoming),
+        Route::ListTemplates => super::template_handlers::list(ctx, incoming, &caller.scope),
         Route::SaveTemplate => read_body(body, body_length, limit)
-            .and_then(|b| super::template_handlers::save(ctx, incoming, &b)),
-        Route::GetTemplate { name } => super::template_handlers::get(ctx, incoming, &name),
-        Route::DeleteTemplate { name } => super::template_handlers::delete(ctx, incoming, &name),
+            .and_then(|b| super::template_handlers::save(ctx, incoming, &caller.scope, &b)),
+        Route::GetTemplate { name } => {
+            super::template_handlers::get(ctx, incoming, &caller.scope, &name)
+        }
+        Route::DeleteTemplate { name } => {
+            super::template_handlers::delete(ctx, incoming, &caller.scope, &name)
+        }
         Route::SpawnTemplate { name } => read_body(body, body_length, limit)
-            .and_then(|b| super::template_handlers::spawn(ctx, incoming, &name, &b)),
+            .and_then(|b| super::template_handlers::spawn(ctx, incoming, &caller.scope, &name, &b)),
     };
     (id, result)
 }

@@ -15,7 +15,7 @@ use super::router::{FileRoute, query_pairs};
 use crate::providers::process::files::FsOp;
 use crate::providers::{EnterError, Provider};
 use crate::sandbox_io::{self, ExecMode, ExecRequest, NdjsonLines, OpError, Sink};
-use crate::sandboxes::SandboxState;
+use crate::sandboxes::{OwnerScope, SandboxState};
 
 impl From<OpError> for ApiError {
     fn from(e: OpError) -> ApiError {
@@ -24,8 +24,8 @@ impl From<OpError> for ApiError {
 }
 
 /// The running sandbox's provider, checked to be on this worker.
-fn target(ctx: &Ctx, id: &str) -> Result<Arc<dyn Provider>, ApiError> {
-    let sandbox = ctx.lifecycle.get(id)?;
+fn target(ctx: &Ctx, scope: &OwnerScope, id: &str) -> Result<Arc<dyn Provider>, ApiError> {
+    let sandbox = ctx.lifecycle.get(scope, id)?;
     if sandbox.state != SandboxState::Running {
         return Err(ApiError::conflict(format!(
             "sandbox {id} is {}, not running",
@@ -152,9 +152,9 @@ pub fn parse_exec(body: &[u8]) -> Result<ExecRequest, ApiError> {
     Ok(req)
 }
 
-pub fn exec(ctx: &Ctx, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
+pub fn exec(ctx: &Ctx, scope: &OwnerScope, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
     let req = parse_exec(body)?;
-    let provider = target(ctx, id)?;
+    let provider = target(ctx, scope, id)?;
     let p = sandbox_io::process_of(&provider)?;
     if req.stream {
         sandbox_io::validate(p, id, &req)?;
@@ -241,6 +241,7 @@ fn json_reply(out: Vec<u8>) -> Reply {
 /// `read_body` reads a bounded JSON body.
 pub fn files(
     ctx: &Ctx,
+    scope: &OwnerScope,
     id: &str,
     op: FileRoute,
     query: &str,
@@ -248,7 +249,7 @@ pub fn files(
     body_length: Option<usize>,
 ) -> Result<Reply, ApiError> {
     let upload_limit = ctx.live.get().providers.process.max_upload_bytes;
-    let provider = target(ctx, id)?;
+    let provider = target(ctx, scope, id)?;
     let p = sandbox_io::process_of(&provider)?;
     let run = |op: FsOp, input: Option<&mut dyn Read>| -> Result<Reply, ApiError> {
         Ok(json_reply(sandbox_io::file_op(p, id, op, input)?))

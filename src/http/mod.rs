@@ -235,8 +235,8 @@ fn serve(ctx: &Ctx, mut request: tiny_http::Request) {
     let user_id = header(&request, "X-User-ID").map(str::to_owned);
     let idempotency_key = header(&request, "Idempotency-Key").map(str::to_owned);
     let bearer = header(&request, "Authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|v| v.trim().to_owned());
+        .and_then(auth::bearer_token)
+        .map(str::to_owned);
     let incoming = Incoming {
         method: &method,
         url: &url,
@@ -245,9 +245,9 @@ fn serve(ctx: &Ctx, mut request: tiny_http::Request) {
             api_key: api_key.as_deref(),
             bearer: bearer.as_deref(),
             admin_key: admin_key.as_deref(),
+            user_id: user_id.as_deref(),
         },
         received,
-        user_id: user_id.as_deref(),
         idempotency_key: idempotency_key.as_deref(),
     };
     let body_length = request.body_length();

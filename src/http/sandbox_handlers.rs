@@ -7,27 +7,41 @@ use super::Ctx;
 use super::api::{
     ApiError, LeaseJson, SandboxJson, parse_lease_body, parse_spawn, parse_ttl, to_json,
 };
-use super::auth::Principal;
+use super::auth::{Principal, check_named_owner};
 use super::handlers::{Incoming, Reply};
 use super::router::LeaseVerb;
 use crate::leases::LeaseError;
 use crate::lifecycle::SpawnRequest;
-use crate::sandboxes::MAX_IDEMPOTENCY_KEY_LEN;
+use crate::sandboxes::{MAX_IDEMPOTENCY_KEY_LEN, OwnerScope};
 use crate::store::{AuditEntry, LeaseOp};
 use crate::time::{format_duration, now_ms};
 
-fn spawn_request(incoming: &Incoming<'_>, body: &[u8]) -> Result<SpawnRequest, ApiError> {
-    with_headers(incoming, parse_spawn(body)?)
+fn spawn_request(
+    incoming: &Incoming<'_>,
+    scope: &OwnerScope,
+    body: &[u8],
+) -> Result<SpawnRequest, ApiError> {
+    with_headers(incoming, scope, parse_spawn(body)?)
 }
 
-/// A spawn's headers applied to it: `X-User-ID`, `Idempotency-Key`.
+/// The spawn as asked, owned as the caller's scope says: a key bound to an
+/// owner creates for that owner (naming another is refused, and `authorize`
+/// has already checked `X-User-ID`); an admin key or no keys may name any.
+/// `Idempotency-Key` is applied too.
 pub(super) fn with_headers(
     incoming: &Incoming<'_>,
+    scope: &OwnerScope,
     mut req: SpawnRequest,
 ) -> Result<SpawnRequest, ApiError> {
-    // StacyVM: the X-User-ID header names the owner, over the body.
-    if let Some(user) = incoming.user_id {
-        req.owner_id = user.to_owned();
+    check_named_owner(scope, Some(&req.owner_id), "field `owner_id`")?;
+    match scope.fixed_owner() {
+        Some(owner) => req.owner_id = owner.to_owned(),
+        // StacyVM: the X-User-ID header names the owner, over the body.
+        None => {
+            if let Some(user) = incoming.presented.user_id {
+                req.owner_id = user.to_owned();
+            }
+        }
     }
     if let Some(key) = incoming.idempotency_key {
         if key.is_empty()
@@ -43,8 +57,13 @@ pub(super) fn with_headers(
     Ok(req)
 }
 
-pub fn spawn(ctx: &Ctx, incoming: &Incoming<'_>, body: &[u8]) -> Result<Reply, ApiError> {
-    let req = spawn_request(incoming, body)?;
+pub fn spawn(
+    ctx: &Ctx,
+    incoming: &Incoming<'_>,
+    scope: &OwnerScope,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
+    let req = spawn_request(incoming, scope, body)?;
     let (sandbox, replayed) = ctx.lifecycle.spawn(&req)?;
     if replayed {
         log::debug!(
@@ -56,8 +75,13 @@ pub fn spawn(ctx: &Ctx, incoming: &Incoming<'_>, body: &[u8]) -> Result<Reply, A
     Ok(Reply::json(201, to_json(&SandboxJson::from(&sandbox))))
 }
 
-pub fn admission(ctx: &Ctx, incoming: &Incoming<'_>, body: &[u8]) -> Result<Reply, ApiError> {
-    let req = spawn_request(incoming, body)?;
+pub fn admission(
+    ctx: &Ctx,
+    incoming: &Incoming<'_>,
+    scope: &OwnerScope,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
+    let req = spawn_request(incoming, scope, body)?;
     let a = ctx.lifecycle.admission(&req)?;
     let config = ctx.live.get();
     let limits = &config.sandboxes;
@@ -92,30 +116,30 @@ pub fn admission(ctx: &Ctx, incoming: &Incoming<'_>, body: &[u8]) -> Result<Repl
     Ok(Reply::json(200, to_json(&out)))
 }
 
-pub fn list(ctx: &Ctx) -> Result<Reply, ApiError> {
-    let all = ctx.lifecycle.list()?;
+pub fn list(ctx: &Ctx, scope: &OwnerScope) -> Result<Reply, ApiError> {
+    let all = ctx.lifecycle.list(scope)?;
     let items: Vec<SandboxJson<'_>> = all.iter().map(SandboxJson::from).collect();
     Ok(Reply::json(200, to_json(&items)))
 }
 
-pub fn get(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
-    let sandbox = ctx.lifecycle.get(id)?;
+pub fn get(ctx: &Ctx, scope: &OwnerScope, id: &str) -> Result<Reply, ApiError> {
+    let sandbox = ctx.lifecycle.get(scope, id)?;
     Ok(Reply::json(200, to_json(&SandboxJson::from(&sandbox))))
 }
 
-pub fn destroy(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
-    ctx.lifecycle.destroy(id)?;
+pub fn destroy(ctx: &Ctx, scope: &OwnerScope, id: &str) -> Result<Reply, ApiError> {
+    ctx.lifecycle.destroy(scope, id)?;
     Ok(Reply::json(200, br#"{"status":"destroyed"}"#.to_vec()))
 }
 
-pub fn prune(ctx: &Ctx) -> Result<Reply, ApiError> {
-    let pruned = ctx.lifecycle.prune()?;
+pub fn prune(ctx: &Ctx, scope: &OwnerScope) -> Result<Reply, ApiError> {
+    let pruned = ctx.lifecycle.prune(scope)?;
     Ok(Reply::json(200, to_json(&json!({ "pruned": pruned }))))
 }
 
-pub fn extend(ctx: &Ctx, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
+pub fn extend(ctx: &Ctx, scope: &OwnerScope, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
     let ttl_ms = parse_ttl(body, ctx.live.get().sandboxes.max_ttl)?;
-    let sandbox = ctx.lifecycle.extend(id, ttl_ms)?;
+    let sandbox = ctx.lifecycle.extend(scope, id, ttl_ms)?;
     Ok(Reply::json(200, to_json(&SandboxJson::from(&sandbox))))
 }
 

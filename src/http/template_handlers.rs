@@ -6,13 +6,19 @@ use super::Ctx;
 use super::api::{ApiError, SandboxJson, TemplateJson, duration_field, parse_template, to_json};
 use super::handlers::{Incoming, Reply};
 use crate::lifecycle::SpawnRequest;
+use crate::sandboxes::OwnerScope;
 use crate::templates::{Saved, Template};
 use crate::time::now_ms;
 
-/// Whose templates a caller sees and writes: its owner (`X-User-ID`), or
-/// nobody's (`""`).
-fn owner<'a>(incoming: &Incoming<'a>) -> &'a str {
-    incoming.user_id.unwrap_or("")
+/// Whose templates a caller sees and writes: the owner its key is bound
+/// to; for an admin key or no keys, the one `X-User-ID` names (checked by
+/// `authorize`); else nobody's (`""`, also a legacy unbound key's).
+fn owner(incoming: &Incoming<'_>, scope: &OwnerScope) -> String {
+    scope
+        .fixed_owner()
+        .or(incoming.presented.user_id)
+        .unwrap_or("")
+        .to_owned()
 }
 
 fn not_found(name: &str) -> ApiError {
@@ -23,15 +29,20 @@ fn not_found(name: &str) -> ApiError {
     )
 }
 
-pub fn list(ctx: &Ctx, incoming: &Incoming<'_>) -> Result<Reply, ApiError> {
-    let templates = ctx.store.list_templates(owner(incoming))?;
+pub fn list(ctx: &Ctx, incoming: &Incoming<'_>, scope: &OwnerScope) -> Result<Reply, ApiError> {
+    let templates = ctx.store.list_templates(&owner(incoming, scope))?;
     let shown: Vec<TemplateJson<'_>> = templates.iter().map(TemplateJson::from).collect();
     Ok(Reply::json(200, to_json(&shown)))
 }
 
-pub fn save(ctx: &Ctx, incoming: &Incoming<'_>, body: &[u8]) -> Result<Reply, ApiError> {
+pub fn save(
+    ctx: &Ctx,
+    incoming: &Incoming<'_>,
+    scope: &OwnerScope,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
     let template = Template {
-        owner_id: owner(incoming).to_owned(),
+        owner_id: owner(incoming, scope),
         ..parse_template(body)?
     };
     let status = match ctx.store.save_template(template.clone(), now_ms())? {
@@ -55,18 +66,28 @@ pub fn save(ctx: &Ctx, incoming: &Incoming<'_>, body: &[u8]) -> Result<Reply, Ap
     Ok(Reply::json(status, to_json(&TemplateJson::from(&saved))))
 }
 
-pub fn get(ctx: &Ctx, incoming: &Incoming<'_>, name: &str) -> Result<Reply, ApiError> {
+pub fn get(
+    ctx: &Ctx,
+    incoming: &Incoming<'_>,
+    scope: &OwnerScope,
+    name: &str,
+) -> Result<Reply, ApiError> {
     let template = ctx
         .store
-        .get_template(owner(incoming), name)?
+        .get_template(&owner(incoming, scope), name)?
         .ok_or_else(|| not_found(name))?;
     Ok(Reply::json(200, to_json(&TemplateJson::from(&template))))
 }
 
 /// Deletes the caller's own template: one of nobody's is only deleted by
 /// a caller who is nobody.
-pub fn delete(ctx: &Ctx, incoming: &Incoming<'_>, name: &str) -> Result<Reply, ApiError> {
-    if !ctx.store.delete_template(owner(incoming), name)? {
+pub fn delete(
+    ctx: &Ctx,
+    incoming: &Incoming<'_>,
+    scope: &OwnerScope,
+    name: &str,
+) -> Result<Reply, ApiError> {
+    if !ctx.store.delete_template(&owner(incoming, scope), name)? {
         return Err(not_found(name));
     }
     Ok(Reply::json(
@@ -80,6 +101,7 @@ pub fn delete(ctx: &Ctx, incoming: &Incoming<'_>, name: &str) -> Result<Reply, A
 pub fn spawn(
     ctx: &Ctx,
     incoming: &Incoming<'_>,
+    scope: &OwnerScope,
     name: &str,
     body: &[u8],
 ) -> Result<Reply, ApiError> {
@@ -95,7 +117,7 @@ pub fn spawn(
     }
     let t = ctx
         .store
-        .get_template(owner(incoming), name)?
+        .get_template(&owner(incoming, scope), name)?
         .ok_or_else(|| not_found(name))?;
     let ttl_ms = duration_field(
         "ttl",
@@ -104,6 +126,7 @@ pub fn spawn(
     )?;
     let req = super::sandbox_handlers::with_headers(
         incoming,
+        scope,
         SpawnRequest {
             image: Some(t.image),
             provider: (!t.provider.is_empty()).then_some(t.provider),

@@ -234,6 +234,8 @@ pub enum StoreRequest {
     ListExpired {
         now_ms: i64,
         limit: usize,
+        /// Only this owner's (`""`: those without an owner); `None`: every owner's.
+        owner: Option<String>,
         reply: Sender<StoreResult<Vec<Sandbox>>>,
     },
     /// Startup: take back the leases of this worker's live sandboxes that
@@ -510,10 +512,16 @@ impl StoreHandle {
         self.call(|reply| StoreRequest::ListSandboxes { reply })
     }
 
-    pub fn list_expired(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<Sandbox>> {
+    pub fn list_expired(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        owner: Option<&str>,
+    ) -> StoreResult<Vec<Sandbox>> {
         self.call(|reply| StoreRequest::ListExpired {
             now_ms,
             limit,
+            owner: owner.map(str::to_owned),
             reply,
         })
     }
@@ -1662,8 +1670,13 @@ fn apply(tx: &rusqlite::Transaction<'_>, request: StoreRequest) -> Deferred {
         StoreRequest::ListExpired {
             now_ms,
             limit,
+            owner,
             reply,
-        } => defer(reply, sql::list_expired(tx, now_ms, limit), none()),
+        } => defer(
+            reply,
+            sql::list_expired(tx, now_ms, limit, owner.as_deref()),
+            none(),
+        ),
         StoreRequest::ReclaimSandboxLeases {
             holder,
             ttl_ms,

@@ -80,12 +80,18 @@ pub fn list_sandboxes(tx: &Transaction<'_>) -> StoreResult<Vec<Sandbox>> {
         .map_err(StoreError::from)
 }
 
-/// Live sandboxes whose TTL passed, oldest expiry first.
-pub fn list_expired(tx: &Transaction<'_>, now_ms: i64, limit: usize) -> StoreResult<Vec<Sandbox>> {
+/// Live sandboxes whose TTL passed, oldest expiry first; only `owner`'s
+/// when given.
+pub fn list_expired(
+    tx: &Transaction<'_>,
+    now_ms: i64,
+    limit: usize,
+    owner: Option<&str>,
+) -> StoreResult<Vec<Sandbox>> {
     let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE {LIVE} AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
+        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE {LIVE} AND expires_at <= ?1 AND (?3 IS NULL OR owner_id = ?3) ORDER BY expires_at LIMIT ?2"
     ))?;
-    let rows = stmt.query_map(params![now_ms, limit as i64], sandbox_from_row)?;
+    let rows = stmt.query_map(params![now_ms, limit as i64, owner], sandbox_from_row)?;
     rows.collect::<Result<Vec<_>, _>>()
         .map_err(StoreError::from)
 }
