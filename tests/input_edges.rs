@@ -334,3 +334,104 @@ fn admin_envelopes_with_a_duplicate_key_at_any_depth_are_invalid_params() {
     assert_eq!(sandboxes["result"], json!([]), "{sandboxes}");
 }
 
+// ---------------------------------------------------------------------------
+// File modes
+
+/// Starts the daemon under `umask 000`, so that only the modes it sets
+/// itself protect its files.
+fn daemon_with_open_umask(builder: common::DaemonBuilder) -> Daemon {
+    builder
+        .wrapper(&["sh", "-c", "umask 000 && exec \"$0\" \"$@\""])
+        .start()
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// The database and every file SQLite or the daemon keeps beside it.
+fn database_files(daemon: &Daemon) -> Vec<PathBuf> {
+    let db = daemon.data_dir().join("stacyvmd.db");
+    let mut files = vec![db.clone()];
+    for suffix in ["-wal", "-shm", ".lock"] {
+        let mut name = db.clone().into_os_string();
+        name.push(suffix);
+        files.push(PathBuf::from(name));
+    }
+    files
+}
+
+#[track_caller]
+fn assert_private(daemon: &Daemon) {
+    for file in database_files(daemon) {
+        assert_eq!(
+            mode(&file),
+            0o600,
+            "{} is {:o}",
+            file.display(),
+            mode(&file)
+        );
+    }
+    let socket = daemon
+        .ready_line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("admin="))
+        .map(PathBuf::from)
+        .expect("readiness line names the admin socket");
+    assert_eq!(mode(&socket), 0o600, "admin socket is {:o}", mode(&socket));
+}
+
+/// Commits something durable (the WAL and SHM exist afterwards).
+fn write_a_lease(daemon: &Daemon, id: &str) {
+    let resp = lease_action(
+        daemon,
+        id,
+        "acquire",
+        &json!({"holder_id": "w1", "ttl": "1m"}),
+    );
+    assert_status(&resp, 200);
+}
+
+#[test]
+fn the_database_its_wal_and_shm_and_the_socket_are_0600() {
+    let mut daemon = daemon_with_open_umask(
+        Daemon::builder().config("[store]\ncheckpoint_interval = \"100ms\"\n"),
+    );
+    write_a_lease(&daemon, "res-1");
+    assert_private(&daemon);
+    // After checkpoints ran, and after a restart re-created the WAL and SHM.
+    write_a_lease(&daemon, "res-2");
+    assert_private(&daemon);
+    daemon.stop();
+    let daemon = daemon.restart();
+    write_a_lease(&daemon, "res-3");
+    assert_private(&daemon);
+}
+
+#[test]
+fn an_existing_database_with_wider_modes_is_tightened_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut daemon = Daemon::start();
+    write_a_lease(&daemon, "res-1");
+    let files = database_files(&daemon);
+    daemon.kill9();
+    // As an older version left them: the database world-readable, its
+    // WAL and SHM (left by the kill) wider still.
+    for (file, wide) in files.iter().zip([0o644, 0o666, 0o664, 0o644]) {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(wide)).unwrap();
+    }
+    let daemon = daemon.restart();
+    assert_private(&daemon);
+    let log = daemon.stderr_text();
+    assert!(
+        log.contains("tightened") && log.contains("stacyvmd.db"),
+        "the tightening is logged: {log}"
+    );
+    // The data survived.
+    assert_eq!(leases(&daemon).len(), 1);
+}
