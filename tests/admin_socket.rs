@@ -903,6 +903,22 @@ impl Drop for OtherUid {
     }
 }
 
+/// Whether the daemon has closed `conn` (nothing is expected on it).
+fn is_closed(conn: &mut Conn) -> bool {
+    conn.stream()
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let closed = match conn.reader.fill_buf() {
+        Ok(bytes) => bytes.is_empty(),
+        Err(e) => !matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+        ),
+    };
+    conn.stream().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    closed
+}
+
 #[test]
 fn one_client_cannot_take_another_clients_share() {
     if my_uid() != 0 {
@@ -932,6 +948,28 @@ fn one_client_cannot_take_another_clients_share() {
     let reply = other.call(&json!({"id": "other", "method": "daemon.status"}));
     assert_eq!(reply["id"], "other", "{reply}");
     assert_eq!(reply["result"]["admin_connections"], 4, "{reply}");
+
+    // nobody is under its share: its next connection takes the slot that
+    // has waited longest on the whole socket, one of root's three (which
+    // one depends on when each connection thread marked itself idle after
+    // its reply), never nobody's own.
+    let mut second = OtherUid::connect(nobody, &path);
+    let mut roots: Vec<&mut Conn> = mine[1..].iter_mut().chain([&mut fourth]).collect();
+    poll_until(IO_TIMEOUT, "one of root's connections closed", || {
+        roots.iter_mut().any(|c| is_closed(c))
+    });
+    let closed = roots
+        .iter_mut()
+        .map(|c| is_closed(c))
+        .filter(|&c| c)
+        .count();
+    assert_eq!(closed, 1, "{closed} of root's connections were closed");
+    let reply = second.call(&json!({"id": "second", "method": "daemon.status"}));
+    assert_eq!(reply["result"]["admin_connections"], 4, "{reply}");
+    assert_eq!(
+        other.call(&json!({"id": "x", "method": "help"}))["ok"],
+        true
+    );
 }
 
 #[test]
