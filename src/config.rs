@@ -266,8 +266,15 @@ pub struct AdminConfig {
     pub read_uids: Vec<u32>,
     pub read_gids: Vec<u32>,
     pub max_connections: usize,
+    /// Connections one peer uid may hold at once (at most
+    /// `max_connections`), so one client cannot take every slot.
+    pub max_connections_per_client: usize,
+    /// The most bytes of one request line, its newline not counted.
     pub max_line_bytes: usize,
+    /// How long a connection may wait between complete lines.
     pub idle_timeout: Duration,
+    /// How long a started line may take to complete.
+    pub line_timeout: Duration,
 }
 
 /// Provider kinds this build can run.
@@ -815,8 +822,10 @@ impl Config {
                 "read_uids",
                 "read_gids",
                 "max_connections",
+                "max_connections_per_client",
                 "max_line_bytes",
                 "idle_timeout",
+                "line_timeout",
             ],
         );
         let socket_text = r.string(ad, "admin", "socket", "");
@@ -835,6 +844,7 @@ impl Config {
             );
         }
         let gid = r.integer(ad, "admin", "socket_gid", -1, -1, i64::from(u32::MAX));
+        let max_connections = r.integer(ad, "admin", "max_connections", 64, 1, 4096) as usize;
         let admin = AdminConfig {
             enabled: r.boolean(ad, "admin", "enabled", true),
             socket,
@@ -843,7 +853,16 @@ impl Config {
             admin_gids: r.id_list(ad, "admin", "admin_gids"),
             read_uids: r.id_list(ad, "admin", "read_uids"),
             read_gids: r.id_list(ad, "admin", "read_gids"),
-            max_connections: r.integer(ad, "admin", "max_connections", 64, 1, 4096) as usize,
+            max_connections,
+            max_connections_per_client: (r.integer(
+                ad,
+                "admin",
+                "max_connections_per_client",
+                16,
+                1,
+                4096,
+            ) as usize)
+                .min(max_connections),
             max_line_bytes: r.integer(ad, "admin", "max_line_bytes", 1 << 20, 64, 1 << 26) as usize,
             idle_timeout: r.duration(
                 ad,
@@ -852,6 +871,14 @@ impl Config {
                 "5m",
                 Duration::from_millis(100),
                 DAY,
+            ),
+            line_timeout: r.duration(
+                ad,
+                "admin",
+                "line_timeout",
+                "5s",
+                Duration::from_millis(100),
+                Duration::from_secs(600),
             ),
         };
 

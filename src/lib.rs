@@ -14,7 +14,8 @@
 //!  metrics: process-wide atomics, rendered on scrape with the scheduler's view
 //! ```
 //!
-//! JSON exists only at the edges (`http`, `config`); the core uses the
+//! JSON exists only at the edges (`http`, `admin`, `workerproto`, `config`;
+//! client JSON is parsed by `json`, which refuses duplicate keys); the core uses the
 //! domain types of `workers`. See docs/ARCHITECTURE.md for the code map and
 //! the invariants.
 #![deny(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod diagnostics;
 pub mod events;
 pub mod heartbeat;
 pub mod http;
+pub mod json;
 pub mod leases;
 pub mod lifecycle;
 pub mod metrics;

@@ -10,6 +10,7 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::json::JsonError;
 use crate::leases::LeaseError;
 
 /// Closed set of error codes on the wire.
@@ -292,8 +293,14 @@ pub fn parse_envelope(line: &[u8]) -> Result<Envelope, Rejected> {
         id,
         error: ProtoError::new(code, message),
     };
-    let value: Value = serde_json::from_slice(line)
-        .map_err(|e| reject(None, ErrorCode::ParseError, format!("invalid JSON: {e}")))?;
+    let value = crate::json::parse(line).map_err(|e| match e {
+        JsonError::Syntax(e) => reject(None, ErrorCode::ParseError, format!("invalid JSON: {e}")),
+        // Refused like any other bad member, so a client never acts on a
+        // value other than the one it (or a log) read first.
+        duplicate @ JsonError::DuplicateKey(_) => {
+            reject(None, ErrorCode::InvalidParams, duplicate.to_string())
+        }
+    })?;
     let Value::Object(mut fields) = value else {
         return Err(reject(
             None,

@@ -661,16 +661,34 @@ fn a_line_over_the_limit_is_refused_and_the_connection_closed() {
     let path = admin_path(&daemon);
     let mut conn = Conn::connect(&path);
 
-    // 1024 bytes with the newline: inside the limit.
+    // Exactly 1024 bytes, newline excluded (stacyvmd-admin(7)): inside
+    // the limit, with a carriage return too.
     let head = r#"{"id":"fits","method":"worker.status""#;
-    let line = format!("{head}{}}}", " ".repeat(1023 - head.len() - 1));
-    assert_eq!(line.len(), 1023);
+    let line = format!("{head}{}}}", " ".repeat(1024 - head.len() - 1));
+    assert_eq!(line.len(), 1024);
     let reply = conn.send_raw(line.as_bytes());
     assert_eq!(
         (reply["id"].clone(), reply["ok"].clone()),
         (json!("fits"), json!(true)),
         "{reply}"
     );
+    let crlf = format!("{head}{}}}\r", " ".repeat(1024 - head.len() - 2));
+    assert_eq!(crlf.len(), 1024);
+    assert_eq!(conn.send_raw(crlf.as_bytes())["ok"], true);
+
+    // One byte more is refused, and closes the connection.
+    let over = format!("{head}{}}}", " ".repeat(1025 - head.len() - 1));
+    assert_eq!(over.len(), 1025);
+    conn.write(format!("{over}\n").as_bytes()).unwrap();
+    let lines = conn.expect_closed(IO_TIMEOUT);
+    assert_eq!(lines.len(), 1, "one error line, then closed: {lines:?}");
+    let reply: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(error_code(&reply), "line_too_long", "{reply}");
+    assert!(
+        reply["error"]["message"].as_str().unwrap().contains("1024"),
+        "names the limit: {reply}"
+    );
+    let mut conn = Conn::connect(&path);
 
     let long = format!(
         "{{\"id\":\"long\",\"method\":\"help\",\"params\":{{\"method\":\"{}\"}}}}\n",
@@ -695,13 +713,40 @@ fn a_line_over_the_limit_is_refused_and_the_connection_closed() {
 }
 
 #[test]
-fn more_connections_than_allowed_are_refused_while_the_others_work() {
+fn a_full_socket_makes_room_by_closing_the_longest_idle_connection() {
     let daemon = Daemon::builder()
         .config("[admin]\nmax_connections = 2\n")
         .start();
     let path = admin_path(&daemon);
     let mut first = Conn::connect(&path);
     let mut second = Conn::connect(&path);
+    assert_eq!(
+        first.ok("worker.status", json!({}))["worker"]["id"],
+        "local"
+    );
+    // `first` answered last, so `second` has waited longest.
+    let mut third = Conn::connect(&path);
+    let rest = second.expect_closed(IO_TIMEOUT);
+    assert!(rest.is_empty(), "lines before the close: {rest:?}");
+    assert_eq!(third.ok("daemon.status", json!({}))["admin_connections"], 2);
+    assert_eq!(
+        first.ok("worker.status", json!({}))["worker"]["id"],
+        "local"
+    );
+}
+
+#[test]
+fn when_every_slot_runs_a_request_a_newcomer_is_refused() {
+    let daemon = Daemon::builder()
+        .config("[admin]\nmax_connections = 2\n")
+        .start();
+    let path = admin_path(&daemon);
+    // Two clients that never read: their threads are blocked writing
+    // replies, that is running a request, not waiting for one.
+    let mut first = Conn::connect(&path);
+    let mut second = Conn::connect(&path);
+    flood_until_stalled(&mut first, r#"{"method":"help"}"#);
+    flood_until_stalled(&mut second, r#"{"method":"help"}"#);
 
     let mut third = Conn::raw(&path);
     let reply = third.json_line();
@@ -711,29 +756,219 @@ fn more_connections_than_allowed_are_refused_while_the_others_work() {
     let rest = third.expect_closed(IO_TIMEOUT);
     assert!(rest.is_empty(), "lines after the refusal: {rest:?}");
 
-    assert_eq!(
-        first.ok("worker.status", json!({}))["worker"]["id"],
-        "local"
+    // Once the daemon gives up on them (its write timeout), the slots are
+    // usable again.
+    poll_until(
+        Duration::from_secs(30),
+        "a new connection once slots free",
+        || {
+            let mut conn = Conn::raw(&path);
+            let line = conn.json_line();
+            line["protocol"] == "stacyvm-workerproto"
+        },
     );
-    assert_eq!(
-        second.ok("worker.status", json!({}))["worker"]["id"],
-        "local"
-    );
-    assert_eq!(
-        second.ok("daemon.status", json!({}))["admin_connections"],
-        2
-    );
+    timed_status(&path);
+}
 
-    // A freed slot is usable again.
-    drop(first);
-    poll_until(IO_TIMEOUT, "a new connection after one closed", || {
-        let mut conn = Conn::raw(&path);
-        let line = conn.json_line();
-        line["protocol"] == "stacyvm-workerproto"
-    });
+/// The issue's lockout: 64 clients each holding half a line took every
+/// slot until the 5-minute idle timeout.
+#[test]
+fn sixty_four_half_lines_do_not_lock_out_an_operator() {
+    let daemon = Daemon::builder()
+        .config("[admin]\nmax_connections = 64\nmax_connections_per_client = 64\n")
+        .start();
+    let path = admin_path(&daemon);
+    let mut holders: Vec<Conn> = (0..64)
+        .map(|_| {
+            let mut conn = Conn::connect(&path);
+            conn.write(br#"{"id":"half","method":"worker.st"#).unwrap();
+            conn
+        })
+        .collect();
+    let started = Instant::now();
+    let mut operator = Conn::connect(&path);
+    let result = operator.ok("worker.status", json!({}));
+    let answered = started.elapsed();
+    assert_eq!(result["worker"]["id"], "local", "{result}");
+    eprintln!("operator answered in {answered:?} with 64 half-line clients holding every slot");
+    // Well inside the default 5 s line timeout: room was made at once.
+    assert!(
+        answered < Duration::from_secs(4),
+        "the operator waited {answered:?}"
+    );
+    // The longest-waiting holder gave up its slot; the rest still hold.
+    let rest = holders[0].expect_closed(IO_TIMEOUT);
+    assert!(rest.is_empty(), "{rest:?}");
     assert_eq!(
-        second.ok("worker.status", json!({}))["worker"]["id"],
-        "local"
+        operator.ok("daemon.status", json!({}))["admin_connections"],
+        64
+    );
+    drop(holders);
+}
+
+#[test]
+fn a_half_line_times_out_in_seconds_while_an_idle_connection_stays() {
+    let daemon = Daemon::builder()
+        .config("[admin]\nline_timeout = \"2s\"\n")
+        .start();
+    let path = admin_path(&daemon);
+    let mut idle = Conn::connect(&path);
+    let mut half = Conn::connect(&path);
+    half.write(br#"{"id":"half","method":"worker.sta"#).unwrap();
+    let since = Instant::now();
+    let lines = half.expect_closed(Duration::from_secs(30));
+    let took = since.elapsed();
+    eprintln!("a 2 s line timeout closed the half line after {took:?}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let reply: Value = serde_json::from_str(&lines[0]).unwrap();
+    check_reply_shape(&reply);
+    assert_eq!(error_code(&reply), "unavailable", "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.contains("line timeout"), "{message}");
+    assert!(took >= Duration::from_secs(2), "closed after {took:?}");
+    assert!(took < Duration::from_secs(20), "closed after {took:?}");
+
+    // The idle connection, older than the half line, is still served, and
+    // a line sent in pieces within the timeout is one request.
+    assert_eq!(idle.ok("worker.status", json!({}))["worker"]["id"], "local");
+    idle.write(br#"{"id":"pieces","method":"#).unwrap();
+    let reply = idle.send_raw(br#""worker.status"}"#);
+    assert_eq!(
+        (reply["id"].clone(), reply["ok"].clone()),
+        (json!("pieces"), json!(true))
+    );
+}
+
+/// A client of another uid: `socat` run as `uid`, holding one connection
+/// for as long as its stdin is open.
+struct OtherUid {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl OtherUid {
+    fn connect(uid: u32, path: &Path) -> OtherUid {
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new("socat")
+            .args(["-t", "10", "-", &format!("UNIX-CONNECT:{}", path.display())])
+            .uid(uid)
+            .gid(uid)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("run socat");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut other = OtherUid {
+            child,
+            stdin,
+            stdout,
+        };
+        let greeting = other.line();
+        assert_eq!(greeting["protocol"], "stacyvm-workerproto", "{greeting}");
+        other
+    }
+
+    /// The next line; socat's stdout has no read timeout, so a line that
+    /// never comes ends the test through socat's own `-t` and EOF.
+    #[track_caller]
+    fn line(&mut self) -> Value {
+        let mut text = String::new();
+        self.stdout
+            .read_line(&mut text)
+            .expect("read socat's output");
+        assert!(
+            !text.is_empty(),
+            "the connection of the other uid was closed"
+        );
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"))
+    }
+
+    #[track_caller]
+    fn call(&mut self, request: &Value) -> Value {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{request}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        self.line()
+    }
+}
+
+impl Drop for OtherUid {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether the daemon has closed `conn` (nothing is expected on it).
+fn is_closed(conn: &mut Conn) -> bool {
+    conn.stream()
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let closed = match conn.reader.fill_buf() {
+        Ok(bytes) => bytes.is_empty(),
+        Err(e) => !matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+        ),
+    };
+    conn.stream().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    closed
+}
+
+#[test]
+fn one_client_cannot_take_another_clients_share() {
+    if my_uid() != 0 {
+        return; // needs root to connect as a second uid (CI runs as root)
+    }
+    let nobody = 65534;
+    let dir = Arc::new(common::TempDir::new("per-client"));
+    std::os::unix::fs::chown(dir.path(), Some(nobody), Some(nobody)).unwrap();
+    // Run as nobody, the daemon grants admin to root and to its own uid:
+    // two clients.
+    let daemon = Daemon::builder()
+        .config("[admin]\nmax_connections = 4\nmax_connections_per_client = 3\n")
+        .dir(dir)
+        .uid(nobody)
+        .start();
+    let path = admin_path(&daemon);
+    // nobody's connection is the oldest on the socket.
+    let mut other = OtherUid::connect(nobody, &path);
+    let mut mine: Vec<Conn> = (0..3).map(|_| Conn::connect(&path)).collect();
+    // Every slot is taken, and root has its share: root's next connection
+    // costs root its own longest-waiting one, never nobody's.
+    let mut fourth = Conn::connect(&path);
+    assert!(mine[0].expect_closed(IO_TIMEOUT).is_empty());
+    for conn in mine[1..].iter_mut().chain([&mut fourth]) {
+        assert_eq!(conn.ok("worker.status", json!({}))["worker"]["id"], "local");
+    }
+    let reply = other.call(&json!({"id": "other", "method": "daemon.status"}));
+    assert_eq!(reply["id"], "other", "{reply}");
+    assert_eq!(reply["result"]["admin_connections"], 4, "{reply}");
+
+    // nobody is under its share: its next connection takes the slot that
+    // has waited longest on the whole socket, one of root's three (which
+    // one depends on when each connection thread marked itself idle after
+    // its reply), never nobody's own.
+    let mut second = OtherUid::connect(nobody, &path);
+    let mut roots: Vec<&mut Conn> = mine[1..].iter_mut().chain([&mut fourth]).collect();
+    poll_until(IO_TIMEOUT, "one of root's connections closed", || {
+        roots.iter_mut().any(|c| is_closed(c))
+    });
+    let closed = roots
+        .iter_mut()
+        .map(|c| is_closed(c))
+        .filter(|&c| c)
+        .count();
+    assert_eq!(closed, 1, "{closed} of root's connections were closed");
+    let reply = second.call(&json!({"id": "second", "method": "daemon.status"}));
+    assert_eq!(reply["result"]["admin_connections"], 4, "{reply}");
+    assert_eq!(
+        other.call(&json!({"id": "x", "method": "help"}))["ok"],
+        true
     );
 }
 

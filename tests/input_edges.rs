@@ -198,3 +198,240 @@ fn config_durations_over_their_bound_are_refused_at_startup() {
         assert!(output.contains("at most"), "{config:?}: {output}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Duplicate JSON keys
+
+/// A JSON body sent as written (serde_json's `json!` cannot repeat a key).
+fn raw_json(method: &str, path: &str, body: &str) -> Request {
+    Request::new(method, path)
+        .header("Content-Type", "application/json")
+        .body(body.as_bytes().to_vec())
+}
+
+/// 400 BAD_REQUEST whose message names the duplicated key by its path.
+#[track_caller]
+fn assert_duplicate(resp: &common::Response, path: &str) {
+    let message = assert_error(resp, 400, "BAD_REQUEST");
+    assert!(
+        message.contains("duplicate") && message.contains(&format!("`{path}`")),
+        "the message names the duplicate `{path}`: {message}"
+    );
+}
+
+#[test]
+fn rest_bodies_with_a_duplicate_key_at_any_depth_are_400_and_change_nothing() {
+    let daemon = Daemon::start();
+    let leases_path = "/api/v1/admin/leases/res-1/acquire";
+    let resp = daemon.send(&raw_json(
+        "POST",
+        leases_path,
+        r#"{"holder_id":"a","holder_id":"b","ttl":"1m"}"#,
+    ));
+    assert_duplicate(&resp, "holder_id");
+    assert_eq!(leases(&daemon), Vec::<Value>::new(), "a refused body wrote");
+
+    // Heartbeats: top level and nested in `capacity`; no worker appears.
+    let before = daemon.worker_ids();
+    for (body, path) in [
+        (r#"{"hostname":"a","hostname":"b"}"#, "hostname"),
+        (
+            r#"{"capacity":{"max_sandboxes":1,"max_sandboxes":100}}"#,
+            "capacity.max_sandboxes",
+        ),
+    ] {
+        let resp = daemon.send(&raw_json(
+            "POST",
+            "/api/v1/admin/workers/w-dup/heartbeat",
+            body,
+        ));
+        assert_duplicate(&resp, path);
+    }
+    assert_eq!(daemon.worker_ids(), before, "a refused heartbeat wrote");
+
+    // Spawn: nested in metadata, and in an object inside an array.
+    let sandboxes = || daemon.get("/api/v1/sandboxes").json();
+    let none = sandboxes();
+    for (body, path) in [
+        (r#"{"metadata":{"k":"1","k":"2"}}"#, "metadata.k"),
+        (r#"{"image":"a","image":"b"}"#, "image"),
+        (r#"{"metadata":{"k":"1"},"x":[{"a":1,"a":2}]}"#, "x[0].a"),
+    ] {
+        let resp = daemon.send(&raw_json("POST", "/api/v1/sandboxes", body));
+        assert_duplicate(&resp, path);
+    }
+    assert_eq!(sandboxes(), none, "a refused spawn wrote");
+
+    // Exec and extend against a live sandbox.
+    let sandbox = spawn_ok(&daemon, &json!({}));
+    let id = sandbox["id"].as_str().unwrap();
+    let resp = daemon.send(&raw_json(
+        "POST",
+        &format!("/api/v1/sandboxes/{id}/exec"),
+        r#"{"command":"true","env":{"A":"1","A":"2"}}"#,
+    ));
+    assert_duplicate(&resp, "env.A");
+    let resp = daemon.send(&raw_json(
+        "POST",
+        &format!("/api/v1/sandboxes/{id}/extend"),
+        r#"{"ttl":"1m","ttl":"2m"}"#,
+    ));
+    assert_duplicate(&resp, "ttl");
+    let after = daemon.get(&format!("/api/v1/sandboxes/{id}")).json();
+    assert_eq!(after["expires_at"], sandbox["expires_at"], "{after}");
+
+    // The same bodies without the repetition are fine.
+    let resp = daemon.send(&raw_json(
+        "POST",
+        &format!("/api/v1/sandboxes/{id}/extend"),
+        r#"{"ttl":"2m"}"#,
+    ));
+    assert_status(&resp, 200);
+}
+
+#[test]
+fn admin_envelopes_with_a_duplicate_key_at_any_depth_are_invalid_params() {
+    let daemon = Daemon::start();
+    let mut admin = Admin::connect(&daemon);
+    for (line, path) in [
+        (
+            r#"{"id":"1","method":"lease.acquire","method":"lease.release","params":{"resource_id":"res-1","holder_id":"h","ttl":"1m"}}"#,
+            "method",
+        ),
+        (
+            r#"{"id":"2","method":"lease.acquire","params":{"resource_id":"res-1","holder_id":"a","holder_id":"b","ttl":"1m"}}"#,
+            "params.holder_id",
+        ),
+        (
+            r#"{"id":"3","method":"sandbox.spawn","params":{"metadata":{"k":"1","k":"2"}}}"#,
+            "params.metadata.k",
+        ),
+        (
+            r#"{"id":"4","method":"worker.status","lease":{"resource_id":"r","resource_id":"s"}}"#,
+            "lease.resource_id",
+        ),
+        (
+            r#"{"id":"5","method":"worker.heartbeat","params":{"providers":["mock"],"capacity":{"max_sandboxes":1,"max_sandboxes":2}}}"#,
+            "params.capacity.max_sandboxes",
+        ),
+    ] {
+        let reply = admin.send_raw(line);
+        assert_eq!(error_code(&reply), "invalid_params", "{line}: {reply}");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("duplicate") && message.contains(&format!("`{path}`")),
+            "names `{path}`: {message}"
+        );
+    }
+    // Nothing changed, and the connection still serves.
+    let reply = admin.call("lease.get", json!({"resource_id": "res-1"}));
+    assert_eq!(
+        error_code(&reply),
+        "not_found",
+        "a refused line wrote: {reply}"
+    );
+    let sandboxes = admin.call("sandbox.list", json!({}));
+    assert_eq!(sandboxes["result"], json!([]), "{sandboxes}");
+}
+
+// ---------------------------------------------------------------------------
+// File modes
+
+/// Starts the daemon under `umask 000`, so that only the modes it sets
+/// itself protect its files.
+fn daemon_with_open_umask(builder: common::DaemonBuilder) -> Daemon {
+    builder
+        .wrapper(&["sh", "-c", "umask 000 && exec \"$0\" \"$@\""])
+        .start()
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// The database and every file SQLite or the daemon keeps beside it.
+fn database_files(daemon: &Daemon) -> Vec<PathBuf> {
+    let db = daemon.data_dir().join("stacyvmd.db");
+    let mut files = vec![db.clone()];
+    for suffix in ["-wal", "-shm", ".lock"] {
+        let mut name = db.clone().into_os_string();
+        name.push(suffix);
+        files.push(PathBuf::from(name));
+    }
+    files
+}
+
+#[track_caller]
+fn assert_private(daemon: &Daemon) {
+    for file in database_files(daemon) {
+        assert_eq!(
+            mode(&file),
+            0o600,
+            "{} is {:o}",
+            file.display(),
+            mode(&file)
+        );
+    }
+    let socket = daemon
+        .ready_line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("admin="))
+        .map(PathBuf::from)
+        .expect("readiness line names the admin socket");
+    assert_eq!(mode(&socket), 0o600, "admin socket is {:o}", mode(&socket));
+}
+
+/// Commits something durable (the WAL and SHM exist afterwards).
+fn write_a_lease(daemon: &Daemon, id: &str) {
+    let resp = lease_action(
+        daemon,
+        id,
+        "acquire",
+        &json!({"holder_id": "w1", "ttl": "1m"}),
+    );
+    assert_status(&resp, 200);
+}
+
+#[test]
+fn the_database_its_wal_and_shm_and_the_socket_are_0600() {
+    let mut daemon = daemon_with_open_umask(
+        Daemon::builder().config("[store]\ncheckpoint_interval = \"100ms\"\n"),
+    );
+    write_a_lease(&daemon, "res-1");
+    assert_private(&daemon);
+    // After checkpoints ran, and after a restart re-created the WAL and SHM.
+    write_a_lease(&daemon, "res-2");
+    assert_private(&daemon);
+    daemon.stop();
+    let daemon = daemon.restart();
+    write_a_lease(&daemon, "res-3");
+    assert_private(&daemon);
+}
+
+#[test]
+fn an_existing_database_with_wider_modes_is_tightened_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut daemon = Daemon::start();
+    write_a_lease(&daemon, "res-1");
+    let files = database_files(&daemon);
+    daemon.kill9();
+    // As an older version left them: the database world-readable, its
+    // WAL and SHM (left by the kill) wider still.
+    for (file, wide) in files.iter().zip([0o644, 0o666, 0o664, 0o644]) {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(wide)).unwrap();
+    }
+    let daemon = daemon.restart();
+    assert_private(&daemon);
+    let log = daemon.stderr_text();
+    assert!(
+        log.contains("tightened") && log.contains("stacyvmd.db"),
+        "the tightening is logged: {log}"
+    );
+    // The data survived.
+    assert_eq!(leases(&daemon).len(), 1);
+}

@@ -522,7 +522,7 @@ fn run(
                 "workers": f.total,
                 "draining": ctx.draining.load(Ordering::SeqCst),
                 "log_level": log::max_level().to_string().to_lowercase(),
-                "admin_connections": ctx.open.load(Ordering::SeqCst),
+                "admin_connections": ctx.open_connections(),
             })
             .into())
         }

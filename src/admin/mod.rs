@@ -1,12 +1,20 @@
 //! The admin socket: worker-protocol envelopes as newline-delimited JSON
 //! over a Unix stream socket, for operators with `socat` or `nc -U`.
 //!
-//! Threads: `admin` accepts; each connection gets an `admin-conn` thread
-//! (at most `admin.max_connections`; the next one gets a
-//! `too_many_connections` line and is closed); `admin-events` writes event
-//! lines to subscribers. Every connection has a read timeout
-//! (`admin.idle_timeout`) and a write timeout, so a stalled client or one
-//! that never reads its replies is cut off without delaying anyone else.
+//! Threads: `admin` accepts; each connection gets an `admin-conn` thread;
+//! `admin-events` writes event lines to subscribers. Every connection has
+//! read deadlines (`admin.idle_timeout` between lines, `admin.line_timeout`
+//! from a line's first byte to its newline) and a write timeout, so a
+//! stalled client or one that never reads its replies is cut off without
+//! delaying anyone else.
+//!
+//! Slots: at most `admin.max_connections` connections, and at most
+//! `admin.max_connections_per_client` of them for one peer uid. At either
+//! limit the connection within it that has waited longest for a request is
+//! closed to make room (a uid at its share loses its own, never another
+//! uid's), so idle or stuck clients can never lock an operator out. A
+//! connection running a request is never closed for room; when all within
+//! the limit run one, the newcomer gets a `too_many_connections` line.
 //!
 //! The peer's uid/gid/pid (SO_PEERCRED) are read on accept and mapped to an
 //! access level: root and the daemon's own uid are `admin`, then the
@@ -15,13 +23,13 @@
 
 mod methods;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -106,6 +114,20 @@ impl Subscriber {
     }
 }
 
+/// One open connection, as the accept thread sees it when it makes room.
+struct Slot {
+    /// A clone of the connection's stream, to close it.
+    stream: UnixStream,
+    uid: u32,
+    /// Since when the connection has waited for a request: an
+    /// [`AdminCtx::mark`], or [`BUSY`] while it runs one, or [`CLOSED`]
+    /// once the accept thread took its slot.
+    idle_since: Arc<AtomicU64>,
+}
+
+const BUSY: u64 = 0;
+const CLOSED: u64 = u64::MAX;
+
 /// What the admin threads share.
 pub struct AdminCtx {
     pub live: LiveConfig,
@@ -114,12 +136,28 @@ pub struct AdminCtx {
     pub lifecycle: Arc<Lifecycle>,
     pub supervisor: Sender<LifecycleEvent>,
     pub draining: Draining,
-    open: AtomicUsize,
     subscribers: Mutex<Vec<Subscriber>>,
     own_uid: u32,
-    /// Open connections, to close them when the daemon stops.
-    conns: Mutex<std::collections::HashMap<u64, UnixStream>>,
-    next_conn: std::sync::atomic::AtomicU64,
+    /// Open connections: their slots, and to close them when the daemon
+    /// stops.
+    conns: Mutex<std::collections::HashMap<u64, Slot>>,
+    next_conn: AtomicU64,
+    /// The origin of the idle marks.
+    epoch: Instant,
+}
+
+impl AdminCtx {
+    /// Connections holding a slot.
+    pub fn open_connections(&self) -> usize {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// "Idle from now", for [`Slot::idle_since`]: never `BUSY` or `CLOSED`.
+    fn mark(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos())
+            .unwrap_or(CLOSED - 1)
+            .clamp(1, CLOSED - 1)
+    }
 }
 
 pub struct AdminServer {
@@ -156,11 +194,11 @@ impl AdminServer {
             lifecycle,
             supervisor,
             draining,
-            open: AtomicUsize::new(0),
             subscribers: Mutex::new(Vec::new()),
             own_uid: rustix::process::getuid().as_raw(),
             conns: Mutex::new(Default::default()),
-            next_conn: std::sync::atomic::AtomicU64::new(0),
+            next_conn: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         if let Some(events) = events {
             // Weak: the bus lives as long as the process, and must not keep
@@ -218,7 +256,7 @@ impl AdminServer {
             .unwrap_or_else(|e| e.into_inner())
             .values()
         {
-            let _ = conn.shutdown(std::net::Shutdown::Both);
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
         }
         let mut subscribers = self
             .ctx
@@ -288,14 +326,6 @@ fn accept_loop(listener: &UnixListener, ctx: &Arc<AdminCtx>, stop: &AtomicBool) 
         };
         let config = ctx.live.get();
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-        if ctx.open.load(Ordering::SeqCst) >= config.admin.max_connections {
-            let error = ProtoError::new(
-                ErrorCode::TooManyConnections,
-                format!("at most {} admin connections", config.admin.max_connections),
-            );
-            let _ = writeln!(stream, "{}", workerproto::error_reply(None, &error));
-            continue;
-        }
         let peer = match rustix::net::sockopt::socket_peercred(&stream) {
             Ok(c) => Peer {
                 uid: c.uid.as_raw(),
@@ -319,26 +349,40 @@ fn accept_loop(listener: &UnixListener, ctx: &Arc<AdminCtx>, stop: &AtomicBool) 
             let _ = writeln!(stream, "{}", workerproto::error_reply(None, &error));
             continue;
         };
-        ctx.open.fetch_add(1, Ordering::SeqCst);
+        let Ok(clone) = stream.try_clone() else {
+            log::warn!(
+                "admin connection from {} refused: cannot clone it",
+                peer.actor()
+            );
+            continue;
+        };
+        let idle_since = Arc::new(AtomicU64::new(ctx.mark()));
+        let slot = Slot {
+            stream: clone,
+            uid: peer.uid,
+            idle_since: idle_since.clone(),
+        };
         let conn_id = ctx.next_conn.fetch_add(1, Ordering::SeqCst);
-        if let Ok(clone) = stream.try_clone() {
-            ctx.conns
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(conn_id, clone);
+        if let Err(error) = admit(ctx, conn_id, slot, &config.admin) {
+            log::warn!(
+                "admin connection from {} refused: {}",
+                peer.actor(),
+                error.message
+            );
+            let _ = writeln!(stream, "{}", workerproto::error_reply(None, &error));
+            continue;
         }
         let conn_ctx = ctx.clone();
         let spawned = std::thread::Builder::new()
             .name("admin-conn".into())
             .stack_size(CONN_STACK)
             .spawn(move || {
-                serve(&conn_ctx, stream, peer, access);
+                serve(&conn_ctx, stream, peer, access, &idle_since);
                 conn_ctx
                     .conns
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&conn_id);
-                conn_ctx.open.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
             log::error!("cannot start an admin connection thread: {e}");
@@ -346,9 +390,86 @@ fn accept_loop(listener: &UnixListener, ctx: &Arc<AdminCtx>, stop: &AtomicBool) 
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&conn_id);
-            ctx.open.fetch_sub(1, Ordering::SeqCst);
         }
     }
+}
+
+/// Takes a slot for a new connection, or says why not. At a limit (the
+/// peer uid's share first, then the total) the connection within that
+/// limit that has waited longest for a request is closed to make room; one
+/// running a request never is, and with none waiting the newcomer is
+/// refused. So a client only ever gives up its own connections for its
+/// own newcomers, and anyone's idle ones for a client under its share.
+fn admit(ctx: &AdminCtx, id: u64, slot: Slot, config: &AdminConfig) -> Result<(), ProtoError> {
+    let mut conns = ctx.conns.lock().unwrap_or_else(|e| e.into_inner());
+    let uid = slot.uid;
+    let mine = conns.values().filter(|s| s.uid == uid).count();
+    let full = if mine >= config.max_connections_per_client {
+        Some((
+            Some(uid),
+            format!(
+                "uid {uid} has its {} admin connections (admin.max_connections_per_client)",
+                config.max_connections_per_client
+            ),
+        ))
+    } else if conns.len() >= config.max_connections {
+        Some((
+            None,
+            format!(
+                "all {} admin connections (admin.max_connections) are open",
+                config.max_connections
+            ),
+        ))
+    } else {
+        None
+    };
+    if let Some((only, why)) = full
+        && !make_room(ctx, &mut conns, only, &why)
+    {
+        return Err(ProtoError::new(
+            ErrorCode::TooManyConnections,
+            format!("{why}, each running a request; try again"),
+        ));
+    }
+    conns.insert(id, slot);
+    Ok(())
+}
+
+/// Closes the connection (of uid `only`, when given) that has waited
+/// longest for a request; false when every one is running a request.
+fn make_room(
+    ctx: &AdminCtx,
+    conns: &mut std::collections::HashMap<u64, Slot>,
+    only: Option<u32>,
+    why: &str,
+) -> bool {
+    let mut waiting: Vec<(u64, u64)> = conns
+        .iter()
+        .filter(|(_, s)| only.is_none_or(|uid| s.uid == uid))
+        .map(|(id, s)| (s.idle_since.load(Ordering::SeqCst), *id))
+        .filter(|(since, _)| *since != BUSY && *since != CLOSED)
+        .collect();
+    waiting.sort_unstable();
+    // The claim fails when that connection has just started a request.
+    let claimed = waiting.into_iter().find(|(since, id)| {
+        conns[id]
+            .idle_since
+            .compare_exchange(*since, CLOSED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    });
+    let Some((since, oldest)) = claimed else {
+        return false;
+    };
+    if let Some(closed) = conns.remove(&oldest) {
+        let _ = closed.stream.shutdown(std::net::Shutdown::Both);
+        let waited = Duration::from_nanos(ctx.mark().saturating_sub(since));
+        log::info!(
+            "admin: {why}; closed a connection of uid {} that had waited {} for a request, to make room",
+            closed.uid,
+            crate::time::format_duration(waited),
+        );
+    }
+    true
 }
 
 /// One write per line, so the reader wakes once per reply. Takes the line
@@ -361,10 +482,15 @@ fn write_line(writer: &Writer, mut line: String) -> std::io::Result<()> {
         .write_all(line.as_bytes())
 }
 
-fn serve(ctx: &Arc<AdminCtx>, stream: UnixStream, peer: Peer, access: Access) {
+fn serve(
+    ctx: &Arc<AdminCtx>,
+    stream: UnixStream,
+    peer: Peer,
+    access: Access,
+    idle_since: &AtomicU64,
+) {
     let config = ctx.live.get();
-    let limit = config.admin.max_line_bytes;
-    let _ = stream.set_read_timeout(Some(config.admin.idle_timeout));
+    let admin = &config.admin;
     let writer: Writer = match stream.try_clone() {
         Ok(w) => Arc::new(Mutex::new(w)),
         Err(_) => return,
@@ -373,49 +499,190 @@ fn serve(ctx: &Arc<AdminCtx>, stream: UnixStream, peer: Peer, access: Access) {
         return;
     }
     let claims = Claims::for_access(access, &config.worker.id);
-    let mut reader = BufReader::with_capacity(64 * 1024, stream);
-    let mut line = Vec::with_capacity(1024);
+    let line_timeout = admin.line_timeout.min(admin.idle_timeout);
+    let mut lines = LineReader::new(stream, admin.max_line_bytes);
     loop {
-        line.clear();
-        match reader
-            .by_ref()
-            .take(limit as u64 + 1)
-            .read_until(b'\n', &mut line)
-        {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) => {
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) {
-                    let error = ProtoError::new(ErrorCode::Unavailable, "idle timeout; closing");
-                    let _ = write_line(&writer, workerproto::error_reply(None, &error));
-                }
+        let text = match lines.next_line(admin.idle_timeout, line_timeout) {
+            Ok(Some(text)) => text,
+            Ok(None) => break,
+            Err(stop) => {
+                let error = match stop {
+                    Stop::TooLong => ProtoError::new(
+                        ErrorCode::LineTooLong,
+                        format!(
+                            "a request line may be at most {} bytes, newline excluded; closing",
+                            admin.max_line_bytes
+                        ),
+                    ),
+                    Stop::Idle => ProtoError::new(ErrorCode::Unavailable, "idle timeout; closing"),
+                    Stop::LineUnfinished => ProtoError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "line timeout: a request line must end within {} of its first byte; closing",
+                            crate::time::format_duration(line_timeout)
+                        ),
+                    ),
+                };
+                let _ = write_line(&writer, workerproto::error_reply(None, &error));
                 break;
             }
-        }
-        if line.len() > limit || (line.len() == limit + 1 && line.last() != Some(&b'\n')) {
-            let error = ProtoError::new(
-                ErrorCode::LineTooLong,
-                format!("a request line may be at most {limit} bytes; closing"),
-            );
-            let _ = write_line(&writer, workerproto::error_reply(None, &error));
-            break;
-        }
-        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        };
         let text = text.strip_suffix(b"\r").unwrap_or(text);
         if text.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
+        // The accept thread may have taken this slot while we waited.
+        if idle_since.swap(BUSY, Ordering::SeqCst) == CLOSED {
+            break;
+        }
         let reply = methods::handle(ctx, text, peer, &claims, &writer);
-        if write_line(&writer, reply).is_err() {
+        let written = write_line(&writer, reply);
+        idle_since.store(ctx.mark(), Ordering::SeqCst);
+        if written.is_err() {
             break;
         }
     }
     let mut subscribers = ctx.subscribers.lock().unwrap_or_else(|e| e.into_inner());
     subscribers.retain(|s| !Arc::ptr_eq(&s.writer, &writer));
     crate::events::set_listening(!subscribers.is_empty());
+}
+
+/// Why a connection stops reading.
+#[derive(Debug, PartialEq)]
+enum Stop {
+    /// A line is longer than the limit.
+    TooLong,
+    /// No byte of a new line within the idle timeout.
+    Idle,
+    /// A started line did not end within the line timeout.
+    LineUnfinished,
+}
+
+/// Request lines from one connection, under two deadlines: the idle
+/// timeout while no byte of a line has arrived, the line timeout from a
+/// line's first byte to its newline (a client holding half a line gives up
+/// its slot in seconds, not minutes).
+struct LineReader<R> {
+    source: R,
+    /// Unread bytes are `buf[start..end]`; `buf[start..scanned]` holds no
+    /// newline. Grows up to the limit, zeroed only when it grows.
+    buf: Vec<u8>,
+    start: usize,
+    scanned: usize,
+    end: usize,
+    limit: usize,
+    /// When the first byte of the unfinished line arrived.
+    line_started: Option<Instant>,
+    /// The read timeout last set, to set it only when it changes.
+    timeout: Option<Duration>,
+}
+
+/// What a [`LineReader`] reads from: a socket, or bytes in a unit test.
+trait TimedRead: Read {
+    fn set_timeout(&mut self, timeout: Duration) -> std::io::Result<()>;
+}
+
+impl TimedRead for UnixStream {
+    fn set_timeout(&mut self, timeout: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+}
+
+const FIRST_BUFFER: usize = 16 * 1024;
+
+impl<R: TimedRead> LineReader<R> {
+    fn new(source: R, limit: usize) -> LineReader<R> {
+        LineReader {
+            source,
+            buf: vec![0; FIRST_BUFFER.min(limit + 1)],
+            start: 0,
+            scanned: 0,
+            end: 0,
+            limit,
+            line_started: None,
+            timeout: None,
+        }
+    }
+
+    /// The next line without its newline; `None` at the end of the stream
+    /// (an unfinished last line is returned first) or on a read error.
+    fn next_line(&mut self, idle: Duration, line: Duration) -> Result<Option<&[u8]>, Stop> {
+        if self.start == self.end {
+            (self.start, self.scanned, self.end) = (0, 0, 0);
+        }
+        loop {
+            if let Some(at) = self.buf[self.scanned..self.end]
+                .iter()
+                .position(|&b| b == b'\n')
+            {
+                let (first, newline) = (self.start, self.scanned + at);
+                self.start = newline + 1;
+                self.scanned = self.start;
+                // Bytes after the newline (pipelined) start the next line.
+                self.line_started = (self.start < self.end).then(Instant::now);
+                if newline - first > self.limit {
+                    return Err(Stop::TooLong);
+                }
+                return Ok(Some(&self.buf[first..newline]));
+            }
+            self.scanned = self.end;
+            if self.end - self.start > self.limit {
+                return Err(Stop::TooLong);
+            }
+            if self.end == self.buf.len() {
+                if self.start > 0 {
+                    self.buf.copy_within(self.start..self.end, 0);
+                    self.end -= self.start;
+                    (self.start, self.scanned) = (0, self.end);
+                } else {
+                    // Room for `limit` bytes and the newline.
+                    let grown = (self.buf.len() * 2).min(self.limit + 1);
+                    self.buf.resize(grown, 0);
+                }
+            }
+            let timeout = match self.line_started {
+                None => idle,
+                Some(started) => line
+                    .checked_sub(started.elapsed())
+                    .filter(|left| !left.is_zero())
+                    .ok_or(Stop::LineUnfinished)?,
+            };
+            if self.timeout != Some(timeout) {
+                if self.source.set_timeout(timeout).is_err() {
+                    return Ok(None);
+                }
+                self.timeout = Some(timeout);
+            }
+            match self.source.read(&mut self.buf[self.end..]) {
+                Ok(0) if self.start == self.end => return Ok(None),
+                Ok(0) => {
+                    let first = self.start;
+                    self.start = self.end;
+                    self.line_started = None;
+                    return Ok(Some(&self.buf[first..self.end]));
+                }
+                Ok(n) => {
+                    if self.line_started.is_none() {
+                        self.line_started = Some(Instant::now());
+                    }
+                    self.end += n;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(match self.line_started {
+                        None => Stop::Idle,
+                        Some(_) => Stop::LineUnfinished,
+                    });
+                }
+                Err(_) => return Ok(None),
+            }
+        }
+    }
 }
 
 fn deliver(ctx: &AdminCtx, event: &Event) {
@@ -451,8 +718,10 @@ mod tests {
             read_uids,
             read_gids,
             max_connections: 64,
+            max_connections_per_client: 16,
             max_line_bytes: 1 << 20,
             idle_timeout: Duration::from_secs(60),
+            line_timeout: Duration::from_secs(5),
         }
     }
 
@@ -466,5 +735,77 @@ mod tests {
         assert_eq!(access_for(peer(600, 1), 999, &c), Some(Access::Read));
         assert_eq!(access_for(peer(601, 700), 999, &c), Some(Access::Read));
         assert_eq!(access_for(peer(601, 701), 999, &c), None);
+    }
+
+    /// Hands out its chunks one read at a time (a read may take part of
+    /// one), then the end of the stream.
+    struct Chunks(Vec<Vec<u8>>);
+
+    impl Read for Chunks {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let Some(chunk) = self.0.first_mut() else {
+                return Ok(0);
+            };
+            let n = chunk.len().min(buf.len());
+            buf[..n].copy_from_slice(&chunk[..n]);
+            chunk.drain(..n);
+            if chunk.is_empty() {
+                self.0.remove(0);
+            }
+            Ok(n)
+        }
+    }
+
+    impl TimedRead for Chunks {
+        fn set_timeout(&mut self, _: Duration) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn read_all(chunks: &[&[u8]], limit: usize) -> (Vec<Vec<u8>>, Option<Stop>) {
+        let source = Chunks(chunks.iter().map(|c| c.to_vec()).collect());
+        let mut reader = LineReader::new(source, limit);
+        let mut lines = Vec::new();
+        let long = Duration::from_secs(60);
+        loop {
+            match reader.next_line(long, long) {
+                Ok(Some(line)) => lines.push(line.to_vec()),
+                Ok(None) => return (lines, None),
+                Err(stop) => return (lines, Some(stop)),
+            }
+        }
+    }
+
+    #[test]
+    fn lines_of_exactly_the_limit_pass_and_one_byte_more_does_not() {
+        let at = vec![b'a'; 100];
+        let mut input = at.clone();
+        input.push(b'\n');
+        assert_eq!(read_all(&[&input], 100), (vec![at.clone()], None));
+        let over = [b'a'; 101];
+        let mut input = over.to_vec();
+        input.push(b'\n');
+        assert_eq!(read_all(&[&input], 100), (vec![], Some(Stop::TooLong)));
+        // Without a newline yet: refused as soon as it is over.
+        assert_eq!(read_all(&[&over], 100), (vec![], Some(Stop::TooLong)));
+        // Exactly the limit and then the end of the stream: one line.
+        assert_eq!(read_all(&[&at], 100), (vec![at], None));
+    }
+
+    #[test]
+    fn split_pipelined_and_long_lines_come_out_whole() {
+        let (lines, stop) = read_all(&[b"ab", b"c\nde", b"f\n\ng\nh"], 10);
+        assert_eq!(stop, None);
+        assert_eq!(lines, [&b"abc"[..], b"def", b"", b"g", b"h"]);
+        // Past the first buffer, in odd pieces, twice.
+        let big = vec![b'x'; FIRST_BUFFER * 3 + 7];
+        let mut input = big.clone();
+        input.push(b'\n');
+        input.extend_from_slice(&big);
+        input.push(b'\n');
+        let pieces: Vec<&[u8]> = input.chunks(4093).collect();
+        let (lines, stop) = read_all(&pieces, big.len());
+        assert_eq!(stop, None);
+        assert_eq!(lines, [big.clone(), big]);
     }
 }

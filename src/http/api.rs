@@ -174,9 +174,7 @@ pub fn parse_heartbeat(id: &str, body: &[u8]) -> Result<Heartbeat, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(hb);
     }
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
-    let Value::Object(fields) = value else {
+    let Value::Object(fields) = json_body(body)? else {
         return Err(ApiError::bad_request("request body must be a JSON object"));
     };
     for (key, value) in &fields {
@@ -428,11 +426,21 @@ fn object(body: &[u8]) -> Result<Option<serde_json::Map<String, Value>>, ApiErro
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    match serde_json::from_slice(body) {
-        Ok(Value::Object(fields)) => Ok(Some(fields)),
-        Ok(_) => Err(ApiError::bad_request("request body must be a JSON object")),
-        Err(e) => Err(ApiError::bad_request(format!("malformed JSON body: {e}"))),
+    match json_body(body)? {
+        Value::Object(fields) => Ok(Some(fields)),
+        _ => Err(ApiError::bad_request("request body must be a JSON object")),
     }
+}
+
+/// Every JSON request body goes through here: malformed JSON and a key
+/// repeated at any depth are both 400 `BAD_REQUEST`.
+pub fn json_body(body: &[u8]) -> Result<Value, ApiError> {
+    crate::json::parse(body).map_err(|e| match e {
+        crate::json::JsonError::Syntax(e) => {
+            ApiError::bad_request(format!("malformed JSON body: {e}"))
+        }
+        duplicate => ApiError::bad_request(format!("{duplicate} in the JSON body")),
+    })
 }
 
 /// A positive duration of at most `max`, in milliseconds.

@@ -58,10 +58,9 @@ fn target(ctx: &Ctx, scope: &OwnerScope, id: &str) -> Result<Arc<dyn Provider>, 
 }
 
 fn object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ApiError::bad_request("the body must be a JSON object")),
-        Err(e) => Err(ApiError::bad_request(format!("malformed JSON: {e}"))),
+    match super::api::json_body(body)? {
+        Value::Object(map) => Ok(map),
+        _ => Err(ApiError::bad_request("the body must be a JSON object")),
     }
 }
 

@@ -921,10 +921,12 @@ fn lock_database(db: &Path) -> Result<std::fs::File, String> {
     let mut name = db.as_os_str().to_owned();
     name.push(".lock");
     let path = PathBuf::from(name);
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|e| format!("cannot open lock file {}: {e}", path.display()))?;
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -983,6 +985,7 @@ pub fn open(
             .map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
     }
     let lock = lock_database(&config.path)?;
+    make_private(&config.path)?;
     let mut reserve = space::Reserve::new(&config.path, config.reserve_bytes);
     reserve.ensure().map_err(|e| {
         let what = format!("cannot make the {}-byte reserve", config.reserve_bytes);
@@ -1064,6 +1067,47 @@ fn load_tallies(conn: &mut Connection) -> StoreResult<Tallies> {
     }
     tx.commit()?;
     Ok(t)
+}
+
+/// The files beside the database that hold its data or guard it.
+const COMPANIONS: [&str; 4] = ["-wal", "-shm", "-journal", ".lock"];
+
+/// Makes the database and its companions the daemon's alone (0600).
+/// SQLite creates the WAL and SHM with the database file's own mode
+/// whatever the umask, so the database is created 0600 before SQLite
+/// opens it. Files an older version or an operator left wider are
+/// tightened, and that is logged.
+fn make_private(db: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(db)
+        .map_err(|e| format!("cannot create {}: {e}", db.display()))?;
+    let companions = COMPANIONS.iter().map(|suffix| {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    });
+    for path in std::iter::once(db.to_path_buf()).chain(companions) {
+        let mode = match std::fs::metadata(&path) {
+            Ok(meta) => meta.permissions().mode() & 0o7777,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("cannot stat {}: {e}", path.display())),
+        };
+        if mode & 0o7077 != 0 {
+            let private = mode & 0o700;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(private))
+                .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
+            log::warn!(
+                "storage: tightened {} from mode {mode:04o} to {private:04o}",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
