@@ -106,8 +106,8 @@ pub fn spawn(
     body: &[u8],
 ) -> Result<Reply, ApiError> {
     if !body.iter().all(u8::is_ascii_whitespace) {
-        match serde_json::from_slice::<Value>(body) {
-            Ok(Value::Object(fields)) if fields.is_empty() => {}
+        match super::api::json_body(body)? {
+            Value::Object(fields) if fields.is_empty() => {}
             _ => {
                 return Err(ApiError::bad_request(
                     "a template spawn takes no fields: send no body or {}",
