@@ -790,7 +790,13 @@ impl Lifecycle {
         let ttl = self.lease_ttl_ms();
         let timeout = self.live.get().sandboxes.provider_timeout;
         let (mut kept, mut adopted, mut lost, mut reaped, mut destroyed) = (0, 0, 0, 0, 0);
+        let started = std::time::Instant::now();
         let reclaimed = self.store.reclaim_sandbox_leases(&me, ttl, now_ms())?;
+        log::debug!(
+            "reconcile: {} live records and their leases in {:?}",
+            reclaimed.live.len(),
+            started.elapsed()
+        );
         let conflicts: HashMap<String, String> = reclaimed.conflicts.into_iter().collect();
         for (id, holder) in &conflicts {
             log::warn!("reconcile: sandbox {id} is leased by {holder}; leaving it");
@@ -801,9 +807,16 @@ impl Lifecycle {
         let recorded: std::collections::HashSet<&str> =
             records.iter().map(|r| r.id.as_str()).collect();
         for provider in self.providers.all() {
+            let listed = std::time::Instant::now();
             let runtimes = provider
                 .list_runtimes()
                 .map_err(|e| LifecycleError::Provider(e.to_string()))?;
+            log::debug!(
+                "reconcile: {} runtimes of {} listed in {:?}",
+                runtimes.len(),
+                provider.name(),
+                listed.elapsed()
+            );
             let running: std::collections::HashSet<&str> =
                 runtimes.iter().map(String::as_str).collect();
             for record in records.iter().filter(|r| r.provider == provider.name()) {
