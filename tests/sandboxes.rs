@@ -972,3 +972,45 @@ fn restart_reclaims_only_the_leases_it_does_not_hold() {
         Some(5)
     );
 }
+
+/// The StacyVM SDK builds `SpawnAdmissionDecision(**answer)`, so any field
+/// it does not know is a TypeError in the client: by default the answer
+/// has only its fields (placement detail with `?detail=placement`).
+#[test]
+fn the_default_admission_answer_has_only_the_sdks_fields() {
+    let daemon = Daemon::builder()
+        .config("[sandboxes]\nmax_per_owner = 2\n")
+        .start();
+    const SDK_FIELDS: &[&str] = &[
+        "allowed",
+        "queueable",
+        "reason",
+        "active_sandboxes",
+        "max_sandboxes",
+        "active_owner_sandboxes",
+        "max_owner_sandboxes",
+        "max_ttl",
+    ];
+    for body in [
+        json!({}),
+        json!({"owner_id": "alice"}),
+        json!({"ttl": "999h"}),
+    ] {
+        let resp = daemon.send(&Request::post(ADMISSION).json(&body));
+        assert_status(&resp, 200);
+        let answer = resp.json();
+        let keys: Vec<&String> = answer.as_object().unwrap().keys().collect();
+        for key in &keys {
+            assert!(
+                SDK_FIELDS.contains(&key.as_str()),
+                "{body}: field {key} in {answer}"
+            );
+        }
+        assert!(keys.len() >= 5, "{answer}");
+    }
+    let detailed = admission(&daemon, &json!({}));
+    assert_eq!(detailed["worker_reason"], "local_fallback", "{detailed}");
+    let bad =
+        daemon.send(&Request::post(&format!("{ADMISSION}?detail=everything")).json(&json!({})));
+    assert_error(&bad, 400, "BAD_REQUEST");
+}

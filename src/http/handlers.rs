@@ -127,7 +127,7 @@ pub fn handle(
         Route::Spawn => read_body(body, body_length, limit)
             .and_then(|b| sandbox_handlers::spawn(ctx, incoming, &caller.scope, &b)),
         Route::Admission => read_body(body, body_length, limit)
-            .and_then(|b| sandbox_handlers::admission(ctx, incoming, &caller.scope, &b)),
+            .and_then(|b| sandbox_handlers::admission(ctx, incoming, &caller.scope, query, &b)),
         Route::ListSandboxes => sandbox_handlers::list(ctx, &caller.scope),
         Route::PruneSandboxes => sandbox_handlers::prune(ctx, &caller.scope),
         Route::GetSandbox { id } => sandbox_handlers::get(ctx, &caller.scope, &id),

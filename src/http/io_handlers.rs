@@ -221,7 +221,7 @@ fn parse_mode(value: &Value) -> Result<u32, ApiError> {
     })
 }
 
-fn query_value(query: &str, name: &str) -> Result<Option<String>, ApiError> {
+pub(super) fn query_value(query: &str, name: &str) -> Result<Option<String>, ApiError> {
     let pairs = query_pairs(query).map_err(ApiError::bad_request)?;
     Ok(pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v))
 }

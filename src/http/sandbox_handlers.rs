@@ -75,12 +75,27 @@ pub fn spawn(
     Ok(Reply::json(201, to_json(&SandboxJson::from(&sandbox))))
 }
 
+/// The admission answer. By default exactly the fields of the StacyVM
+/// SDK's `SpawnAdmissionDecision`, which takes every field of the answer as
+/// a keyword and fails on any other; `?detail=placement` adds the
+/// placement detail (`worker_reason`, `rejections`, `selected_worker_id`,
+/// `eligible_workers`), the spec's optional fields.
 pub fn admission(
     ctx: &Ctx,
     incoming: &Incoming<'_>,
     scope: &OwnerScope,
+    query: &str,
     body: &[u8],
 ) -> Result<Reply, ApiError> {
+    let placement = match super::io_handlers::query_value(query, "detail")?.as_deref() {
+        None => false,
+        Some("placement") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "query parameter `detail` must be \"placement\", not {other:?}"
+            )));
+        }
+    };
     let req = spawn_request(incoming, scope, body)?;
     let a = ctx.lifecycle.admission(&req)?;
     let config = ctx.live.get();
@@ -91,10 +106,18 @@ pub fn admission(
         "active_sandboxes": a.active_sandboxes,
         "max_sandboxes": limits.max_sandboxes,
         "max_ttl": format_duration(limits.max_ttl),
-        "worker_reason": a.worker_reason,
-        "rejections": a.rejections,
     });
     let fields = out.as_object_mut().expect("json! object");
+    if placement {
+        fields.insert("worker_reason".into(), json!(a.worker_reason));
+        fields.insert("rejections".into(), json!(a.rejections));
+        if let Some(id) = a.selected_worker_id {
+            fields.insert("selected_worker_id".into(), id.into());
+        }
+        if let Some(n) = a.eligible_workers {
+            fields.insert("eligible_workers".into(), n.into());
+        }
+    }
     if let Some(denial) = a.denial {
         fields.insert("reason".into(), denial.as_str().into());
     }
@@ -106,12 +129,6 @@ pub fn admission(
     }
     if limits.max_per_owner > 0 {
         fields.insert("max_owner_sandboxes".into(), limits.max_per_owner.into());
-    }
-    if let Some(id) = a.selected_worker_id {
-        fields.insert("selected_worker_id".into(), id.into());
-    }
-    if let Some(n) = a.eligible_workers {
-        fields.insert("eligible_workers".into(), n.into());
     }
     Ok(Reply::json(200, to_json(&out)))
 }

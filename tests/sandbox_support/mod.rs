@@ -94,8 +94,9 @@ pub fn list_ids(daemon: &Daemon) -> Vec<String> {
 
 /// `POST /api/v1/sandboxes/admission` (asserts 200).
 #[track_caller]
+/// The admission answer with its placement detail (`?detail=placement`).
 pub fn admission(daemon: &Daemon, body: &Value) -> Value {
-    let resp = daemon.send(&Request::post(ADMISSION).json(body));
+    let resp = daemon.send(&Request::post(&format!("{ADMISSION}?detail=placement")).json(body));
     assert_status(&resp, 200);
     resp.json()
 }

@@ -124,6 +124,11 @@ def sync_suite():
         assert "process" in names, f"the process provider is not listed: {names!r}"
         step("health and providers")
 
+        d = c.admission(ttl="10m", **SPAWN)
+        assert (d.allowed, d.queueable, d.reason) == (True, False, ""), f"admission: {d!r}"
+        assert d.max_sandboxes > 0 and d.max_ttl, f"admission limits: {d!r}"
+        step(f"admission -> allowed, {d.active_sandboxes} of {d.max_sandboxes} sandboxes")
+
         if API_KEY:
             with Client(URL, timeout=30.0) as anonymous:
                 expect_error(anonymous.list, StacyVMError, "UNAUTHORIZED", "list without an API key")
@@ -461,6 +466,8 @@ async def async_suite():
             pass  # the same SDK bug as the sync client, see missing_suite
         step("async extend_ttl, destroy, then SandboxNotFound / ResponseNotRead")
 
+        d = await c.admission(**SPAWN)
+        assert d.allowed is True, f"async admission: {d!r}"
         name = f"sdk-e2e-async-{os.getpid()}"
         with Client(URL, api_key=API_KEY, user_id=OWNER, timeout=30.0) as sync:
             sync.templates.save(Template(name=name, image="host", provider="process"))
