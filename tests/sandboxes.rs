@@ -676,6 +676,14 @@ fn sample(text: &str, series: &str) -> Option<f64> {
         .map(|v| v.trim().parse().expect("sample value"))
 }
 
+fn requests_series(route: &str, method: &str, code: u16) -> String {
+    format!("stacyvmd_http_requests_total{{route=\"{route}\",method=\"{method}\",code=\"{code}\"}}")
+}
+
+fn one_path() -> &'static str {
+    "/api/v1/sandboxes/{id}"
+}
+
 #[test]
 fn sandbox_routes_are_counted_in_http_metrics() {
     let daemon = Daemon::start();
@@ -684,13 +692,17 @@ fn sandbox_routes_are_counted_in_http_metrics() {
     assert_status(&get_sandbox(&daemon, &id), 200);
     destroy_ok(&daemon, &id);
     assert_error(&destroy(&daemon, &id), 404, "NOT_FOUND");
+    // A request is counted after its answer is written: the last one may
+    // reach the counters just after the client has read it.
+    let last = requests_series(one_path(), "DELETE", 404);
+    poll_until(
+        Duration::from_secs(5),
+        "the last request to be counted",
+        || sample(&daemon.get("/metrics").text(), &last) == Some(1.0),
+    );
     let text = daemon.get("/metrics").text();
-    let requests = |route: &str, method: &str, code: u16| {
-        format!(
-            "stacyvmd_http_requests_total{{route=\"{route}\",method=\"{method}\",code=\"{code}\"}}"
-        )
-    };
-    let one = "/api/v1/sandboxes/{id}";
+    let requests = requests_series;
+    let one = one_path();
     for (series, expected) in [
         (requests(SANDBOXES, "POST", 201), 2.0),
         (requests(one, "GET", 200), 1.0),
