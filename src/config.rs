@@ -41,6 +41,8 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub providers: ProvidersConfig,
     pub admin: AdminConfig,
+    /// Per-owner quota policies, by owner id (`[quotas.<owner>]`).
+    pub quotas: BTreeMap<String, QuotaPolicy>,
     /// The file this configuration was read from, if any (re-read on SIGHUP).
     pub source: Option<PathBuf>,
 }
@@ -142,6 +144,16 @@ impl fmt::Debug for KeyEntry {
             .field("role", &self.role)
             .finish_non_exhaustive()
     }
+}
+
+/// One owner's quota (`[quotas.<owner>]`): limits over the fleet-wide ones
+/// in `[sandboxes]`, checked at admission; `None` leaves that limit to
+/// `[sandboxes]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QuotaPolicy {
+    /// Live sandboxes (and spawns in flight) of the owner.
+    pub max_sandboxes: Option<u32>,
+    pub max_ttl: Option<Duration>,
 }
 
 /// Spawn defaults and admission limits.
@@ -361,6 +373,7 @@ impl Config {
                 "scheduler",
                 "providers",
                 "admin",
+                "quotas",
             ],
         );
 
@@ -882,9 +895,12 @@ impl Config {
             ),
         };
 
+        let quotas = r.quotas(table);
+
         if r.problems.is_empty() {
             Ok(Config {
                 admin,
+                quotas,
                 server,
                 store,
                 worker,
@@ -922,6 +938,7 @@ impl Config {
             ..new.sandboxes.clone()
         };
         merged.scheduler = new.scheduler.clone();
+        merged.quotas = new.quotas.clone();
         let mut ignored = Vec::new();
         let checks: [(&'static str, bool); 21] = [
             (
@@ -1128,6 +1145,44 @@ impl Reader {
                 );
             }
         }
+    }
+
+    /// `[quotas.<owner>]` tables: `max_sandboxes`, `max_ttl`.
+    fn quotas(&mut self, table: &toml::Table) -> BTreeMap<String, QuotaPolicy> {
+        let mut out = BTreeMap::new();
+        for (owner, value) in self.section(table, "quotas") {
+            let section = format!("quotas.{owner}");
+            if owner.is_empty() || crate::sandboxes::validate_owner_id(owner).is_err() {
+                self.problem(&section, "is not a valid owner id".into());
+                continue;
+            }
+            let toml::Value::Table(t) = value else {
+                self.problem(
+                    &section,
+                    format!("must be a table, found {}", value.type_str()),
+                );
+                continue;
+            };
+            self.only_keys(&section, t, &["max_sandboxes", "max_ttl"]);
+            let policy = QuotaPolicy {
+                max_sandboxes: t.contains_key("max_sandboxes").then(|| {
+                    // 0 would read as "no limit" next to max_per_owner.
+                    self.integer(t, &section, "max_sandboxes", 1, 1, 10_000_000) as u32
+                }),
+                max_ttl: t.contains_key("max_ttl").then(|| {
+                    self.duration(
+                        t,
+                        &section,
+                        "max_ttl",
+                        "24h",
+                        Duration::from_secs(1),
+                        365 * DAY,
+                    )
+                }),
+            };
+            out.insert(owner.clone(), policy);
+        }
+        out
     }
 
     fn section<'t>(&mut self, table: &'t toml::Table, name: &str) -> &'t toml::Table {

@@ -144,6 +144,33 @@ pub struct SpawnRequest {
     pub sandbox_id: Option<String>,
 }
 
+/// The admission limits for `owner`: `[sandboxes]`, tightened by the
+/// owner's `[quotas.<owner>]` policy where it has one (a quota can only
+/// lower a fleet-wide limit, never raise it).
+pub fn limits_for(config: &crate::config::Config, owner: &str) -> Limits {
+    let fleet = &config.sandboxes;
+    let mut limits = Limits {
+        max_ttl_ms: fleet.max_ttl.as_millis() as i64,
+        max_sandboxes: fleet.max_sandboxes,
+        max_per_owner: fleet.max_per_owner,
+    };
+    if let Some(q) = (!owner.is_empty())
+        .then(|| config.quotas.get(owner))
+        .flatten()
+    {
+        if let Some(ttl) = q.max_ttl {
+            limits.max_ttl_ms = limits.max_ttl_ms.min(ttl.as_millis() as i64);
+        }
+        if let Some(n) = q.max_sandboxes {
+            limits.max_per_owner = match limits.max_per_owner {
+                0 => n,
+                fleet => fleet.min(n),
+            };
+        }
+    }
+    limits
+}
+
 pub struct Lifecycle {
     live: LiveConfig,
     store: StoreHandle,
@@ -297,11 +324,7 @@ impl Lifecycle {
             provider: spec.provider.clone(),
             owner_id: spec.owner_id.clone(),
             ttl_ms: spec.ttl_ms,
-            limits: Limits {
-                max_ttl_ms: config.sandboxes.max_ttl.as_millis() as i64,
-                max_sandboxes: config.sandboxes.max_sandboxes,
-                max_per_owner: config.sandboxes.max_per_owner,
-            },
+            limits: limits_for(&config, &spec.owner_id),
             reserve,
         }
     }
@@ -585,13 +608,19 @@ impl Lifecycle {
         id: &str,
         ttl_ms: i64,
     ) -> Result<Sandbox, LifecycleError> {
-        if *scope != OwnerScope::All {
-            self.get(scope, id)?;
-        }
-        let max = self.live.get().sandboxes.max_ttl.as_millis() as i64;
+        // The sandbox (in scope) for its owner, whose quota may bound the
+        // ttl below sandboxes.max_ttl.
+        let sandbox = self.get(scope, id)?;
+        let config = self.live.get();
+        let max = limits_for(&config, &sandbox.owner_id).max_ttl_ms;
         if ttl_ms <= 0 || ttl_ms > max {
+            let bound = if max < config.sandboxes.max_ttl.as_millis() as i64 {
+                format!("the quota of owner {:?}", sandbox.owner_id)
+            } else {
+                "sandboxes.max_ttl".to_owned()
+            };
             return Err(LifecycleError::Invalid(format!(
-                "field `ttl` must be positive and at most sandboxes.max_ttl ({})",
+                "field `ttl` must be positive and at most {bound} ({})",
                 crate::time::format_duration(Duration::from_millis(max as u64))
             )));
         }

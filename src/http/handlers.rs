@@ -145,6 +145,7 @@ pub fn handle(
         Route::LeaseAction { id, action } => read_body(body, body_length, limit).and_then(|b| {
             sandbox_handlers::lease_action(ctx, incoming, caller.principal, &id, action, &b)
         }),
+        Route::QuotaSummary => quota_summary(ctx),
         Route::ListTemplates => super::template_handlers::list(ctx, incoming, &caller.scope),
         Route::SaveTemplate => read_body(body, body_length, limit)
             .and_then(|b| super::template_handlers::save(ctx, incoming, &caller.scope, &b)),
@@ -158,6 +159,26 @@ pub fn handle(
             .and_then(|b| super::template_handlers::spawn(ctx, incoming, &caller.scope, &name, &b)),
     };
     (id, result)
+}
+
+/// `GET /api/v1/quotas/summary`: how many quota policies there are and
+/// how many set each limit (the StacyVM SDK's `QuotaSummary`); counts
+/// only, never an owner id or a limit's value. No policy can set an exec
+/// timeout (`with_max_exec_timeout` is always 0).
+fn quota_summary(ctx: &Ctx) -> Result<Reply, ApiError> {
+    let config = ctx.live.get();
+    let policies = config.quotas.values();
+    let count =
+        |has: fn(&crate::config::QuotaPolicy) -> bool| policies.clone().filter(|p| has(p)).count();
+    Ok(Reply::json(
+        200,
+        to_json(&json!({
+            "total": config.quotas.len(),
+            "with_max_sandboxes": count(|p| p.max_sandboxes.is_some()),
+            "with_max_ttl": count(|p| p.max_ttl.is_some()),
+            "with_max_exec_timeout": 0,
+        })),
+    ))
 }
 
 /// Reads at most `limit` bytes; a declared or actual larger body is a 413.

@@ -38,12 +38,13 @@ pub enum RouteId {
     GetTemplate,
     DeleteTemplate,
     SpawnTemplate,
+    QuotaSummary,
     Handoff,
     Unmatched,
 }
 
 impl RouteId {
-    pub const ALL: [RouteId; 36] = [
+    pub const ALL: [RouteId; 37] = [
         RouteId::Health,
         RouteId::Live,
         RouteId::Ready,
@@ -78,6 +79,7 @@ impl RouteId {
         RouteId::GetTemplate,
         RouteId::DeleteTemplate,
         RouteId::SpawnTemplate,
+        RouteId::QuotaSummary,
         RouteId::Handoff,
         RouteId::Unmatched,
     ];
@@ -115,6 +117,7 @@ impl RouteId {
             RouteId::ListTemplates | RouteId::SaveTemplate => "/api/v1/templates",
             RouteId::GetTemplate | RouteId::DeleteTemplate => "/api/v1/templates/{name}",
             RouteId::SpawnTemplate => "/api/v1/templates/{name}/spawn",
+            RouteId::QuotaSummary => "/api/v1/quotas/summary",
             RouteId::Handoff => "/-/handoff",
             RouteId::Unmatched => "unmatched",
         }
@@ -220,6 +223,7 @@ pub enum Route {
     SpawnTemplate {
         name: String,
     },
+    QuotaSummary,
     /// The relay's pickup probe on a new internal connection (see `conn`).
     Handoff,
 }
@@ -265,6 +269,7 @@ impl Route {
             Route::GetTemplate { .. } => RouteId::GetTemplate,
             Route::DeleteTemplate { .. } => RouteId::DeleteTemplate,
             Route::SpawnTemplate { .. } => RouteId::SpawnTemplate,
+            Route::QuotaSummary => RouteId::QuotaSummary,
             Route::Handoff => RouteId::Handoff,
         }
     }
@@ -301,7 +306,8 @@ impl Route {
             | Route::SaveTemplate
             | Route::GetTemplate { .. }
             | Route::DeleteTemplate { .. }
-            | Route::SpawnTemplate { .. } => Access::User,
+            | Route::SpawnTemplate { .. }
+            | Route::QuotaSummary => Access::User,
             Route::ListLeases | Route::GetLease { .. } | Route::LeaseAction { .. } => Access::Admin,
         }
     }
@@ -451,6 +457,7 @@ pub fn route(method: &str, path: &str) -> Result<Route, RouteError> {
                     },
                 )
             }
+            ["quotas", "summary"] => allow("GET", Route::QuotaSummary),
             ["templates"] => match method {
                 "POST" => Ok(Route::SaveTemplate),
                 _ => allow("GET, POST", Route::ListTemplates),

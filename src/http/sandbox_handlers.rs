@@ -99,13 +99,15 @@ pub fn admission(
     let req = spawn_request(incoming, scope, body)?;
     let a = ctx.lifecycle.admission(&req)?;
     let config = ctx.live.get();
-    let limits = &config.sandboxes;
+    // The owner's quota, where it has one, over the fleet-wide limits.
+    let limits = crate::lifecycle::limits_for(&config, &req.owner_id);
+    let max_ttl = std::time::Duration::from_millis(limits.max_ttl_ms.max(0) as u64);
     let mut out = json!({
         "allowed": a.denial.is_none(),
         "queueable": false,
         "active_sandboxes": a.active_sandboxes,
         "max_sandboxes": limits.max_sandboxes,
-        "max_ttl": format_duration(limits.max_ttl),
+        "max_ttl": format_duration(max_ttl),
     });
     let fields = out.as_object_mut().expect("json! object");
     if placement {

@@ -129,6 +129,10 @@ def sync_suite():
         assert d.max_sandboxes > 0 and d.max_ttl, f"admission limits: {d!r}"
         step(f"admission -> allowed, {d.active_sandboxes} of {d.max_sandboxes} sandboxes")
 
+        q = c.quota_summary()
+        assert (q.total, q.with_max_sandboxes, q.with_max_ttl, q.with_max_exec_timeout) == (0, 0, 0, 0), f"quota_summary: {q!r}"
+        step("quota_summary -> no policies")
+
         if API_KEY:
             with Client(URL, timeout=30.0) as anonymous:
                 expect_error(anonymous.list, StacyVMError, "UNAUTHORIZED", "list without an API key")
