@@ -472,6 +472,8 @@ async def async_suite():
 
         d = await c.admission(**SPAWN)
         assert d.allowed is True, f"async admission: {d!r}"
+        q = await c.quota_summary()
+        assert q.total == 0, f"async quota_summary: {q!r}"
         name = f"sdk-e2e-async-{os.getpid()}"
         with Client(URL, api_key=API_KEY, user_id=OWNER, timeout=30.0) as sync:
             sync.templates.save(Template(name=name, image="host", provider="process"))
