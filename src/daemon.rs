@@ -15,66 +15,31 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, select, tick, unbounded};
+use crossbeam_channel::{Receiver, select, tick, unbounded};
 
 use std::sync::Arc;
 
 use crate::admin::AdminServer;
 use crate::config::{Config, LiveConfig, Overrides};
+use crate::controlplane;
+use crate::controlplane::reaper::Reaper;
 use crate::heartbeat::Draining;
 use crate::heartbeat::{self, HeartbeatThread};
 use crate::http::HttpServer;
-use crate::lifecycle;
 use crate::notify::Notifier;
 use crate::providers::mock::MockProvider;
 use crate::providers::process::ProcessProvider;
-use crate::providers::{Executor, Provider, Registry};
-use crate::reaper::Reaper;
+use crate::providers::{Provider, Registry};
 use crate::scheduler::{self, health::Windows};
 use crate::signals::SignalThread;
 use crate::store;
+use crate::supervise::SupervisorEvent;
+use crate::worker::executor::Executor;
+use crate::worker::{Links, LocalLink};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Lifecycle {
-    Shutdown(&'static str),
-    Reload,
-    ComponentExited { name: &'static str, panicked: bool },
-}
-
-/// Lets a component thread tell the supervisor it ended.
-#[derive(Clone)]
-pub struct ExitNotifier(Sender<Lifecycle>);
-
-impl ExitNotifier {
-    /// Held for the life of a component thread; reports its end on drop.
-    pub fn guard(&self, name: &'static str) -> ExitGuard {
-        ExitGuard {
-            name,
-            events: self.0.clone(),
-        }
-    }
-
-    #[cfg(test)]
-    pub fn for_tests() -> (ExitNotifier, Receiver<Lifecycle>) {
-        let (tx, rx) = unbounded();
-        (ExitNotifier(tx), rx)
-    }
-}
-
-pub struct ExitGuard {
-    name: &'static str,
-    events: Sender<Lifecycle>,
-}
-
-impl Drop for ExitGuard {
-    fn drop(&mut self) {
-        let panicked = std::thread::panicking();
-        let _ = self.events.send(Lifecycle::ComponentExited {
-            name: self.name,
-            panicked,
-        });
-    }
-}
+// Older paths, kept while branches that name them are merged.
+pub use crate::supervise::SupervisorEvent as Lifecycle;
+pub use crate::supervise::{ExitGuard, ExitNotifier};
 
 /// Why the daemon stopped, mapped to the exit code by `main`.
 #[derive(Debug, PartialEq, Eq)]
@@ -128,8 +93,8 @@ pub fn run(
     let started = Instant::now();
     raise_nofile_limit();
     let notifier = Notifier::from_env();
-    let (events_tx, events) = unbounded::<Lifecycle>();
-    let on_exit = ExitNotifier(events_tx.clone());
+    let (events_tx, events) = unbounded::<SupervisorEvent>();
+    let on_exit = ExitNotifier::new(events_tx.clone());
     let supervisor = events_tx.clone();
     let signals = SignalThread::start(events_tx)
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
@@ -213,12 +178,16 @@ pub fn run(
         .map_err(|e| format!("cannot start the worker executor: {e}"))?;
 
     let live = LiveConfig::new(config);
-    let sandboxes = Arc::new(lifecycle::Lifecycle::new(
+    let local_worker = LocalLink::new(
+        live.get().worker.id.clone(),
+        executor.handle.clone(),
+        providers,
+    );
+    let sandboxes = Arc::new(controlplane::Lifecycle::new(
         live.clone(),
         store.handle.clone(),
         scheduler.clone(),
-        executor.handle.clone(),
-        providers,
+        Links::new(local_worker),
     ));
     sandboxes
         .reconcile()
@@ -372,7 +341,7 @@ pub fn nofile_limit() -> u64 {
 /// Waits for lifecycle events; pings the watchdog while the store and the
 /// scheduler answer.
 fn supervise(
-    events: &Receiver<Lifecycle>,
+    events: &Receiver<SupervisorEvent>,
     live: &LiveConfig,
     overrides: &Overrides,
     notifier: &Notifier,
@@ -387,12 +356,12 @@ fn supervise(
     loop {
         select! {
             recv(events) -> event => match event {
-                Ok(Lifecycle::Shutdown(signal)) => {
+                Ok(SupervisorEvent::Shutdown(signal)) => {
                     log::info!("{signal} received: graceful stop");
                     return Outcome::Stopped;
                 }
-                Ok(Lifecycle::Reload) => reload(live, overrides, scheduler, apply_log_level),
-                Ok(Lifecycle::ComponentExited { name, panicked }) => {
+                Ok(SupervisorEvent::Reload) => reload(live, overrides, scheduler, apply_log_level),
+                Ok(SupervisorEvent::ComponentExited { name, panicked }) => {
                     log::error!("component {name} {}; stopping", if panicked { "panicked" } else { "exited" });
                     return Outcome::ComponentFailed(name);
                 }

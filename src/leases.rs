@@ -60,6 +60,8 @@ pub enum LeaseError {
     Invalid(String),
 }
 
+impl std::error::Error for LeaseError {}
+
 impl std::fmt::Display for LeaseError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

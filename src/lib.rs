@@ -22,10 +22,10 @@
 
 pub mod admin;
 pub mod config;
+pub mod controlplane;
 pub mod daemon;
 pub mod diagnostics;
 pub mod events;
-pub mod heartbeat;
 pub mod http;
 pub mod json;
 pub mod leases;
@@ -33,13 +33,16 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod notify;
 pub mod providers;
-pub mod reaper;
 pub mod sandbox_io;
 pub mod sandboxes;
 pub mod scheduler;
 pub mod signals;
 pub mod store;
+pub mod supervise;
 pub mod templates;
 pub mod time;
+pub mod worker;
 pub mod workerproto;
+// Older path of the heartbeat module, for callers that still name it.
+pub use worker::heartbeat;
 pub mod workers;

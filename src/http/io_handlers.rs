@@ -1,6 +1,6 @@
-//! Exec and file handlers: parse, find the sandbox's process provider,
-//! call `crate::sandbox_io`, answer. A sandbox must be running on this
-//! worker; its provider must be one that runs commands (`process`).
+//! Exec and file handlers: parse, find the sandbox's worker, send it the
+//! operation through its `WorkerLink`, answer. The sandbox must be running
+//! and its provider one that runs commands (`process`).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -11,20 +11,41 @@ use serde_json::{Value, json};
 use super::Ctx;
 use super::api::{ApiError, to_json};
 use super::handlers::{Reply, Streamed};
+use super::ndjson::NdjsonLines;
 use super::router::{FileRoute, query_pairs};
-use crate::providers::process::files::FsOp;
-use crate::providers::{EnterError, Provider};
-use crate::sandbox_io::{self, ExecMode, ExecRequest, NdjsonLines, OpError, Sink};
+use crate::providers::EnterError;
 use crate::sandboxes::{OwnerScope, SandboxState};
+use crate::worker::ops::{ExecMode, ExecRequest, FsOp, OpError, OpErrorKind, Sink};
+use crate::worker::{LinkError, WorkerLink};
 
+/// The one mapping of a sandbox operation's failure to HTTP.
 impl From<OpError> for ApiError {
     fn from(e: OpError) -> ApiError {
-        ApiError::new(e.status, e.code, e.message)
+        let status = match e.kind {
+            OpErrorKind::BadRequest | OpErrorKind::Unsupported | OpErrorKind::NotARegularFile => {
+                400
+            }
+            OpErrorKind::Forbidden => 403,
+            OpErrorKind::NotFound => 404,
+            OpErrorKind::Timeout => 408,
+            OpErrorKind::Conflict => 409,
+            OpErrorKind::TooLarge => 413,
+            OpErrorKind::TooMany => 429,
+            OpErrorKind::Internal => 500,
+        };
+        ApiError::new(status, e.kind.code(), e.message)
     }
 }
 
-/// The running sandbox's provider, checked to be on this worker.
-fn target(ctx: &Ctx, scope: &OwnerScope, id: &str) -> Result<Arc<dyn Provider>, ApiError> {
+/// A running sandbox's worker, and the provider it runs under there.
+struct Target {
+    worker: Arc<dyn WorkerLink>,
+    provider: String,
+}
+
+/// The running sandbox's worker, checked to run commands and to have the
+/// sandbox's runtime running.
+fn target(ctx: &Ctx, scope: &OwnerScope, id: &str) -> Result<Target, ApiError> {
     let sandbox = ctx.lifecycle.get(scope, id)?;
     if sandbox.state != SandboxState::Running {
         return Err(ApiError::conflict(format!(
@@ -32,21 +53,19 @@ fn target(ctx: &Ctx, scope: &OwnerScope, id: &str) -> Result<Arc<dyn Provider>, 
             sandbox.state.as_str()
         )));
     }
-    let me = &ctx.live.get().worker.id;
-    if &sandbox.worker_id != me {
-        return Err(ApiError::conflict(format!(
-            "sandbox {id} runs on worker {}, not on this one ({me})",
-            sandbox.worker_id
-        )));
-    }
-    let provider = ctx
+    let worker = ctx
         .lifecycle
-        .providers()
-        .get(&sandbox.provider)
-        .cloned()
-        .ok_or_else(|| ApiError::internal(format!("provider {} is gone", sandbox.provider)))?;
-    let process = sandbox_io::process_of(&provider)?;
-    if let Err(EnterError::NotRunning(why)) = process.check_running(id) {
+        .links()
+        .get(&sandbox.worker_id)
+        .map_err(|e| match e {
+            LinkError::Remote { worker_id } => ApiError::conflict(format!(
+                "sandbox {id} runs on worker {worker_id}, not on this one ({}); remote worker RPC is not available",
+                ctx.live.get().worker.id
+            )),
+            other => ApiError::internal(other.to_string()),
+        })?;
+    worker.check_io(&sandbox.provider)?;
+    if let Err(EnterError::NotRunning(why)) = worker.check_running(&sandbox.provider, id) {
         let marked = ctx.lifecycle.runtime_vanished(&sandbox);
         return Err(ApiError::conflict(if marked {
             format!("{why}; the sandbox is now marked lost")
@@ -54,7 +73,10 @@ fn target(ctx: &Ctx, scope: &OwnerScope, id: &str) -> Result<Arc<dyn Provider>, 
             why
         }));
     }
-    Ok(provider)
+    Ok(Target {
+        worker,
+        provider: sandbox.provider,
+    })
 }
 
 fn object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
@@ -153,18 +175,16 @@ pub fn parse_exec(body: &[u8]) -> Result<ExecRequest, ApiError> {
 
 pub fn exec(ctx: &Ctx, scope: &OwnerScope, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
     let req = parse_exec(body)?;
-    let provider = target(ctx, scope, id)?;
-    let p = sandbox_io::process_of(&provider)?;
+    let t = target(ctx, scope, id)?;
     if req.stream {
-        sandbox_io::validate(p, id, &req)?;
+        t.worker.validate_exec(&t.provider, id, &req)?;
         let id = id.to_owned();
         let run = move |out: &mut dyn std::io::Write| {
-            let Ok(p) = sandbox_io::process_of(&provider) else {
-                return;
-            };
             let mut lines = NdjsonLines::default();
             let mut send = |stream, data: &[u8]| lines.chunk(out, stream, data);
-            let result = sandbox_io::exec(p, &id, &req, Sink::Stream(&mut send));
+            let result = t
+                .worker
+                .exec(&t.provider, &id, &req, Sink::Stream(&mut send));
             let mut lines = NdjsonLines::default();
             let ended = match result {
                 Ok(outcome) if outcome.abandoned => {
@@ -184,7 +204,7 @@ pub fn exec(ctx: &Ctx, scope: &OwnerScope, id: &str, body: &[u8]) -> Result<Repl
             Streamed::Ndjson(Box::new(run)),
         ));
     }
-    let outcome = sandbox_io::exec(p, id, &req, Sink::Capture)?;
+    let outcome = t.worker.exec(&t.provider, id, &req, Sink::Capture)?;
     if outcome.timed_out {
         return Err(ApiError::new(
             408,
@@ -248,19 +268,18 @@ pub fn files(
     body_length: Option<usize>,
 ) -> Result<Reply, ApiError> {
     let upload_limit = ctx.live.get().providers.process.max_upload_bytes;
-    let provider = target(ctx, scope, id)?;
-    let p = sandbox_io::process_of(&provider)?;
+    let t = target(ctx, scope, id)?;
     let run = |op: FsOp, input: Option<&mut dyn Read>| -> Result<Reply, ApiError> {
-        Ok(json_reply(sandbox_io::file_op(p, id, op, input)?))
+        Ok(json_reply(t.worker.file_op(&t.provider, id, op, input)?))
     };
     match op {
         FileRoute::Read => {
             let path = required(query, "path")?;
-            let reader = sandbox_io::read_file(p, id, &path)?;
+            let reader = t.worker.read_file(&t.provider, id, &path)?;
             Ok(Reply::streamed(
                 200,
                 "application/octet-stream",
-                Streamed::File(Box::new(reader)),
+                Streamed::File(reader),
             ))
         }
         FileRoute::Write => {

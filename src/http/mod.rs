@@ -12,6 +12,7 @@ mod conn;
 mod framer;
 mod handlers;
 mod io_handlers;
+mod ndjson;
 pub mod router;
 mod sandbox_handlers;
 mod template_handlers;
@@ -291,7 +292,7 @@ fn serve(ctx: &Ctx, mut request: tiny_http::Request) {
             request.respond(response)
         }
         Some(Streamed::File(reader)) => {
-            let len = reader.len as usize;
+            let len = reader.byte_len() as usize;
             // Content-Length whatever the size: tiny_http would switch to
             // chunked from 32 KiB, and the length is known up front.
             request.respond(

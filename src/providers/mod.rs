@@ -1,21 +1,15 @@
-//! Providers run sandbox runtimes (mock now; process, microVM later), and the
-//! local worker's executor that calls them.
-//!
-//! Provider calls may be slow or hang, so they never run on an HTTP or store
-//! thread: the `worker-N` executor threads take jobs from a bounded queue and
-//! the caller waits with a deadline. A spawn whose caller gave up is undone
-//! by the executor when the provider finally returns, so a late runtime is
-//! never left behind.
+//! Providers run sandbox runtimes (mock now; process, microVM later). The
+//! worker role calls them through its executor (`crate::worker::executor`),
+//! never on an HTTP or store thread.
 
 pub mod mock;
 pub mod process;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::io::Read;
+use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use crate::worker::ops::{ExecOutcome, ExecRequest, FileStream, FsOp, OpError, OpErrorKind, Sink};
 
 /// What a provider needs to start a runtime. The runtime is named by the
 /// sandbox id, so reconciliation can match runtimes to records.
@@ -35,6 +29,8 @@ impl std::fmt::Display for ProviderError {
         f.write_str(&self.0)
     }
 }
+
+impl std::error::Error for ProviderError {}
 
 pub trait Provider: Send + Sync {
     fn name(&self) -> &str;
@@ -65,11 +61,53 @@ pub trait Provider: Send + Sync {
     fn check_image(&self, _image: &str) -> Result<(), String> {
         Ok(())
     }
-    /// The process provider, for exec and files; `None` for providers whose
-    /// sandboxes cannot run commands.
-    fn as_process(&self) -> Option<&process::ProcessProvider> {
-        None
+    /// Whether its sandboxes run commands and hold files (exec and the
+    /// file routes); the methods below refuse when not.
+    fn runs_commands(&self) -> bool {
+        false
     }
+    /// Whether the runtime of `sandbox_id` is running, for a command.
+    fn check_running(&self, _sandbox_id: &str) -> Result<(), EnterError> {
+        Ok(())
+    }
+    /// Checks an exec request before anything runs (a streamed exec can
+    /// then still answer with an error status).
+    fn validate_exec(&self, _sandbox_id: &str, _req: &ExecRequest) -> Result<(), OpError> {
+        Err(unsupported(self.name()))
+    }
+    /// Runs a command in the sandbox; a timeout is an outcome, not an error.
+    fn exec(
+        &self,
+        _sandbox_id: &str,
+        _req: &ExecRequest,
+        _sink: Sink<'_>,
+    ) -> Result<ExecOutcome, OpError> {
+        Err(unsupported(self.name()))
+    }
+    /// A file operation whose answer is one JSON document; `input` is a
+    /// file's new content.
+    fn file_op(
+        &self,
+        _sandbox_id: &str,
+        _op: FsOp,
+        _input: Option<&mut dyn Read>,
+    ) -> Result<Vec<u8>, OpError> {
+        Err(unsupported(self.name()))
+    }
+    /// Opens a file of the sandbox for reading out.
+    fn read_file(&self, _sandbox_id: &str, _path: &str) -> Result<Box<dyn FileStream>, OpError> {
+        Err(unsupported(self.name()))
+    }
+}
+
+/// The refusal of exec and files by a provider that does not run commands.
+pub fn unsupported(provider: &str) -> OpError {
+    OpError::new(
+        OpErrorKind::Unsupported,
+        format!(
+            "provider {provider:?} does not run commands or hold files; use provider \"process\""
+        ),
+    )
 }
 
 /// Why a command or file operation could not be started in a sandbox.
@@ -117,202 +155,6 @@ impl Registry {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExecError {
-    Provider(ProviderError),
-    /// The provider did not answer within the deadline.
-    Timeout,
-    /// The executor queue is full or its threads are gone.
-    Unavailable(String),
-}
-
-impl std::fmt::Display for ExecError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExecError::Provider(e) => write!(f, "provider failed: {e}"),
-            ExecError::Timeout => write!(f, "provider did not answer in time"),
-            ExecError::Unavailable(why) => write!(f, "executor unavailable: {why}"),
-        }
-    }
-}
-
-enum JobKind {
-    Spawn(RuntimeSpec),
-    Destroy(String),
-}
-
-/// What a late provider result should do once its caller gave up.
-pub type Late = Box<dyn FnOnce(Result<(), ProviderError>) + Send>;
-
-/// The hand-off between a caller waiting with a deadline and the executor:
-/// whichever comes second decides who handles the result, under one lock,
-/// so a result is never lost between "timed out" and "finished".
-#[derive(Default)]
-struct Handoff {
-    state: Mutex<HandoffState>,
-}
-
-#[derive(Default, PartialEq, Eq)]
-enum HandoffState {
-    #[default]
-    Waiting,
-    /// The caller stopped waiting: the executor handles the result.
-    Abandoned,
-    /// The result was sent to the caller.
-    Answered,
-}
-
-struct Job {
-    provider: Arc<dyn Provider>,
-    kind: JobKind,
-    reply: Sender<Result<(), ProviderError>>,
-    handoff: Arc<Handoff>,
-    late: Option<Late>,
-}
-
-#[derive(Clone)]
-pub struct ExecutorHandle {
-    jobs: Sender<Job>,
-}
-
-impl ExecutorHandle {
-    fn run(
-        &self,
-        provider: &Arc<dyn Provider>,
-        kind: JobKind,
-        deadline: Duration,
-        late: Option<Late>,
-    ) -> Result<(), ExecError> {
-        let (reply, answer) = bounded(1);
-        let handoff = Arc::new(Handoff::default());
-        let job = Job {
-            provider: provider.clone(),
-            kind,
-            reply,
-            handoff: handoff.clone(),
-            late,
-        };
-        match self.jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(ExecError::Unavailable("job queue is full".into()));
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(ExecError::Unavailable("executor stopped".into()));
-            }
-        }
-        if let Ok(result) = answer.recv_timeout(deadline) {
-            return result.map_err(ExecError::Provider);
-        }
-        let mut state = handoff.state.lock().unwrap_or_else(|e| e.into_inner());
-        if *state == HandoffState::Answered {
-            // Finished just as the deadline passed: the answer is there.
-            return answer
-                .recv()
-                .map_err(|_| ExecError::Timeout)?
-                .map_err(ExecError::Provider);
-        }
-        *state = HandoffState::Abandoned;
-        Err(ExecError::Timeout)
-    }
-
-    /// Starts a runtime. A spawn that finishes after its caller gave up is
-    /// destroyed, so a late runtime is never left behind.
-    pub fn spawn(
-        &self,
-        provider: &Arc<dyn Provider>,
-        spec: RuntimeSpec,
-        deadline: Duration,
-    ) -> Result<(), ExecError> {
-        self.run(provider, JobKind::Spawn(spec), deadline, None)
-    }
-
-    /// Destroys a runtime; `late` runs with the result if it arrives after
-    /// the deadline (the caller has answered "timeout" by then).
-    pub fn destroy(
-        &self,
-        provider: &Arc<dyn Provider>,
-        sandbox_id: &str,
-        deadline: Duration,
-        late: Option<Late>,
-    ) -> Result<(), ExecError> {
-        self.run(
-            provider,
-            JobKind::Destroy(sandbox_id.to_owned()),
-            deadline,
-            late,
-        )
-    }
-}
-
-pub struct Executor {
-    pub handle: ExecutorHandle,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Executor {
-    pub fn start(
-        threads: usize,
-        on_exit: &crate::daemon::ExitNotifier,
-    ) -> std::io::Result<Executor> {
-        let (jobs, queue) = bounded::<Job>(1024);
-        let mut handles = Vec::with_capacity(threads);
-        for i in 0..threads {
-            let queue = queue.clone();
-            let on_exit = on_exit.clone();
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("worker-{i}"))
-                    .spawn(move || {
-                        let _exit = on_exit.guard("worker");
-                        run_jobs(&queue);
-                    })?,
-            );
-        }
-        Ok(Executor {
-            handle: ExecutorHandle { jobs },
-            threads: handles,
-        })
-    }
-
-    /// Waits for the jobs in hand; the queue closes when every handle is gone.
-    pub fn join(self) {
-        drop(self.handle);
-        for t in self.threads {
-            let _ = t.join();
-        }
-    }
-}
-
-fn run_jobs(queue: &Receiver<Job>) {
-    while let Ok(job) = queue.recv() {
-        let result = match &job.kind {
-            JobKind::Spawn(spec) => job.provider.spawn(spec),
-            JobKind::Destroy(id) => job.provider.destroy(id),
-        };
-        let mut state = job.handoff.state.lock().unwrap_or_else(|e| e.into_inner());
-        if *state == HandoffState::Abandoned {
-            drop(state);
-            match (&job.kind, job.late) {
-                (JobKind::Spawn(spec), _) => {
-                    if result.is_ok() {
-                        log::warn!(
-                            "spawn of {} finished after its caller gave up; destroying the runtime",
-                            spec.sandbox_id
-                        );
-                        if let Err(e) = job.provider.destroy(&spec.sandbox_id) {
-                            log::error!("could not destroy late runtime {}: {e}", spec.sandbox_id);
-                        }
-                    }
-                }
-                (JobKind::Destroy(_), Some(late)) => late(result),
-                (JobKind::Destroy(id), None) => {
-                    log::warn!("destroy of {id} finished after its caller gave up: {result:?}")
-                }
-            }
-        } else {
-            *state = HandoffState::Answered;
-            let _ = job.reply.send(result);
-        }
-    }
-}
+// The executor moved to the worker role; these paths stay for callers
+// that still name them.
+pub use crate::worker::executor::{ExecError, Executor, ExecutorHandle, Late};

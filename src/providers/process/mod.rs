@@ -13,6 +13,8 @@
 mod cgroup;
 pub mod confine;
 pub mod enter;
+mod exec_io;
+mod file_io;
 pub mod files;
 pub mod init;
 mod seccomp;
@@ -30,6 +32,7 @@ use std::time::{Duration, Instant};
 use crate::config::ProcessConfig;
 
 use super::{EnterError, Provider, ProviderError, RuntimeSpec};
+use crate::worker::ops::{ExecOutcome, ExecRequest, FileStream, FsOp, OpError, Sink};
 use cgroup::Cgroups;
 use enter::{Action, EnterSpec};
 use state::{InitRecord, SpecRecord};
@@ -889,7 +892,37 @@ impl Provider for ProcessProvider {
             .map_err(|e| ProviderError(format!("{}: {e}", self.base.display())))
     }
 
-    fn as_process(&self) -> Option<&ProcessProvider> {
-        Some(self)
+    fn runs_commands(&self) -> bool {
+        true
+    }
+
+    fn check_running(&self, sandbox_id: &str) -> Result<(), EnterError> {
+        ProcessProvider::check_running(self, sandbox_id)
+    }
+
+    fn validate_exec(&self, sandbox_id: &str, req: &ExecRequest) -> Result<(), OpError> {
+        exec_io::validate(self, sandbox_id, req)
+    }
+
+    fn exec(
+        &self,
+        sandbox_id: &str,
+        req: &ExecRequest,
+        sink: Sink<'_>,
+    ) -> Result<ExecOutcome, OpError> {
+        exec_io::exec(self, sandbox_id, req, sink)
+    }
+
+    fn file_op(
+        &self,
+        sandbox_id: &str,
+        op: FsOp,
+        input: Option<&mut dyn std::io::Read>,
+    ) -> Result<Vec<u8>, OpError> {
+        file_io::file_op(self, sandbox_id, op, input)
+    }
+
+    fn read_file(&self, sandbox_id: &str, path: &str) -> Result<Box<dyn FileStream>, OpError> {
+        Ok(Box::new(file_io::read_file(self, sandbox_id, path)?))
     }
 }

@@ -9,8 +9,8 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Sender, bounded, select, tick};
 
-use crate::daemon::ExitNotifier;
-use crate::lifecycle::Lifecycle;
+use super::Lifecycle;
+use crate::supervise::ExitNotifier;
 
 pub struct Reaper {
     stop: Sender<()>,

@@ -16,10 +16,9 @@ use std::time::Instant;
 use crossbeam_channel::{Sender, bounded, select, tick};
 
 use crate::config::{Config, LiveConfig};
-use crate::daemon::ExitNotifier;
-use crate::lifecycle::LifecycleError;
-use crate::scheduler::{Refresh, SchedulerHandle, WorkerView};
-use crate::store::{AuditEntry, StoreError, StoreHandle};
+use crate::scheduler::{Refresh, SchedulerHandle};
+use crate::store::{StoreError, StoreHandle};
+use crate::supervise::ExitNotifier;
 use crate::time::now_ms;
 use crate::workers::{Capacity, Heartbeat, Worker, WorkerStatus};
 
@@ -52,38 +51,9 @@ pub fn register_local(store: &StoreHandle, config: &Config) -> Result<Worker, St
     store.save_heartbeat(local_heartbeat(config, false), now_ms(), None)
 }
 
-/// Takes a heartbeat from any worker (REST or admin socket). A refresh that
-/// declares nothing new is soft state: the scheduler takes it in memory and
-/// persists receive times in batches. A registration or a change is stored
-/// durably first, with an audit row naming `actor`.
-pub fn receive(
-    store: &StoreHandle,
-    scheduler: &SchedulerHandle,
-    hb: Heartbeat,
-    received: Instant,
-    actor: &str,
-    request_id: &str,
-) -> Result<WorkerView, LifecycleError> {
-    let detail = match scheduler.refresh(&hb, received, now_ms())? {
-        Refresh::Done(view) => {
-            crate::metrics::METRICS.workers.heartbeats.inc();
-            return Ok(view);
-        }
-        Refresh::Unknown => "registered",
-        Refresh::Changed => "changed",
-    };
-    let audit = AuditEntry::new(
-        now_ms(),
-        actor,
-        request_id,
-        "worker.heartbeat",
-        &hb.id,
-        detail,
-    );
-    let worker = store.save_heartbeat(hb, now_ms(), Some(audit))?;
-    crate::metrics::METRICS.workers.heartbeats.inc();
-    Ok(scheduler.observe(worker, received)?)
-}
+// Heartbeats from any worker are taken by the control plane; this path
+// stays for callers that still name it.
+pub use crate::controlplane::fleet::receive;
 
 pub struct HeartbeatThread {
     stop: Sender<()>,
