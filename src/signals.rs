@@ -1,5 +1,5 @@
-//! The `signals` thread: turns SIGTERM/SIGINT into `Lifecycle::Shutdown` and
-//! SIGHUP into `Lifecycle::Reload` on the supervisor's channel. Nothing else
+//! The `signals` thread: turns SIGTERM/SIGINT into `SupervisorEvent::Shutdown` and
+//! SIGHUP into `SupervisorEvent::Reload` on the supervisor's channel. Nothing else
 //! happens in signal context (signal-hook's self-pipe does the async-safe
 //! part).
 
@@ -7,7 +7,7 @@ use crossbeam_channel::Sender;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
 
-use crate::daemon::Lifecycle;
+use crate::supervise::SupervisorEvent;
 
 pub struct SignalThread {
     handle: Handle,
@@ -15,7 +15,7 @@ pub struct SignalThread {
 }
 
 impl SignalThread {
-    pub fn start(events: Sender<Lifecycle>) -> std::io::Result<SignalThread> {
+    pub fn start(events: Sender<SupervisorEvent>) -> std::io::Result<SignalThread> {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         let handle = signals.handle();
         let thread = std::thread::Builder::new()
@@ -23,9 +23,9 @@ impl SignalThread {
             .spawn(move || {
                 for signal in signals.forever() {
                     let event = match signal {
-                        SIGHUP => Lifecycle::Reload,
-                        SIGTERM => Lifecycle::Shutdown("SIGTERM"),
-                        _ => Lifecycle::Shutdown("SIGINT"),
+                        SIGHUP => SupervisorEvent::Reload,
+                        SIGTERM => SupervisorEvent::Shutdown("SIGTERM"),
+                        _ => SupervisorEvent::Shutdown("SIGINT"),
                     };
                     if events.send(event).is_err() {
                         break;
