@@ -49,41 +49,23 @@ const RESTART: bool = false;
 
 /// Sections in the order their problems are reported; within a section,
 /// keys in the order "unknown key" lists them.
+// One row per key, as a table: rustfmt would break the long rows.
+#[rustfmt::skip]
 pub(crate) static KEYS: &[Key] = &[
     key!("server", "listen", RESTART, server.listen),
-    key!(
-        "server",
-        "allow_unauthenticated_remote",
-        RESTART,
-        server.allow_unauthenticated_remote
-    ),
+    key!("server", "allow_unauthenticated_remote", RESTART, server.allow_unauthenticated_remote),
     key!("server", "http_threads", RESTART, server.http_threads),
     key!("server", "max_connections", RESTART, server.max_connections),
-    key!(
-        "server",
-        "max_connections_per_client",
-        LIVE,
-        server.max_connections_per_client
-    ),
+    key!("server", "max_connections_per_client", LIVE, server.max_connections_per_client),
     key!("server", "max_body_bytes", LIVE, server.max_body_bytes),
     key!("server", "idle_timeout", LIVE, server.idle_timeout),
     key!("server", "header_timeout", LIVE, server.header_timeout),
     key!("server", "body_timeout", LIVE, server.body_timeout),
     key!("server", "min_body_rate", LIVE, server.min_body_rate),
-    key!(
-        "server",
-        "shutdown_timeout",
-        RESTART,
-        server.shutdown_timeout
-    ),
+    key!("server", "shutdown_timeout", RESTART, server.shutdown_timeout),
     key!("store", "data_dir", RESTART, store.data_dir),
     key!("store", "path", RESTART, store.path),
-    key!(
-        "store",
-        "checkpoint_interval",
-        RESTART,
-        store.checkpoint_interval
-    ),
+    key!("store", "checkpoint_interval", RESTART, store.checkpoint_interval),
     key!("store", "wal_size_limit", RESTART, store.wal_size_limit),
     key!("store", "max_batch", RESTART, store.max_batch),
     key!("store", "reserve_bytes", RESTART, store.reserve_bytes),
@@ -93,12 +75,7 @@ pub(crate) static KEYS: &[Key] = &[
     key!("worker", "providers", RESTART, worker.providers),
     key!("worker", "capabilities", LIVE, worker.capabilities),
     key!("worker", "max_sandboxes", LIVE, worker.max_sandboxes),
-    key!(
-        "worker",
-        "heartbeat_interval",
-        RESTART,
-        worker.heartbeat_interval
-    ),
+    key!("worker", "heartbeat_interval", RESTART, worker.heartbeat_interval),
     key!("worker", "stale_after", LIVE, worker.stale_after),
     key!("worker", "down_after", LIVE, worker.down_after),
     key!("auth", "api_keys", LIVE, auth.api_keys),
@@ -110,143 +87,38 @@ pub(crate) static KEYS: &[Key] = &[
     key!("sandboxes", "max_ttl", LIVE, sandboxes.max_ttl),
     key!("sandboxes", "max_sandboxes", LIVE, sandboxes.max_sandboxes),
     key!("sandboxes", "max_per_owner", LIVE, sandboxes.max_per_owner),
-    key!(
-        "sandboxes",
-        "default_memory_mb",
-        LIVE,
-        sandboxes.default_memory_mb
-    ),
+    key!("sandboxes", "default_memory_mb", LIVE, sandboxes.default_memory_mb),
     key!("sandboxes", "max_memory_mb", LIVE, sandboxes.max_memory_mb),
     key!("sandboxes", "default_vcpus", LIVE, sandboxes.default_vcpus),
     key!("sandboxes", "max_vcpus", LIVE, sandboxes.max_vcpus),
-    key!(
-        "sandboxes",
-        "provider_timeout",
-        LIVE,
-        sandboxes.provider_timeout
-    ),
+    key!("sandboxes", "provider_timeout", LIVE, sandboxes.provider_timeout),
     // The reaper's timer is set once at start.
-    key!(
-        "sandboxes",
-        "reap_interval",
-        RESTART,
-        sandboxes.reap_interval
-    ),
+    key!("sandboxes", "reap_interval", RESTART, sandboxes.reap_interval),
     key!("leases", "ttl", RESTART, leases.ttl),
     key!("leases", "renew_interval", RESTART, leases.renew_interval),
     key!("leases", "max_ttl", RESTART, leases.max_ttl),
     key!("scheduler", "policy", LIVE, scheduler.policy),
     key!("providers", "default", RESTART, providers.default),
     key!("providers.mock", "latency", RESTART, providers.mock.latency),
-    key!(
-        "providers.mock",
-        "failure_rate",
-        RESTART,
-        providers.mock.failure_rate
-    ),
-    key!(
-        "providers.process",
-        "images",
-        RESTART,
-        providers.process.images
-    ),
-    key!(
-        "providers.process",
-        "uid_base",
-        RESTART,
-        providers.process.uid_base
-    ),
-    key!(
-        "providers.process",
-        "max_processes",
-        RESTART,
-        providers.process.max_processes
-    ),
-    key!(
-        "providers.process",
-        "max_open_files",
-        RESTART,
-        providers.process.max_open_files
-    ),
-    key!(
-        "providers.process",
-        "max_file_mb",
-        RESTART,
-        providers.process.max_file_bytes
-    ),
-    key!(
-        "providers.process",
-        "exec_timeout",
-        RESTART,
-        providers.process.exec_timeout
-    ),
-    key!(
-        "providers.process",
-        "max_exec_timeout",
-        RESTART,
-        providers.process.max_exec_timeout
-    ),
-    key!(
-        "providers.process",
-        "exec_output_bytes",
-        RESTART,
-        providers.process.exec_output_bytes
-    ),
-    key!(
-        "providers.process",
-        "max_upload_mb",
-        RESTART,
-        providers.process.max_upload_bytes
-    ),
-    key!(
-        "providers.process",
-        "cgroup",
-        RESTART,
-        providers.process.cgroup
-    ),
-    key!(
-        "providers.process",
-        "disk_mb",
-        RESTART,
-        providers.process.disk_mb
-    ),
-    key!(
-        "providers.process",
-        "uid_count",
-        RESTART,
-        providers.process.uid_count
-    ),
-    key!(
-        "providers.process",
-        "workspace_mb",
-        RESTART,
-        providers.process.workspace_mb
-    ),
-    key!(
-        "providers.process",
-        "workspace_inodes",
-        RESTART,
-        providers.process.workspace_inodes
-    ),
-    key!(
-        "providers.process",
-        "file_timeout",
-        RESTART,
-        providers.process.file_timeout
-    ),
-    key!(
-        "providers.process",
-        "max_ops_per_sandbox",
-        RESTART,
-        providers.process.max_ops_per_sandbox
-    ),
+    key!("providers.mock", "failure_rate", RESTART, providers.mock.failure_rate),
+    key!("providers.process", "images", RESTART, providers.process.images),
+    key!("providers.process", "uid_base", RESTART, providers.process.uid_base),
+    key!("providers.process", "max_processes", RESTART, providers.process.max_processes),
+    key!("providers.process", "max_open_files", RESTART, providers.process.max_open_files),
+    key!("providers.process", "max_file_mb", RESTART, providers.process.max_file_bytes),
+    key!("providers.process", "exec_timeout", RESTART, providers.process.exec_timeout),
+    key!("providers.process", "max_exec_timeout", RESTART, providers.process.max_exec_timeout),
+    key!("providers.process", "exec_output_bytes", RESTART, providers.process.exec_output_bytes),
+    key!("providers.process", "max_upload_mb", RESTART, providers.process.max_upload_bytes),
+    key!("providers.process", "cgroup", RESTART, providers.process.cgroup),
+    key!("providers.process", "disk_mb", RESTART, providers.process.disk_mb),
+    key!("providers.process", "uid_count", RESTART, providers.process.uid_count),
+    key!("providers.process", "workspace_mb", RESTART, providers.process.workspace_mb),
+    key!("providers.process", "workspace_inodes", RESTART, providers.process.workspace_inodes),
+    key!("providers.process", "file_timeout", RESTART, providers.process.file_timeout),
+    key!("providers.process", "max_ops_per_sandbox", RESTART, providers.process.max_ops_per_sandbox),
     key!("providers.process", "proc", RESTART, providers.process.proc),
-    key!(
-        "providers.process",
-        "uid_registry",
-        RESTART,
-        providers.process.uid_registry
-    ),
+    key!("providers.process", "uid_registry", RESTART, providers.process.uid_registry),
     key!("admin", "enabled", RESTART, admin.enabled),
     key!("admin", "socket", RESTART, admin.socket),
     key!("admin", "socket_gid", RESTART, admin.socket_gid),
@@ -255,12 +127,7 @@ pub(crate) static KEYS: &[Key] = &[
     key!("admin", "read_uids", RESTART, admin.read_uids),
     key!("admin", "read_gids", RESTART, admin.read_gids),
     key!("admin", "max_connections", RESTART, admin.max_connections),
-    key!(
-        "admin",
-        "max_connections_per_client",
-        RESTART,
-        admin.max_connections_per_client
-    ),
+    key!("admin", "max_connections_per_client", RESTART, admin.max_connections_per_client),
     key!("admin", "max_line_bytes", RESTART, admin.max_line_bytes),
     key!("admin", "idle_timeout", RESTART, admin.idle_timeout),
     key!("admin", "line_timeout", RESTART, admin.line_timeout),

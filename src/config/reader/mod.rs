@@ -138,8 +138,6 @@ impl Reader {
         }
     }
 
-    /// `[quotas.<owner>]` tables: `max_sandboxes`, `max_ttl`.
-
     /// The table `name` of `table` (empty when absent), its keys checked
     /// against the key table's list for `section`.
     fn known_section<'t>(
@@ -282,9 +280,6 @@ impl Reader {
             }
         }
     }
-
-    /// `[[auth.keys]]`: each entry a table of `key`, `role` and (for the
-    /// user role, required) `owner_id`.
 
     fn string_list(
         &mut self,
