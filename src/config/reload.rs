@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use super::Config;
 use super::keys::KEYS;
+use super::schema::remote_without_keys;
 
 impl Config {
     /// Applies the reloadable keys of `new` onto a copy of `self`. Returns the
@@ -25,10 +26,7 @@ impl Config {
             }
         }
         // A reload must not open a remote listener to unauthenticated use.
-        if !merged.auth.enabled()
-            && !merged.server.listen.ip().is_loopback()
-            && !merged.server.allow_unauthenticated_remote
-        {
+        if remote_without_keys(&merged.server, &merged.auth) {
             merged.auth = self.auth.clone();
             ignored.push("auth (removing every key from a non-loopback listener)");
         }

@@ -90,6 +90,12 @@ impl AuthConfig {
     }
 }
 
+/// Whether `server` would serve a network beyond loopback without any key
+/// and without being told to: refused when read, and kept from a reload.
+pub(crate) fn remote_without_keys(server: &ServerConfig, auth: &AuthConfig) -> bool {
+    !auth.enabled() && !server.listen.ip().is_loopback() && !server.allow_unauthenticated_remote
+}
+
 /// Keys are secrets: the debug form shows how many there are, never what.
 impl fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

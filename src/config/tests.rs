@@ -467,3 +467,21 @@ fn a_file_that_cannot_be_read_or_parsed_is_one_problem_named_by_the_file() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The listen address needs a restart, so a reload that moves it to
+/// loopback and drops every key would leave the running remote listener
+/// open: the keys are kept.
+#[test]
+fn a_reload_keeps_the_keys_of_a_remote_listener() {
+    let old = parse("[server]\nlisten = '0.0.0.0:7423'\n[auth]\napi_keys = ['k']\n").unwrap();
+    let new = parse("[server]\nlisten = '127.0.0.1:7423'\n").unwrap();
+    let (merged, ignored) = old.reload(&new);
+    assert_eq!(merged.auth, old.auth);
+    assert_eq!(
+        ignored,
+        [
+            "server.listen",
+            "auth (removing every key from a non-loopback listener)"
+        ]
+    );
+}

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::Reader;
-use crate::config::schema::{AuthConfig, KeyEntry, KeyRole, ServerConfig};
+use crate::config::schema::{AuthConfig, KeyEntry, KeyRole, ServerConfig, remote_without_keys};
 
 impl Reader {
     pub(super) fn auth(&mut self, table: &toml::Table) -> AuthConfig {
@@ -22,10 +22,7 @@ impl Reader {
     /// A listener off loopback must not be open to unauthenticated use
     /// unless that is asked for.
     pub(super) fn check_remote_listen(&mut self, server: &ServerConfig, auth: &AuthConfig) {
-        if !auth.enabled()
-            && !server.listen.ip().is_loopback()
-            && !server.allow_unauthenticated_remote
-        {
+        if remote_without_keys(server, auth) {
             self.problem(
                 "server.listen",
                 format!(
