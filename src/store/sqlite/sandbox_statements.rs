@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 
-use super::{StoreError, StoreResult};
-use crate::leases::{self, Lease, LeaseError};
+use crate::leases::Lease;
 use crate::sandboxes::{Sandbox, SandboxState};
+use crate::store::{LiveSandbox, StoreError, StoreResult};
 
 const SANDBOX_COLUMNS: &str = "id, state, provider, image, memory_mb, vcpus, owner_id, metadata, worker_id, created_at, expires_at, updated_at";
 const LIVE: &str = "state IN ('creating', 'running')";
@@ -193,27 +193,6 @@ pub fn get_lease(tx: &Transaction<'_>, resource_id: &str) -> StoreResult<Option<
         .optional()?)
 }
 
-/// The lease an acquire starts from: the stored one, or where no row
-/// exists but lease rows were purged, a released placeholder at the
-/// generation floor, so that the new lease's generation is above every
-/// purged one (see `retention`).
-pub fn lease_to_acquire(tx: &Transaction<'_>, resource_id: &str) -> StoreResult<Option<Lease>> {
-    if let Some(lease) = get_lease(tx, resource_id)? {
-        return Ok(Some(lease));
-    }
-    let floor = super::retention::generation_floor(tx)?;
-    Ok((floor > 0).then(|| Lease {
-        resource_id: resource_id.to_owned(),
-        resource_type: String::new(),
-        holder_id: String::new(),
-        generation: floor,
-        acquired_at_ms: 0,
-        renewed_at_ms: 0,
-        expires_at_ms: i64::MIN,
-        transitions: 0,
-    }))
-}
-
 pub fn put_lease(tx: &Transaction<'_>, l: &Lease) -> StoreResult<()> {
     tx.prepare_cached(&format!(
         "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -331,80 +310,38 @@ fn lease_from_row(row: &Row<'_>) -> rusqlite::Result<Lease> {
     })
 }
 
-/// A live sandbox as startup reconciliation needs it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LiveSandbox {
-    pub id: String,
-    pub state: SandboxState,
-    pub provider: String,
-    pub owner_id: String,
-}
-
-/// What startup reclaim found.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Reclaimed {
-    /// The holder's live sandboxes, in no particular order.
-    pub live: Vec<LiveSandbox>,
-    /// (resource_id, other holder) for the live sandboxes whose lease
-    /// another holder has unexpired: left alone.
-    pub conflicts: Vec<(String, String)>,
-}
-
-/// Startup: takes back the leases on `holder`'s live sandboxes and answers
-/// those sandboxes (one read of them serves both). The usual restart finds
-/// every lease still held by `holder` and unexpired; those are left as they
-/// are (background renewal extends them), and finding them costs two index
-/// scans and a set difference, not a write or a lookup per row (rewriting
-/// or probing 100,000 rows here dominated startup). The rest, lapsed,
-/// released or missing, go through the lease rules one by one
-/// ([`leases::acquire`]): taken with a new generation, or created; one that
-/// another holder has unexpired is left alone and reported. Also returns
-/// the leases it wrote, for the tallies.
-pub fn reclaim_sandbox_leases(
+/// Resources whose lease `holder` holds unexpired at `now_ms` (one scan
+/// of the `(holder_id, expires_at)` index).
+pub fn held_lease_ids(
     tx: &Transaction<'_>,
     holder: &str,
-    ttl_ms: i64,
     now_ms: i64,
-) -> StoreResult<(Reclaimed, Vec<Lease>)> {
-    let held: HashSet<String> = tx
+) -> StoreResult<HashSet<String>> {
+    let held = tx
         .prepare_cached("SELECT resource_id FROM leases WHERE holder_id = ?1 AND expires_at > ?2")?
         .query_map(params![holder, now_ms], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    let mut reclaimed = Reclaimed::default();
-    let mut unheld: Vec<String> = Vec::new();
+    Ok(held)
+}
+
+/// `worker`'s live sandboxes, in no particular order.
+pub fn live_sandboxes_of(tx: &Transaction<'_>, worker: &str) -> StoreResult<Vec<LiveSandbox>> {
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT id, state, provider, owner_id FROM sandboxes WHERE {LIVE} AND worker_id = ?1"
     ))?;
-    let mut rows = stmt.query(params![holder])?;
+    let mut rows = stmt.query(params![worker])?;
+    let mut live = Vec::new();
     while let Some(row) = rows.next()? {
         let state: String = row.get(1)?;
-        let sandbox = LiveSandbox {
+        live.push(LiveSandbox {
             id: row.get(0)?,
             state: SandboxState::parse(&state)
                 .ok_or_else(|| StoreError::Database("corrupt sandboxes.state column".into()))?,
             provider: row.get(2)?,
             owner_id: row.get(3)?,
-        };
-        if !held.contains(&sandbox.id) {
-            unheld.push(sandbox.id.clone());
-        }
-        reclaimed.live.push(sandbox);
+        });
     }
-    let mut taken = Vec::new();
-    for id in unheld {
-        let current = get_lease(tx, &id)?;
-        match leases::acquire(current.as_ref(), &id, "sandbox", holder, ttl_ms, now_ms) {
-            Ok((lease, _)) => {
-                put_lease(tx, &lease)?;
-                taken.push(lease);
-            }
-            Err(LeaseError::Conflict { holder_id, .. }) => {
-                reclaimed.conflicts.push((id, holder_id))
-            }
-            Err(e) => return Err(StoreError::Database(format!("reclaiming {id}: {e}"))),
-        }
-    }
-    Ok((reclaimed, taken))
+    Ok(live)
 }
 
 #[cfg(test)]

@@ -3,42 +3,8 @@
 
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 
-use super::{Deleted, StoreError, StoreResult};
+use crate::store::{AuditEntry, Deleted, StoreError, StoreResult};
 use crate::workers::{Capacity, Heartbeat, Worker, WorkerStatus};
-
-/// One admin mutation for the `admin_audit` table.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AuditEntry {
-    pub at_ms: i64,
-    /// Which credential acted (`admin-key#2`, `open-access`), never the key.
-    pub actor: String,
-    pub request_id: String,
-    pub action: String,
-    pub target: String,
-    pub outcome: String,
-    pub detail: String,
-}
-
-impl AuditEntry {
-    pub fn new(
-        at_ms: i64,
-        actor: &str,
-        request_id: &str,
-        action: &str,
-        target: &str,
-        detail: &str,
-    ) -> AuditEntry {
-        AuditEntry {
-            at_ms,
-            actor: actor.to_owned(),
-            request_id: request_id.to_owned(),
-            action: action.to_owned(),
-            target: target.to_owned(),
-            outcome: "ok".to_owned(),
-            detail: detail.to_owned(),
-        }
-    }
-}
 
 const WORKER_COLUMNS: &str = "id, hostname, status, providers, capabilities, capacity, last_heartbeat, created_at, updated_at";
 

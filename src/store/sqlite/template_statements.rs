@@ -2,8 +2,8 @@
 
 use rusqlite::{OptionalExtension, Transaction, params};
 
-use super::{StoreError, StoreResult};
-use crate::templates::{MAX_PER_OWNER, Saved, Template};
+use crate::store::{StoreError, StoreResult};
+use crate::templates::Template;
 
 const COLUMNS: &str =
     "owner_id, name, image, provider, memory_mb, vcpus, ttl, metadata, created_at, updated_at";
@@ -26,20 +26,22 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Template> {
     })
 }
 
+pub fn exists(tx: &Transaction<'_>, owner: &str, name: &str) -> StoreResult<bool> {
+    Ok(tx
+        .prepare_cached("SELECT 1 FROM templates WHERE owner_id = ?1 AND name = ?2")?
+        .exists(params![owner, name])?)
+}
+
+pub fn count(tx: &Transaction<'_>, owner: &str) -> StoreResult<u64> {
+    let n: i64 = tx
+        .prepare_cached("SELECT COUNT(*) FROM templates WHERE owner_id = ?1")?
+        .query_row([owner], |r| r.get(0))?;
+    Ok(n.max(0) as u64)
+}
+
 /// Creates or replaces `template` (keeping `created_at` of the one it
 /// replaces).
-pub fn save(tx: &Transaction<'_>, template: &Template, now_ms: i64) -> StoreResult<Saved> {
-    let exists: bool = tx
-        .prepare_cached("SELECT 1 FROM templates WHERE owner_id = ?1 AND name = ?2")?
-        .exists(params![template.owner_id, template.name])?;
-    if !exists {
-        let count: i64 = tx
-            .prepare_cached("SELECT COUNT(*) FROM templates WHERE owner_id = ?1")?
-            .query_row([&template.owner_id], |r| r.get(0))?;
-        if count >= MAX_PER_OWNER as i64 {
-            return Ok(Saved::Full);
-        }
-    }
+pub fn upsert(tx: &Transaction<'_>, template: &Template, now_ms: i64) -> StoreResult<()> {
     let metadata = serde_json::to_string(&template.metadata)
         .map_err(|e| StoreError::Database(format!("template metadata: {e}")))?;
     tx.prepare_cached(
@@ -61,11 +63,7 @@ pub fn save(tx: &Transaction<'_>, template: &Template, now_ms: i64) -> StoreResu
         metadata,
         now_ms
     ])?;
-    Ok(if exists {
-        Saved::Updated
-    } else {
-        Saved::Created
-    })
+    Ok(())
 }
 
 /// `owner`'s template `name`, else nobody's.

@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
 
-use super::{Committed, Tallies};
+use super::batch::Committed;
 use crate::metrics::METRICS;
 use crate::sandboxes::SandboxState;
+use crate::store::Tallies;
 
 /// Rows per table per run: one run is a transaction of at most a few
 /// thousand row deletes (a few ms), so no request waits long behind it.
@@ -195,7 +196,7 @@ fn purge(tx: &rusqlite::Transaction<'_>, cutoff: i64) -> rusqlite::Result<Purged
 
 /// The generation a lease made where no row exists must start above (0:
 /// nothing was ever purged).
-pub fn generation_floor(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<u64> {
+pub(super) fn generation_floor(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<u64> {
     use rusqlite::OptionalExtension;
     let floor: Option<i64> = tx
         .prepare_cached("SELECT value FROM store_meta WHERE key = 'generation_floor'")?
