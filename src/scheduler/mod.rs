@@ -147,6 +147,16 @@ impl Denial {
         Denial::RemoteWorkerRpcUnavailable,
     ];
 
+    /// [`Denial::as_str`] of each denial, in [`Denial::ALL`] order: the
+    /// names of the admission metrics' denial slots (`d as usize`).
+    pub const LABELS: [&'static str; 5] = [
+        "max_ttl",
+        "max_sandboxes",
+        "max_sandboxes_per_owner",
+        "worker_unavailable",
+        "remote_worker_rpc_unavailable",
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Denial::MaxTtl => "max_ttl",
@@ -824,7 +834,7 @@ impl ClusterView {
                 .insert(reservation.id, reservation.clone());
             answer.reservation = Some(reservation);
         }
-        METRICS.admission.observe(answer.denial);
+        METRICS.admission.observe(answer.denial.map(|d| d as usize));
         if let Some(denial) = answer.denial.filter(|_| q.reserve) {
             crate::events::publish(
                 "admission",
@@ -1006,6 +1016,7 @@ pub fn start(
     store: StoreHandle,
     on_exit: crate::daemon::ExitNotifier,
 ) -> std::io::Result<(SchedulerHandle, JoinHandle<()>)> {
+    METRICS.admission.name_reasons(&Denial::LABELS);
     let now = Instant::now();
     let mut view = ClusterView::new(local_worker_id, windows, policy);
     for w in loaded {
