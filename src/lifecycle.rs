@@ -34,7 +34,6 @@ use crate::time::now_ms;
 /// this many row updates takes a few ms, which bounds how long any other
 /// store request waits behind renewal.
 pub const RENEW_CHUNK: usize = 2_000;
-use serde_json::json;
 
 /// Marks `sandbox` destroyed and releases its lease (one transaction), then
 /// updates the scheduler's counts.
@@ -54,12 +53,14 @@ fn finish_destroy(
     Ok(destroyed)
 }
 
-fn publish_lease(name: &'static str, lease: &Lease) {
-    crate::events::publish(
-        "lease",
-        name,
-        || json!({"resource_id": lease.resource_id, "holder_id": lease.holder_id, "generation": lease.generation}),
-    );
+fn publish_lease(event: fn(crate::events::LeaseFigures) -> crate::events::Event, lease: &Lease) {
+    crate::events::publish(|| {
+        event(crate::events::LeaseFigures {
+            resource_id: lease.resource_id.clone(),
+            holder_id: lease.holder_id.clone(),
+            generation: lease.generation,
+        })
+    });
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -427,12 +428,11 @@ impl Lifecycle {
             Ok(()) => match self.store.finish_spawn(&id, worker_id, true, now_ms()) {
                 Ok(Ok(running)) => {
                     log::info!("sandbox {id} running on {worker_id} ({})", running.provider);
-                    publish_lease("lease.acquired", &lease);
-                    crate::events::publish(
-                        "sandbox",
-                        "sandbox.running",
-                        || json!({"id": id, "worker_id": worker_id}),
-                    );
+                    publish_lease(crate::events::Event::LeaseAcquired, &lease);
+                    crate::events::publish(|| crate::events::Event::SandboxRunning {
+                        id: id.clone(),
+                        worker_id: worker_id.to_owned(),
+                    });
                     return Ok((running, false));
                 }
                 Ok(Err(r)) => refusal(&id, r),
@@ -455,11 +455,10 @@ impl Lifecycle {
             Err(e) => log::error!("cleanup of failed spawn {id}: {e}"),
         }
         self.forget_fence(&id);
-        crate::events::publish(
-            "sandbox",
-            "sandbox.error",
-            || json!({"id": id, "error": failure.to_string()}),
-        );
+        crate::events::publish(|| crate::events::Event::SandboxError {
+            id: id.clone(),
+            error: failure.to_string(),
+        });
         log::warn!("{failure}");
         Err(failure)
     }
@@ -597,8 +596,8 @@ impl Lifecycle {
         };
         self.forget_fence(id);
         log::info!("sandbox {id} destroyed");
-        publish_lease("lease.released", &lease);
-        crate::events::publish("sandbox", "sandbox.destroyed", || json!({"id": id}));
+        publish_lease(crate::events::Event::LeaseReleased, &lease);
+        crate::events::publish(|| crate::events::Event::SandboxDestroyed { id: id.to_owned() });
         Ok(destroyed)
     }
 
@@ -691,11 +690,9 @@ impl Lifecycle {
                 Ok(_) => {
                     finished += 1;
                     log::info!("sandbox {} destroyed (record finished late)", sandbox.id);
-                    crate::events::publish(
-                        "sandbox",
-                        "sandbox.destroyed",
-                        || json!({"id": sandbox.id}),
-                    );
+                    crate::events::publish(|| crate::events::Event::SandboxDestroyed {
+                        id: sandbox.id.clone(),
+                    });
                 }
                 Err(e) => log::error!("finishing the destroy of {}: {e}", sandbox.id),
             }
@@ -780,7 +777,9 @@ impl Lifecycle {
             "sandbox {} has no runtime any more (killed from outside?); marked lost",
             sandbox.id
         );
-        crate::events::publish("sandbox", "sandbox.lost", || json!({"id": sandbox.id}));
+        crate::events::publish(|| crate::events::Event::SandboxLost {
+            id: sandbox.id.clone(),
+        });
         if let Some(provider) = self.providers.get(&sandbox.provider) {
             let timeout = self.live.get().sandboxes.provider_timeout;
             if let Err(e) = self.executor.destroy(provider, &sandbox.id, timeout, None) {

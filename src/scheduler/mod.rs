@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select, tick};
 
 use crate::config::PlacementPolicy;
+use crate::events::Event;
 use crate::metrics::{METRICS, WorkerFigures};
 use crate::store::StoreHandle;
 use crate::workers::{Heartbeat, Worker, WorkerStatus};
@@ -569,19 +570,16 @@ impl ClusterView {
         match previous {
             None => {
                 log::info!("worker {id} registered (status {})", entry.worker.status);
-                crate::events::publish(
-                    "worker",
-                    "worker.registered",
-                    || serde_json::json!({"id": id}),
-                );
+                crate::events::publish(|| Event::WorkerRegistered { id: id.to_owned() });
             }
             Some((old, _, _)) if old != view.health => {
                 METRICS.workers.health_changes.inc();
-                crate::events::publish(
-                    "worker",
-                    "worker.health",
-                    || serde_json::json!({"id": id, "from": old.as_str(), "to": view.health.as_str()}),
-                );
+                crate::events::publish(|| Event::WorkerHealth {
+                    id: id.to_owned(),
+                    from: old.as_str(),
+                    to: view.health.as_str(),
+                    last_seen_seconds: None,
+                });
                 log::info!(
                     "worker {id} health {} -> {} (heartbeat received)",
                     old.as_str(),
@@ -664,15 +662,25 @@ impl ClusterView {
                     current.as_str(),
                     age.as_secs_f64()
                 );
-                crate::events::publish(
-                    "worker",
+                crate::events::publish(|| {
+                    let (id, from, to) = (id.to_owned(), entry.health.as_str(), current.as_str());
+                    let last_seen_seconds = age.as_secs_f64();
                     if current == Health::Ready {
-                        "worker.health"
+                        Event::WorkerHealth {
+                            id,
+                            from,
+                            to,
+                            last_seen_seconds: Some(last_seen_seconds),
+                        }
                     } else {
-                        "worker.stale"
-                    },
-                    || serde_json::json!({"id": id, "from": entry.health.as_str(), "to": current.as_str(), "last_seen_seconds": age.as_secs_f64()}),
-                );
+                        Event::WorkerStale {
+                            id,
+                            from,
+                            to,
+                            last_seen_seconds,
+                        }
+                    }
+                });
                 entry.health = current;
                 changed.push(id.clone());
             }
@@ -836,11 +844,12 @@ impl ClusterView {
         }
         METRICS.admission.observe(answer.denial.map(|d| d as usize));
         if let Some(denial) = answer.denial.filter(|_| q.reserve) {
-            crate::events::publish(
-                "admission",
-                "admission.denied",
-                || serde_json::json!({"reason": denial.as_str(), "provider": q.provider, "owner_id": q.owner_id, "rejections": answer.rejections}),
-            );
+            crate::events::publish(|| Event::AdmissionDenied {
+                reason: denial.as_str(),
+                provider: q.provider.clone(),
+                owner_id: q.owner_id.clone(),
+                rejections: answer.rejections.clone(),
+            });
         }
         answer
     }
