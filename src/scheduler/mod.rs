@@ -15,6 +15,7 @@ pub mod health;
 mod snapshot;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -83,8 +84,43 @@ impl WorkerView {
     }
 }
 
-/// Renders borrowed worker views into bytes, on the scheduler thread.
+/// Renders borrowed worker views into bytes, on the caller's thread.
 pub type RenderWorkers = Box<dyn for<'a> FnOnce(&[WorkerRef<'a>]) -> Vec<u8> + Send>;
+
+/// Every worker, ordered by id, as the scheduler saw them at one instant.
+/// The records are shared with the scheduler (copied only if it changes
+/// one while the snapshot lives), so taking one copies no worker.
+#[derive(Debug, Clone, Default)]
+pub struct WorkersSnapshot {
+    workers: Vec<SharedView>,
+}
+
+#[derive(Debug, Clone)]
+struct SharedView {
+    worker: Arc<Worker>,
+    health: Health,
+    stale: bool,
+    ineligible: Option<Ineligible>,
+    active_sandboxes: u32,
+    last_seen: Duration,
+}
+
+impl WorkersSnapshot {
+    /// Borrowed views, ordered by worker id.
+    pub fn views(&self) -> Vec<WorkerRef<'_>> {
+        self.workers
+            .iter()
+            .map(|v| WorkerRef {
+                worker: &v.worker,
+                health: v.health,
+                stale: v.stale,
+                ineligible: v.ineligible,
+                active_sandboxes: v.active_sandboxes,
+                last_seen: v.last_seen,
+            })
+            .collect()
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerStatus {
@@ -242,10 +278,9 @@ pub enum SchedulerRequest {
     List {
         reply: Sender<Vec<WorkerView>>,
     },
-    /// Every worker, ordered by id, handed to the caller's renderer.
-    Render {
-        render: RenderWorkers,
-        reply: Sender<Vec<u8>>,
+    /// Every worker, ordered by id, for the caller to render.
+    Snapshot {
+        reply: Sender<WorkersSnapshot>,
     },
     Figures {
         reply: Sender<WorkerFigures>,
@@ -366,10 +401,14 @@ impl SchedulerHandle {
             reply,
         })
     }
-    /// Renders every worker (ordered by id) on the scheduler thread: the
-    /// edge's renderer sees borrowed views, so nothing is copied out.
+    /// Every worker, ordered by id; no worker record is copied.
+    pub fn workers_snapshot(&self) -> Result<WorkersSnapshot, SchedulerError> {
+        self.call(|reply| SchedulerRequest::Snapshot { reply })
+    }
+    /// Renders every worker (ordered by id) on the caller's thread, from a
+    /// [`SchedulerHandle::workers_snapshot`].
     pub fn render_workers(&self, render: RenderWorkers) -> Result<Vec<u8>, SchedulerError> {
-        self.call(|reply| SchedulerRequest::Render { render, reply })
+        Ok(render(&self.workers_snapshot()?.views()))
     }
     pub fn list(&self) -> Result<Vec<WorkerView>, SchedulerError> {
         self.call(|reply| SchedulerRequest::List { reply })
@@ -416,7 +455,8 @@ impl SchedulerHandle {
 }
 
 struct Entry {
-    worker: Worker,
+    /// Shared with [`WorkersSnapshot`]s; changed through `Arc::make_mut`.
+    worker: Arc<Worker>,
     last_seen: Instant,
     /// Health as of the last evaluation, to log changes once.
     health: Health,
@@ -487,6 +527,25 @@ impl ClusterView {
         self.view_ref(entry, now).to_owned()
     }
 
+    fn snapshot(&self, now: Instant) -> WorkersSnapshot {
+        let workers = self
+            .workers
+            .values()
+            .map(|e| {
+                let v = self.view_ref(e, now);
+                SharedView {
+                    worker: Arc::clone(&e.worker),
+                    health: v.health,
+                    stale: v.stale,
+                    ineligible: v.ineligible,
+                    active_sandboxes: v.active_sandboxes,
+                    last_seen: v.last_seen,
+                }
+            })
+            .collect();
+        WorkersSnapshot { workers }
+    }
+
     fn view_ref<'e>(&self, entry: &'e Entry, now: Instant) -> WorkerRef<'e> {
         derive(
             &entry.worker,
@@ -547,7 +606,13 @@ impl ClusterView {
         entry.counted = Some(reason);
     }
 
-    fn observe(&mut self, worker: Worker, received: Instant, now: Instant) -> WorkerView {
+    fn observe(
+        &mut self,
+        worker: impl Into<Arc<Worker>>,
+        received: Instant,
+        now: Instant,
+    ) -> WorkerView {
+        let worker = worker.into();
         let id = worker.id.clone();
         // Unfiled by what the previous record was filed under, before the
         // record (its status, providers, receive time) is replaced.
@@ -606,9 +671,10 @@ impl ClusterView {
         if hb.changes(&entry.worker) {
             return Refresh::Changed;
         }
-        entry.worker.last_heartbeat_ms = now_ms;
-        entry.worker.updated_at_ms = now_ms;
-        let worker = entry.worker.clone();
+        let record = Arc::make_mut(&mut entry.worker);
+        record.last_heartbeat_ms = now_ms;
+        record.updated_at_ms = now_ms;
+        let worker = Arc::clone(&entry.worker);
         self.dirty.insert(hb.id.clone());
         Refresh::Done(self.observe(worker, received, now))
     }
@@ -1033,7 +1099,7 @@ pub fn start(
         view.workers.insert(
             w.id.clone(),
             Entry {
-                worker: w,
+                worker: Arc::new(w),
                 last_seen: now,
                 health: Health::Ready,
                 active: 0,
@@ -1148,7 +1214,7 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest, now: Instant) -> Re
             let updated = view
                 .workers
                 .get_mut(&id)
-                .map(|e| e.worker.status = status)
+                .map(|e| Arc::make_mut(&mut e.worker).status = status)
                 .is_some();
             if updated {
                 view.refile(&id, now);
@@ -1170,14 +1236,7 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest, now: Instant) -> Re
             reply,
             view.workers.values().map(|e| view.view(e, now)).collect(),
         ),
-        SchedulerRequest::Render { render, reply } => {
-            let refs: Vec<WorkerRef<'_>> = view
-                .workers
-                .values()
-                .map(|e| view.view_ref(e, now))
-                .collect();
-            send(reply, render(&refs))
-        }
+        SchedulerRequest::Snapshot { reply } => send(reply, view.snapshot(now)),
         SchedulerRequest::Figures { reply } => send(reply, view.figures(now)),
         SchedulerRequest::Status { reply } => send(reply, view.status(now)),
         SchedulerRequest::SetWindows { windows, reply } => {
@@ -1336,7 +1395,7 @@ mod tests {
                     Op::SetStatus { id, status } => {
                         let id = format!("w{id}");
                         if let Some(e) = v.workers.get_mut(&id) {
-                            e.worker.status = status_of(status);
+                            Arc::make_mut(&mut e.worker).status = status_of(status);
                             v.refile(&id, now);
                         }
                     }
@@ -1393,6 +1452,38 @@ mod tests {
         let seen = v.observe(w, now, now);
         assert_eq!(seen.health, Health::Ready);
         assert!(!seen.stale);
+    }
+
+    #[test]
+    fn a_workers_snapshot_shares_records_and_keeps_what_it_saw() {
+        let now = Instant::now() + Duration::from_secs(120);
+        let mut v = view_with(
+            &[
+                ("b", WorkerStatus::Online, 0),
+                ("a", WorkerStatus::Online, 0),
+            ],
+            now,
+        );
+        let snap = v.snapshot(now);
+        let ids: Vec<&str> = snap.views().iter().map(|w| w.worker.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert!(Arc::ptr_eq(&snap.workers[0].worker, &v.workers["a"].worker));
+        // A change after the snapshot copies the record; the snapshot keeps the old one.
+        Arc::make_mut(&mut v.workers.get_mut("a").unwrap().worker).status = WorkerStatus::Draining;
+        v.refile("a", now);
+        assert_eq!(snap.views()[0].worker.status, WorkerStatus::Online);
+        assert_eq!(
+            v.snapshot(now).views()[0].worker.status,
+            WorkerStatus::Draining
+        );
+        let listed: Vec<WorkerView> = v
+            .snapshot(now)
+            .views()
+            .into_iter()
+            .map(WorkerRef::to_owned)
+            .collect();
+        let viewed: Vec<WorkerView> = v.workers.values().map(|e| v.view(e, now)).collect();
+        assert_eq!(listed, viewed);
     }
 
     #[test]
