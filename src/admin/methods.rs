@@ -389,11 +389,10 @@ fn run(
                 ));
             }
             let view = ctx.scheduler.set_status(&id, status)?;
-            crate::events::publish(
-                "worker",
-                "worker.status",
-                || json!({"id": id, "status": status.as_str()}),
-            );
+            crate::events::publish(|| crate::events::Event::WorkerStatus {
+                id: id.to_owned(),
+                status: status.as_str(),
+            });
             Ok(view
                 .map_or(Value::Null, |v| to_value(&WorkerJson::from(&v)))
                 .into())
@@ -451,11 +450,13 @@ fn run(
             let lease = ctx
                 .store
                 .lease_op(op, resource, holder, ttl, now, audit)??;
-            crate::events::publish(
-                "lease",
-                "lease.changed",
-                || json!({"resource_id": resource, "holder_id": lease.holder_id, "generation": lease.generation}),
-            );
+            crate::events::publish(|| {
+                crate::events::Event::LeaseChanged(crate::events::LeaseFigures {
+                    resource_id: resource.to_owned(),
+                    holder_id: lease.holder_id.clone(),
+                    generation: lease.generation,
+                })
+            });
             Ok(to_value(&LeaseJson::new(&lease, now)).into())
         }
         Method::LeaseGet => {
@@ -640,11 +641,10 @@ fn shutdown(ctx: &Arc<AdminCtx>, e: &Envelope, me: &str) -> Result<Value, ProtoE
     ctx.store
         .set_worker_status(me, WorkerStatus::Draining, now_ms())?;
     ctx.scheduler.set_status(me, WorkerStatus::Draining)?;
-    crate::events::publish(
-        "worker",
-        "worker.draining",
-        || json!({"id": me, "mode": if stop { "stop" } else { "drain" }}),
-    );
+    crate::events::publish(|| crate::events::Event::WorkerDraining {
+        id: me.to_owned(),
+        mode: if stop { "stop" } else { "drain" },
+    });
     let waiter = ctx.clone();
     std::thread::Builder::new()
         .name("admin-shutdown".into())

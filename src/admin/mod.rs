@@ -35,7 +35,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::{AdminConfig, LiveConfig};
 use crate::daemon::{ExitNotifier, Lifecycle as LifecycleEvent};
-use crate::events::Event;
+use crate::events::Stamped;
 use crate::heartbeat::Draining;
 use crate::lifecycle::Lifecycle;
 use crate::scheduler::SchedulerHandle;
@@ -179,7 +179,7 @@ impl AdminServer {
         lifecycle: Arc<Lifecycle>,
         supervisor: Sender<LifecycleEvent>,
         draining: Draining,
-        events: Option<Receiver<Event>>,
+        events: Option<Receiver<Stamped>>,
         on_exit: ExitNotifier,
     ) -> Result<AdminServer, String> {
         let config = live.get().admin.clone();
@@ -685,16 +685,17 @@ impl<R: TimedRead> LineReader<R> {
     }
 }
 
-fn deliver(ctx: &AdminCtx, event: &Event) {
+fn deliver(ctx: &AdminCtx, stamped: &Stamped) {
+    let event = &stamped.event;
     let line = serde_json::json!({
-        "event": event.name,
-        "at": crate::time::rfc3339(event.at_ms),
-        "data": event.data,
+        "event": event.name(),
+        "at": crate::time::rfc3339(stamped.at_ms),
+        "data": event.data(),
     })
     .to_string();
     let mut subscribers = ctx.subscribers.lock().unwrap_or_else(|e| e.into_inner());
     subscribers.retain(|s| {
-        if !s.topics.iter().any(|t| t == event.topic) {
+        if !s.topics.iter().any(|t| t == event.topic()) {
             return true;
         }
         // Never waits: a subscriber whose queue is full (it does not read)

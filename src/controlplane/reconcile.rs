@@ -5,8 +5,6 @@
 
 use std::collections::HashMap;
 
-use serde_json::json;
-
 use super::errors::refusal;
 use super::{Lifecycle, LifecycleError};
 use crate::sandboxes::{Sandbox, SandboxState};
@@ -32,7 +30,9 @@ impl Lifecycle {
             "sandbox {} has no runtime any more (killed from outside?); marked lost",
             sandbox.id
         );
-        crate::events::publish("sandbox", "sandbox.lost", || json!({"id": sandbox.id}));
+        crate::events::publish(|| crate::events::Event::SandboxLost {
+            id: sandbox.id.clone(),
+        });
         let timeout = self.live.get().sandboxes.provider_timeout;
         if let Err(e) = self
             .links

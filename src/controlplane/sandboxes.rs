@@ -22,12 +22,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use super::errors::{link_failure, refusal};
 use super::flights::Flights;
 use super::{LifecycleError, SpawnRequest, limits_for};
 use crate::config::LiveConfig;
+use crate::events::{Event, LeaseFigures};
 use crate::leases::Lease;
 use crate::providers::{Late, Registry, RuntimeSpec};
 use crate::sandboxes::{OwnerScope, Sandbox, SandboxIds, SandboxState, SpawnSpec};
@@ -59,12 +58,14 @@ fn finish_destroy(
     Ok(destroyed)
 }
 
-fn publish_lease(name: &'static str, lease: &Lease) {
-    crate::events::publish(
-        "lease",
-        name,
-        || json!({"resource_id": lease.resource_id, "holder_id": lease.holder_id, "generation": lease.generation}),
-    );
+fn publish_lease(event: fn(LeaseFigures) -> Event, lease: &Lease) {
+    crate::events::publish(|| {
+        event(LeaseFigures {
+            resource_id: lease.resource_id.clone(),
+            holder_id: lease.holder_id.clone(),
+            generation: lease.generation,
+        })
+    });
 }
 
 pub struct Lifecycle {
@@ -229,12 +230,11 @@ impl Lifecycle {
             Ok(()) => match self.store.finish_spawn(&id, worker_id, true, now_ms()) {
                 Ok(Ok(running)) => {
                     log::info!("sandbox {id} running on {worker_id} ({})", running.provider);
-                    publish_lease("lease.acquired", &lease);
-                    crate::events::publish(
-                        "sandbox",
-                        "sandbox.running",
-                        || json!({"id": id, "worker_id": worker_id}),
-                    );
+                    publish_lease(Event::LeaseAcquired, &lease);
+                    crate::events::publish(|| Event::SandboxRunning {
+                        id: id.clone(),
+                        worker_id: worker_id.to_owned(),
+                    });
                     return Ok((running, false));
                 }
                 Ok(Err(r)) => refusal(&id, r),
@@ -255,11 +255,10 @@ impl Lifecycle {
             Err(e) => log::error!("cleanup of failed spawn {id}: {e}"),
         }
         link.forget(&id);
-        crate::events::publish(
-            "sandbox",
-            "sandbox.error",
-            || json!({"id": id, "error": failure.to_string()}),
-        );
+        crate::events::publish(|| Event::SandboxError {
+            id: id.clone(),
+            error: failure.to_string(),
+        });
         log::warn!("{failure}");
         Err(failure)
     }
@@ -372,8 +371,8 @@ impl Lifecycle {
         };
         link.forget(id);
         log::info!("sandbox {id} destroyed");
-        publish_lease("lease.released", &lease);
-        crate::events::publish("sandbox", "sandbox.destroyed", || json!({"id": id}));
+        publish_lease(Event::LeaseReleased, &lease);
+        crate::events::publish(|| Event::SandboxDestroyed { id: id.to_owned() });
         Ok(destroyed)
     }
 
@@ -466,11 +465,9 @@ impl Lifecycle {
                 Ok(_) => {
                     finished += 1;
                     log::info!("sandbox {} destroyed (record finished late)", sandbox.id);
-                    crate::events::publish(
-                        "sandbox",
-                        "sandbox.destroyed",
-                        || json!({"id": sandbox.id}),
-                    );
+                    crate::events::publish(|| Event::SandboxDestroyed {
+                        id: sandbox.id.clone(),
+                    });
                 }
                 Err(e) => log::error!("finishing the destroy of {}: {e}", sandbox.id),
             }

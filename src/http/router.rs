@@ -146,6 +146,19 @@ impl RouteId {
     }
 }
 
+/// The route as the metrics count it: its place in [`RouteId::ALL`] and labels.
+impl From<RouteId> for crate::metrics::RouteLabel {
+    fn from(route: RouteId) -> Self {
+        crate::metrics::RouteLabel {
+            slot: route as usize,
+            path: route.path_label(),
+            method: route.method_label(),
+        }
+    }
+}
+
+const _: () = assert!(RouteId::ALL.len() <= crate::metrics::ROUTE_SLOTS);
+
 /// Who may call a route when API keys are configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {

@@ -11,22 +11,30 @@
 //! every worker loaded at start gets a fresh grace window (`last_seen = now`);
 //! the thread exits when every handle is dropped.
 
+mod admission;
 pub mod health;
+mod reasons;
 mod snapshot;
+mod view;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select, tick};
 
 use crate::config::PlacementPolicy;
+use crate::events::Event;
 use crate::metrics::{METRICS, WorkerFigures};
 use crate::store::StoreHandle;
 use crate::workers::{Heartbeat, Worker, WorkerStatus};
+pub use admission::{Admission, AdmissionQuery, Denial, Limits, Reservation};
 use health::{Health, Ineligible, Windows};
+use reasons::ReasonCounts;
 use snapshot::Board;
 pub use snapshot::LocalStatus;
+use view::{ClusterView, Entry, derive};
 
 const REPLY_DEADLINE: Duration = Duration::from_secs(5);
 const INBOX_CAPACITY: usize = 4096;
@@ -82,8 +90,43 @@ impl WorkerView {
     }
 }
 
-/// Renders borrowed worker views into bytes, on the scheduler thread.
+/// Renders borrowed worker views into bytes, on the caller's thread.
 pub type RenderWorkers = Box<dyn for<'a> FnOnce(&[WorkerRef<'a>]) -> Vec<u8> + Send>;
+
+/// Every worker, ordered by id, as the scheduler saw them at one instant.
+/// The records are shared with the scheduler (copied only if it changes
+/// one while the snapshot lives), so taking one copies no worker.
+#[derive(Debug, Clone, Default)]
+pub struct WorkersSnapshot {
+    workers: Vec<SharedView>,
+}
+
+#[derive(Debug, Clone)]
+struct SharedView {
+    worker: Arc<Worker>,
+    health: Health,
+    stale: bool,
+    ineligible: Option<Ineligible>,
+    active_sandboxes: u32,
+    last_seen: Duration,
+}
+
+impl WorkersSnapshot {
+    /// Borrowed views, ordered by worker id.
+    pub fn views(&self) -> Vec<WorkerRef<'_>> {
+        self.workers
+            .iter()
+            .map(|v| WorkerRef {
+                worker: &v.worker,
+                health: v.health,
+                stale: v.stale,
+                ineligible: v.ineligible,
+                active_sandboxes: v.active_sandboxes,
+                last_seen: v.last_seen,
+            })
+            .collect()
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerStatus {
@@ -106,81 +149,6 @@ impl std::fmt::Display for SchedulerError {
             SchedulerError::Unavailable(why) => write!(f, "scheduler unavailable: {why}"),
         }
     }
-}
-
-/// Admission limits, read from the live config by the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub max_ttl_ms: i64,
-    pub max_sandboxes: u32,
-    /// 0 = no per-owner limit.
-    pub max_per_owner: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdmissionQuery {
-    pub provider: String,
-    pub owner_id: String,
-    pub ttl_ms: i64,
-    pub limits: Limits,
-    /// Hold a slot on the chosen worker until `settle` (a real spawn), or
-    /// only answer (a preflight).
-    pub reserve: bool,
-}
-
-/// Why admission said no; the names are the API's `reason` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Denial {
-    MaxTtl,
-    MaxSandboxes,
-    MaxSandboxesPerOwner,
-    WorkerUnavailable,
-    RemoteWorkerRpcUnavailable,
-}
-
-impl Denial {
-    pub const ALL: [Denial; 5] = [
-        Denial::MaxTtl,
-        Denial::MaxSandboxes,
-        Denial::MaxSandboxesPerOwner,
-        Denial::WorkerUnavailable,
-        Denial::RemoteWorkerRpcUnavailable,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Denial::MaxTtl => "max_ttl",
-            Denial::MaxSandboxes => "max_sandboxes",
-            Denial::MaxSandboxesPerOwner => "max_sandboxes_per_owner",
-            Denial::WorkerUnavailable => "worker_unavailable",
-            Denial::RemoteWorkerRpcUnavailable => "remote_worker_rpc_unavailable",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Admission {
-    pub denial: Option<Denial>,
-    /// Live sandboxes plus reservations, fleet-wide and for this owner.
-    pub active_sandboxes: u32,
-    pub active_owner_sandboxes: u32,
-    pub selected_worker_id: Option<String>,
-    /// `local_fallback`, `no_eligible_worker` or `remote_worker_selected`.
-    pub worker_reason: &'static str,
-    /// Workers that could take it (only counted when `explain` was asked).
-    pub eligible_workers: Option<usize>,
-    /// reason -> workers filtered for it (only when `explain` was asked, or
-    /// when no worker was eligible).
-    pub rejections: BTreeMap<&'static str, usize>,
-    pub reservation: Option<Reservation>,
-}
-
-/// A slot held on a worker for a spawn in flight.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reservation {
-    pub id: u64,
-    pub worker_id: String,
-    pub owner_id: String,
 }
 
 /// What the scheduler did with a heartbeat offered as a refresh.
@@ -231,10 +199,9 @@ pub enum SchedulerRequest {
     List {
         reply: Sender<Vec<WorkerView>>,
     },
-    /// Every worker, ordered by id, handed to the caller's renderer.
-    Render {
-        render: RenderWorkers,
-        reply: Sender<Vec<u8>>,
+    /// Every worker, ordered by id, for the caller to render.
+    Snapshot {
+        reply: Sender<WorkersSnapshot>,
     },
     Figures {
         reply: Sender<WorkerFigures>,
@@ -355,10 +322,14 @@ impl SchedulerHandle {
             reply,
         })
     }
-    /// Renders every worker (ordered by id) on the scheduler thread: the
-    /// edge's renderer sees borrowed views, so nothing is copied out.
+    /// Every worker, ordered by id; no worker record is copied.
+    pub fn workers_snapshot(&self) -> Result<WorkersSnapshot, SchedulerError> {
+        self.call(|reply| SchedulerRequest::Snapshot { reply })
+    }
+    /// Renders every worker (ordered by id) on the caller's thread, from a
+    /// [`SchedulerHandle::workers_snapshot`].
     pub fn render_workers(&self, render: RenderWorkers) -> Result<Vec<u8>, SchedulerError> {
-        self.call(|reply| SchedulerRequest::Render { render, reply })
+        Ok(render(&self.workers_snapshot()?.views()))
     }
     pub fn list(&self) -> Result<Vec<WorkerView>, SchedulerError> {
         self.call(|reply| SchedulerRequest::List { reply })
@@ -404,597 +375,6 @@ impl SchedulerHandle {
     }
 }
 
-struct Entry {
-    worker: Worker,
-    last_seen: Instant,
-    /// Health as of the last evaluation, to log changes once.
-    health: Health,
-    /// Live sandboxes owned by this worker.
-    active: u32,
-    /// Spawns in flight placed on this worker.
-    reserved: u32,
-    /// The load under which it is filed in `eligible`, if it is.
-    filed: Option<u32>,
-    /// The reason it is counted under in `reasons` (`None` = eligible), as
-    /// of its last filing; `None` until it is filed.
-    counted: Option<Option<Ineligible>>,
-}
-
-impl Entry {
-    fn load(&self) -> u32 {
-        self.active + self.reserved
-    }
-}
-
-/// The view itself; pure apart from the `now` passed in.
-///
-/// Placement cost does not grow with the number of sandboxes (counts, not
-/// lists), and only mildly with workers: `eligible` keeps the workers that
-/// can take a sandbox ordered by load, so spread and binpack read from one
-/// end instead of scanning every worker.
-struct ClusterView {
-    workers: BTreeMap<String, Entry>,
-    /// (load, id) of every worker eligible at its last evaluation.
-    eligible: BTreeSet<(u32, String)>,
-    /// Every worker counted by the reason it was filed under.
-    reasons: ReasonCounts,
-    /// (instant its heartbeat goes stale, id) of every worker filed as
-    /// online and fresh: the ones whose reason time alone can change
-    /// (to `stale`) before they are filed again.
-    lapses: BTreeSet<(Instant, String)>,
-    windows: Windows,
-    local_worker_id: String,
-    policy: PlacementPolicy,
-    /// owner -> live sandboxes plus reservations.
-    owners: HashMap<String, u32>,
-    total_live: u32,
-    reservations: HashMap<u64, Reservation>,
-    next_reservation: u64,
-    /// Workers refreshed in memory since the last flush to the store.
-    dirty: BTreeSet<String>,
-}
-
-impl ClusterView {
-    fn new(local_worker_id: String, windows: Windows, policy: PlacementPolicy) -> ClusterView {
-        ClusterView {
-            workers: BTreeMap::new(),
-            eligible: BTreeSet::new(),
-            reasons: ReasonCounts::default(),
-            lapses: BTreeSet::new(),
-            windows,
-            local_worker_id,
-            policy,
-            owners: HashMap::new(),
-            total_live: 0,
-            reservations: HashMap::new(),
-            next_reservation: 1,
-            dirty: BTreeSet::new(),
-        }
-    }
-
-    fn view(&self, entry: &Entry, now: Instant) -> WorkerView {
-        self.view_ref(entry, now).to_owned()
-    }
-
-    fn view_ref<'e>(&self, entry: &'e Entry, now: Instant) -> WorkerRef<'e> {
-        derive(
-            &entry.worker,
-            entry.last_seen,
-            entry.active,
-            entry.reserved,
-            self.windows,
-            now,
-        )
-    }
-
-    /// Re-files one worker in the indexes after any change to it.
-    fn refile(&mut self, id: &str, now: Instant) {
-        self.unfile(id);
-        self.file(id, now);
-    }
-
-    /// Takes a worker out of the indexes (`eligible`, `reasons`, `lapses`),
-    /// by what it was filed under.
-    fn unfile(&mut self, id: &str) {
-        let Some(entry) = self.workers.get_mut(id) else {
-            return;
-        };
-        if let Some(load) = entry.filed.take() {
-            self.eligible.remove(&(load, id.to_owned()));
-        }
-        if let Some(reason) = entry.counted.take() {
-            self.reasons.remove(&entry.worker, reason);
-            // Its key cannot have moved: `observe` and `set_windows` unfile
-            // before they change the receive time or the windows.
-            if let Some(at) = entry.last_seen.checked_add(self.windows.stale_after) {
-                self.lapses.remove(&(at, id.to_owned()));
-            }
-        }
-    }
-
-    /// Files an unfiled worker in the indexes as it is at `now`.
-    fn file(&mut self, id: &str, now: Instant) {
-        let windows = self.windows;
-        let Some(entry) = self.workers.get_mut(id) else {
-            return;
-        };
-        let age = now.saturating_duration_since(entry.last_seen);
-        let reason =
-            health::ineligibility(&entry.worker, health::health(age, windows), entry.load());
-        if reason.is_none() {
-            entry.filed = Some(entry.load());
-            self.eligible.insert((entry.load(), id.to_owned()));
-        }
-        // Filed online and fresh: only time can make it stale unfiled (and
-        // not within the life of the process, if `stale_after` is absurd).
-        if reason != Some(Ineligible::Stale) && entry.worker.status == WorkerStatus::Online {
-            if let Some(at) = entry.last_seen.checked_add(windows.stale_after) {
-                self.lapses.insert((at, id.to_owned()));
-            }
-        }
-        self.reasons.add(&entry.worker, reason);
-        entry.counted = Some(reason);
-    }
-
-    fn observe(&mut self, worker: Worker, received: Instant, now: Instant) -> WorkerView {
-        let id = worker.id.clone();
-        // Unfiled by what the previous record was filed under, before the
-        // record (its status, providers, receive time) is replaced.
-        self.unfile(&id);
-        let previous = self
-            .workers
-            .get(&id)
-            .map(|e| (e.health, e.active, e.reserved));
-        let (active, reserved) = previous.map_or((0, 0), |(_, a, r)| (a, r));
-        let entry = Entry {
-            worker,
-            last_seen: received,
-            health: Health::Ready,
-            active,
-            reserved,
-            filed: None,
-            counted: None,
-        };
-        let view = self.view(&entry, now);
-        match previous {
-            None => {
-                log::info!("worker {id} registered (status {})", entry.worker.status);
-                crate::events::publish(
-                    "worker",
-                    "worker.registered",
-                    || serde_json::json!({"id": id}),
-                );
-            }
-            Some((old, _, _)) if old != view.health => {
-                METRICS.workers.health_changes.inc();
-                crate::events::publish(
-                    "worker",
-                    "worker.health",
-                    || serde_json::json!({"id": id, "from": old.as_str(), "to": view.health.as_str()}),
-                );
-                log::info!(
-                    "worker {id} health {} -> {} (heartbeat received)",
-                    old.as_str(),
-                    view.health.as_str()
-                );
-            }
-            Some(_) => {}
-        }
-        self.workers.insert(
-            id.clone(),
-            Entry {
-                health: view.health,
-                ..entry
-            },
-        );
-        self.file(&id, now);
-        view
-    }
-
-    fn refresh(&mut self, hb: &Heartbeat, received: Instant, now_ms: i64, now: Instant) -> Refresh {
-        let Some(entry) = self.workers.get_mut(&hb.id) else {
-            return Refresh::Unknown;
-        };
-        if hb.changes(&entry.worker) {
-            return Refresh::Changed;
-        }
-        entry.worker.last_heartbeat_ms = now_ms;
-        entry.worker.updated_at_ms = now_ms;
-        let worker = entry.worker.clone();
-        self.dirty.insert(hb.id.clone());
-        Refresh::Done(self.observe(worker, received, now))
-    }
-
-    /// The receive times refreshed in memory since the last call.
-    fn take_dirty(&mut self) -> Vec<(String, i64)> {
-        let dirty = std::mem::take(&mut self.dirty);
-        dirty
-            .into_iter()
-            .filter_map(|id| {
-                self.workers
-                    .get(&id)
-                    .map(|e| (id, e.worker.last_heartbeat_ms))
-            })
-            .collect()
-    }
-
-    fn forget(&mut self, id: &str) -> bool {
-        self.dirty.remove(id);
-        self.unfile(id);
-        self.workers.remove(id).is_some()
-    }
-
-    /// New health windows: every worker's reason and lapse instant may
-    /// move, so every worker is re-filed.
-    fn set_windows(&mut self, windows: Windows, now: Instant) {
-        let ids: Vec<String> = self.workers.keys().cloned().collect();
-        for id in &ids {
-            self.unfile(id);
-        }
-        self.windows = windows;
-        for id in &ids {
-            self.file(id, now);
-        }
-        self.evaluate(now);
-    }
-
-    /// Re-derives health for every worker, logs each change once, and
-    /// re-files the workers whose eligibility changed.
-    fn evaluate(&mut self, now: Instant) {
-        let windows = self.windows;
-        let mut changed = Vec::new();
-        for (id, entry) in self.workers.iter_mut() {
-            let age = now.saturating_duration_since(entry.last_seen);
-            let current = health::health(age, windows);
-            if current != entry.health {
-                METRICS.workers.health_changes.inc();
-                log::warn!(
-                    "worker {id} health {} -> {} (last heartbeat received {:.1}s ago)",
-                    entry.health.as_str(),
-                    current.as_str(),
-                    age.as_secs_f64()
-                );
-                crate::events::publish(
-                    "worker",
-                    if current == Health::Ready {
-                        "worker.health"
-                    } else {
-                        "worker.stale"
-                    },
-                    || serde_json::json!({"id": id, "from": entry.health.as_str(), "to": current.as_str(), "last_seen_seconds": age.as_secs_f64()}),
-                );
-                entry.health = current;
-                changed.push(id.clone());
-            }
-        }
-        for id in changed {
-            self.refile(&id, now);
-        }
-    }
-
-    fn figures(&self, now: Instant) -> WorkerFigures {
-        let mut f = WorkerFigures {
-            total: self.workers.len(),
-            ..Default::default()
-        };
-        f.heartbeat_ages.reserve(self.workers.len());
-        for (id, entry) in &self.workers {
-            let v = self.view(entry, now);
-            f.online += usize::from(v.worker.status == WorkerStatus::Online);
-            f.stale += usize::from(v.stale);
-            f.unhealthy +=
-                usize::from(v.worker.status == WorkerStatus::Unhealthy || v.health == Health::Down);
-            f.eligible += usize::from(v.ineligible.is_none());
-            f.heartbeat_ages
-                .push((id.clone(), v.last_seen.as_secs_f64()));
-            f.sandboxes_by_worker.push((id.clone(), entry.active));
-        }
-        f.reservations = self.reservations.len();
-        f
-    }
-
-    /// Picks a worker for `provider` by policy from the eligible index; a
-    /// candidate whose health lapsed since the last evaluation is skipped.
-    fn pick(&self, provider: &str, now: Instant) -> Option<&str> {
-        let fits = |(_, id): &&(u32, String)| {
-            self.workers.get(id).is_some_and(|e| {
-                let health =
-                    health::health(now.saturating_duration_since(e.last_seen), self.windows);
-                health::supports(&e.worker, provider)
-                    && health::ineligibility(&e.worker, health, e.load()).is_none()
-            })
-        };
-        let found = match self.policy {
-            PlacementPolicy::Spread => self.eligible.iter().find(fits),
-            PlacementPolicy::Binpack => self.eligible.iter().rev().find(fits),
-        };
-        found.map(|(_, id)| id.as_str())
-    }
-
-    /// Each worker with why it cannot take a sandbox for `provider` now.
-    fn reasons(&self, provider: &str, now: Instant) -> Vec<(String, Option<&'static str>)> {
-        self.workers
-            .iter()
-            .map(|(id, entry)| {
-                let reason = if health::supports(&entry.worker, provider) {
-                    self.view_ref(entry, now).ineligible
-                } else {
-                    Some(health::Ineligible::ProviderUnsupported)
-                };
-                (id.clone(), reason.map(|r| r.as_str()))
-            })
-            .collect()
-    }
-
-    /// Eligible workers for `provider` at `now`, and the others counted by
-    /// reason, for explanations and for "nothing fits" answers. Read from
-    /// the counts kept at filing, corrected for the workers that went
-    /// stale since they were filed (at most the last health tick's worth):
-    /// the same answer as judging every worker at `now`, without visiting
-    /// every worker.
-    fn explain(&self, provider: &str, now: Instant) -> (usize, BTreeMap<&'static str, usize>) {
-        let mut counts = self.reasons.supporting(provider);
-        // Lapsed: still filed as fresh, but their age is past `stale_after`.
-        for (_, id) in self.lapses.range(..(now, String::new())) {
-            let Some(entry) = self.workers.get(id) else {
-                continue;
-            };
-            if let Some(reason) = entry
-                .counted
-                .filter(|_| health::supports(&entry.worker, provider))
-            {
-                counts.take(reason);
-                counts.put(Some(Ineligible::Stale));
-            }
-        }
-        let mut rejections = BTreeMap::new();
-        let unsupported = self.reasons.all.total() - counts.total();
-        if unsupported > 0 {
-            rejections.insert(Ineligible::ProviderUnsupported.as_str(), unsupported);
-        }
-        for reason in Ineligible::ALL {
-            let n = counts.get(Some(reason));
-            if n > 0 {
-                rejections.insert(reason.as_str(), n);
-            }
-        }
-        (counts.get(None), rejections)
-    }
-
-    fn admit(&mut self, q: &AdmissionQuery, explain: bool, now: Instant) -> Admission {
-        let owner_load = if q.owner_id.is_empty() {
-            0
-        } else {
-            self.owners.get(&q.owner_id).copied().unwrap_or(0)
-        };
-        let mut answer = Admission {
-            denial: None,
-            active_sandboxes: self.total_live + self.reservations.len() as u32,
-            active_owner_sandboxes: owner_load,
-            selected_worker_id: None,
-            worker_reason: "no_eligible_worker",
-            eligible_workers: None,
-            rejections: BTreeMap::new(),
-            reservation: None,
-        };
-        if explain {
-            let (eligible, rejections) = self.explain(&q.provider, now);
-            answer.eligible_workers = Some(eligible);
-            answer.rejections = rejections;
-        }
-        let limit_denial = if q.ttl_ms > q.limits.max_ttl_ms {
-            Some(Denial::MaxTtl)
-        } else if answer.active_sandboxes >= q.limits.max_sandboxes {
-            Some(Denial::MaxSandboxes)
-        } else if q.limits.max_per_owner > 0
-            && !q.owner_id.is_empty()
-            && owner_load >= q.limits.max_per_owner
-        {
-            Some(Denial::MaxSandboxesPerOwner)
-        } else {
-            None
-        };
-        let selected = self.pick(&q.provider, now).map(str::to_owned);
-        answer.selected_worker_id = selected.clone();
-        answer.worker_reason = match &selected {
-            None => "no_eligible_worker",
-            Some(id) if *id == self.local_worker_id => "local_fallback",
-            Some(_) => "remote_worker_selected",
-        };
-        answer.denial = limit_denial.or(match &selected {
-            None => Some(Denial::WorkerUnavailable),
-            Some(id) if *id != self.local_worker_id => Some(Denial::RemoteWorkerRpcUnavailable),
-            Some(_) => None,
-        });
-        if answer.denial == Some(Denial::WorkerUnavailable) && !explain {
-            let (eligible, rejections) = self.explain(&q.provider, now);
-            answer.eligible_workers = Some(eligible);
-            answer.rejections = rejections;
-        }
-        if answer.denial.is_none() && q.reserve {
-            let worker_id = selected.expect("an admitted spawn has a worker");
-            let reservation = Reservation {
-                id: self.next_reservation,
-                worker_id,
-                owner_id: q.owner_id.clone(),
-            };
-            self.next_reservation += 1;
-            self.adjust(&reservation.worker_id, &reservation.owner_id, 0, 1, now);
-            self.reservations
-                .insert(reservation.id, reservation.clone());
-            answer.reservation = Some(reservation);
-        }
-        METRICS.admission.observe(answer.denial);
-        if let Some(denial) = answer.denial.filter(|_| q.reserve) {
-            crate::events::publish(
-                "admission",
-                "admission.denied",
-                || serde_json::json!({"reason": denial.as_str(), "provider": q.provider, "owner_id": q.owner_id, "rejections": answer.rejections}),
-            );
-        }
-        answer
-    }
-
-    /// Applies changes in live and reserved counts for a worker and owner.
-    fn adjust(&mut self, worker_id: &str, owner_id: &str, live: i32, reserved: i32, now: Instant) {
-        if let Some(entry) = self.workers.get_mut(worker_id) {
-            entry.active = entry.active.saturating_add_signed(live);
-            entry.reserved = entry.reserved.saturating_add_signed(reserved);
-        }
-        self.total_live = self.total_live.saturating_add_signed(live);
-        if !owner_id.is_empty() {
-            let n = self.owners.entry(owner_id.to_owned()).or_default();
-            *n = n.saturating_add_signed(live + reserved);
-            if *n == 0 {
-                self.owners.remove(owner_id);
-            }
-        }
-        self.refile(worker_id, now);
-    }
-
-    fn settle(&mut self, reservation: &Reservation, created: bool, now: Instant) {
-        if self.reservations.remove(&reservation.id).is_some() {
-            self.adjust(
-                &reservation.worker_id,
-                &reservation.owner_id,
-                i32::from(created),
-                -1,
-                now,
-            );
-        }
-    }
-
-    fn status(&self, now: Instant) -> SchedulerStatus {
-        let (eligible, _) = self.explain("", now);
-        SchedulerStatus {
-            policy: self.policy.as_str(),
-            local_worker_id: self.local_worker_id.clone(),
-            selected_worker_id: self.pick("", now).map(str::to_owned),
-            eligible_workers: eligible,
-            reservations: self.reservations.len(),
-            windows: self.windows,
-        }
-    }
-}
-
-/// Workers by reason (`None` = eligible), one slot per reason.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Counts([usize; 6]);
-
-impl Counts {
-    fn slot(reason: Option<Ineligible>) -> usize {
-        match reason {
-            None => 0,
-            Some(Ineligible::NotOnline) => 1,
-            Some(Ineligible::Draining) => 2,
-            Some(Ineligible::Stale) => 3,
-            Some(Ineligible::Full) => 4,
-            Some(Ineligible::ProviderUnsupported) => 5,
-        }
-    }
-    fn get(&self, reason: Option<Ineligible>) -> usize {
-        self.0[Counts::slot(reason)]
-    }
-    fn put(&mut self, reason: Option<Ineligible>) {
-        self.0[Counts::slot(reason)] += 1;
-    }
-    fn take(&mut self, reason: Option<Ineligible>) {
-        let n = &mut self.0[Counts::slot(reason)];
-        *n = n.saturating_sub(1);
-    }
-    fn total(&self) -> usize {
-        self.0.iter().sum()
-    }
-    fn plus(mut self, other: &Counts) -> Counts {
-        for (mine, theirs) in self.0.iter_mut().zip(other.0) {
-            *mine += theirs;
-        }
-        self
-    }
-}
-
-/// Filed workers counted by reason, split by provider support, so the
-/// counts for one provider cost no walk over the workers.
-#[derive(Default)]
-struct ReasonCounts {
-    /// Every filed worker.
-    all: Counts,
-    /// Workers with no provider list: they run every provider.
-    every_provider: Counts,
-    /// provider -> workers that list it (once, however often listed).
-    listed: HashMap<String, Counts>,
-}
-
-impl ReasonCounts {
-    /// The providers a worker lists, each once.
-    fn listed_by(worker: &Worker) -> impl Iterator<Item = &String> {
-        worker
-            .providers
-            .iter()
-            .enumerate()
-            .filter(|(i, p)| !worker.providers[..*i].contains(p))
-            .map(|(_, p)| p)
-    }
-
-    fn add(&mut self, worker: &Worker, reason: Option<Ineligible>) {
-        self.all.put(reason);
-        if worker.providers.is_empty() {
-            self.every_provider.put(reason);
-        }
-        for p in ReasonCounts::listed_by(worker) {
-            self.listed.entry(p.clone()).or_default().put(reason);
-        }
-    }
-
-    fn remove(&mut self, worker: &Worker, reason: Option<Ineligible>) {
-        self.all.take(reason);
-        if worker.providers.is_empty() {
-            self.every_provider.take(reason);
-        }
-        for p in ReasonCounts::listed_by(worker) {
-            if let Some(counts) = self.listed.get_mut(p) {
-                counts.take(reason);
-                if counts.total() == 0 {
-                    self.listed.remove(p);
-                }
-            }
-        }
-    }
-
-    /// The workers that run `provider` (`""`: every worker), by reason.
-    fn supporting(&self, provider: &str) -> Counts {
-        if provider.is_empty() {
-            return self.all;
-        }
-        match self.listed.get(provider) {
-            Some(listed) => self.every_provider.plus(listed),
-            None => self.every_provider,
-        }
-    }
-}
-
-/// A worker's derived view at `now`: the one rule for health, staleness and
-/// eligibility, used on the scheduler thread and by snapshot readers.
-fn derive(
-    worker: &Worker,
-    last_seen: Instant,
-    active: u32,
-    reserved: u32,
-    windows: Windows,
-    now: Instant,
-) -> WorkerRef<'_> {
-    let age = now.saturating_duration_since(last_seen);
-    let health = health::health(age, windows);
-    WorkerRef {
-        worker,
-        health,
-        stale: age > windows.stale_after,
-        ineligible: health::ineligibility(worker, health, active + reserved),
-        active_sandboxes: active,
-        last_seen: age,
-    }
-}
-
 /// Starts the scheduler thread with the workers and live sandbox counts
 /// loaded from the store.
 pub fn start(
@@ -1006,6 +386,7 @@ pub fn start(
     store: StoreHandle,
     on_exit: crate::daemon::ExitNotifier,
 ) -> std::io::Result<(SchedulerHandle, JoinHandle<()>)> {
+    METRICS.admission.name_reasons(&Denial::LABELS);
     let now = Instant::now();
     let mut view = ClusterView::new(local_worker_id, windows, policy);
     for w in loaded {
@@ -1013,7 +394,7 @@ pub fn start(
         view.workers.insert(
             w.id.clone(),
             Entry {
-                worker: w,
+                worker: Arc::new(w),
                 last_seen: now,
                 health: Health::Ready,
                 active: 0,
@@ -1128,7 +509,7 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest, now: Instant) -> Re
             let updated = view
                 .workers
                 .get_mut(&id)
-                .map(|e| e.worker.status = status)
+                .map(|e| Arc::make_mut(&mut e.worker).status = status)
                 .is_some();
             if updated {
                 view.refile(&id, now);
@@ -1150,14 +531,7 @@ fn handle(view: &mut ClusterView, request: SchedulerRequest, now: Instant) -> Re
             reply,
             view.workers.values().map(|e| view.view(e, now)).collect(),
         ),
-        SchedulerRequest::Render { render, reply } => {
-            let refs: Vec<WorkerRef<'_>> = view
-                .workers
-                .values()
-                .map(|e| view.view_ref(e, now))
-                .collect();
-            send(reply, render(&refs))
-        }
+        SchedulerRequest::Snapshot { reply } => send(reply, view.snapshot(now)),
         SchedulerRequest::Figures { reply } => send(reply, view.figures(now)),
         SchedulerRequest::Status { reply } => send(reply, view.status(now)),
         SchedulerRequest::SetWindows { windows, reply } => {
@@ -1316,7 +690,7 @@ mod tests {
                     Op::SetStatus { id, status } => {
                         let id = format!("w{id}");
                         if let Some(e) = v.workers.get_mut(&id) {
-                            e.worker.status = status_of(status);
+                            Arc::make_mut(&mut e.worker).status = status_of(status);
                             v.refile(&id, now);
                         }
                     }
@@ -1373,6 +747,38 @@ mod tests {
         let seen = v.observe(w, now, now);
         assert_eq!(seen.health, Health::Ready);
         assert!(!seen.stale);
+    }
+
+    #[test]
+    fn a_workers_snapshot_shares_records_and_keeps_what_it_saw() {
+        let now = Instant::now() + Duration::from_secs(120);
+        let mut v = view_with(
+            &[
+                ("b", WorkerStatus::Online, 0),
+                ("a", WorkerStatus::Online, 0),
+            ],
+            now,
+        );
+        let snap = v.snapshot(now);
+        let ids: Vec<&str> = snap.views().iter().map(|w| w.worker.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert!(Arc::ptr_eq(&snap.workers[0].worker, &v.workers["a"].worker));
+        // A change after the snapshot copies the record; the snapshot keeps the old one.
+        Arc::make_mut(&mut v.workers.get_mut("a").unwrap().worker).status = WorkerStatus::Draining;
+        v.refile("a", now);
+        assert_eq!(snap.views()[0].worker.status, WorkerStatus::Online);
+        assert_eq!(
+            v.snapshot(now).views()[0].worker.status,
+            WorkerStatus::Draining
+        );
+        let listed: Vec<WorkerView> = v
+            .snapshot(now)
+            .views()
+            .into_iter()
+            .map(WorkerRef::to_owned)
+            .collect();
+        let viewed: Vec<WorkerView> = v.workers.values().map(|e| v.view(e, now)).collect();
+        assert_eq!(listed, viewed);
     }
 
     #[test]

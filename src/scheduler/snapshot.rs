@@ -50,7 +50,7 @@ impl LocalSnapshot {
     fn of(view: &ClusterView) -> LocalSnapshot {
         LocalSnapshot {
             local: view.workers.get(&view.local_worker_id).map(|e| LocalEntry {
-                worker: e.worker.clone(),
+                worker: (*e.worker).clone(),
                 last_seen: e.last_seen,
                 active: e.active,
                 reserved: e.reserved,
@@ -69,7 +69,7 @@ impl LocalSnapshot {
                 mine.last_seen == e.last_seen
                     && mine.active == e.active
                     && mine.reserved == e.reserved
-                    && mine.worker == e.worker
+                    && mine.worker == *e.worker
             }
             _ => false,
         };
@@ -234,7 +234,8 @@ mod tests {
             Some(crate::scheduler::health::Ineligible::Full)
         );
 
-        view.workers.get_mut("local").unwrap().worker.status = WorkerStatus::Draining;
+        std::sync::Arc::make_mut(&mut view.workers.get_mut("local").unwrap().worker).status =
+            WorkerStatus::Draining;
         board.publish(&view, now, false);
         let status = board.read_at(now).unwrap();
         assert_eq!(

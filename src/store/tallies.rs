@@ -41,6 +41,23 @@ pub struct TallyFigures {
     pub sandboxes: Vec<(SandboxState, String, String, u64)>,
 }
 
+impl crate::metrics::FleetTallies for TallyFigures {
+    fn lease_counts(&self) -> (u64, u64, u64) {
+        (self.leases_total, self.leases_active, self.leases_expired)
+    }
+    fn leases_by_holder(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.leases_by_holder.iter().map(|(h, n)| (h.as_str(), *n))
+    }
+    fn sandbox_rows(&self) -> impl Iterator<Item = (&str, &str, &str, u64)> {
+        self.sandboxes
+            .iter()
+            .map(|(state, p, w, n)| (state.as_str(), p.as_str(), w.as_str(), *n))
+    }
+    fn sandbox_row_count(&self) -> usize {
+        self.sandboxes.len()
+    }
+}
+
 impl Tallies {
     pub(crate) fn lease(&mut self, lease: &Lease) {
         self.set_lease(
