@@ -671,3 +671,122 @@ mod tests {
         }
     }
 }
+
+/// One lease action (`lease.acquire`, `lease.renew`, `lease.release`),
+/// decoded by either edge: the REST route `POST /api/v1/admin/leases/{id}/{verb}`
+/// and the admin socket method build the same call and run it through
+/// [`lease_action`], so both edges validate, publish and audit alike.
+pub struct LeaseCall<'a> {
+    pub op: crate::store::LeaseOp,
+    pub resource_id: &'a str,
+    pub holder_id: &'a str,
+    pub ttl_ms: i64,
+    /// How audit rows and logs name the caller.
+    pub actor: &'a str,
+    pub request_id: &'a str,
+}
+
+impl LeaseCall<'_> {
+    /// The audited action name, the same as the admin method's.
+    pub fn action(&self) -> &'static str {
+        match self.op {
+            crate::store::LeaseOp::Acquire { .. } => "lease.acquire",
+            crate::store::LeaseOp::Renew => "lease.renew",
+            crate::store::LeaseOp::Release => "lease.release",
+        }
+    }
+}
+
+/// Why a lease action failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseActionError {
+    /// A bad resource or holder id: refused before the store, changes nothing.
+    #[error("invalid lease action: {0}")]
+    Invalid(String),
+    /// The store refused the action (conflict, expiry, stale generation, no
+    /// lease); audited with the lease code as outcome.
+    #[error("lease action refused: {0}")]
+    Refused(LeaseError),
+    /// The store could not run it (`StoreError` is not an `Error` type yet,
+    /// so it is shown rather than kept as a source).
+    #[error("lease action not stored: {0}")]
+    Store(crate::store::StoreError),
+}
+
+impl From<crate::store::StoreError> for LeaseActionError {
+    fn from(e: crate::store::StoreError) -> LeaseActionError {
+        LeaseActionError::Store(e)
+    }
+}
+
+/// A lease resource id: 1 to 255 bytes, no whitespace or control characters.
+pub fn validate_resource_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 255 || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("invalid resource id".to_owned());
+    }
+    Ok(())
+}
+
+/// Runs a lease action, the one rule set of both edges: both ids are
+/// validated; a change is audited in its own transaction and published as
+/// `lease.changed`; a refusal by the store is logged and audited once, here,
+/// with the lease error code (`lease_conflict`, `lease_expired`,
+/// `stale_generation`, `not_found`) as outcome.
+pub fn lease_action(
+    store: &crate::store::StoreHandle,
+    call: LeaseCall<'_>,
+    now_ms: i64,
+) -> Result<crate::leases::Lease, LeaseActionError> {
+    validate_resource_id(call.resource_id).map_err(LeaseActionError::Invalid)?;
+    crate::workers::validate_worker_id(call.holder_id)
+        .map_err(|e| LeaseActionError::Invalid(format!("holder_id: {e}")))?;
+    let action = call.action();
+    let audit = crate::store::AuditEntry::new(
+        now_ms,
+        call.actor,
+        call.request_id,
+        action,
+        call.resource_id,
+        call.holder_id,
+    );
+    let refusal_audit = audit.clone();
+    match store.lease_op(
+        call.op,
+        call.resource_id,
+        call.holder_id,
+        call.ttl_ms,
+        now_ms,
+        audit,
+    )? {
+        Ok(lease) => {
+            crate::events::publish(|| {
+                crate::events::Event::LeaseChanged(crate::events::LeaseFigures {
+                    resource_id: call.resource_id.to_owned(),
+                    holder_id: lease.holder_id.clone(),
+                    generation: lease.generation,
+                })
+            });
+            Ok(lease)
+        }
+        Err(LeaseError::Invalid(m)) => Err(LeaseActionError::Invalid(m)),
+        Err(e) => {
+            log::info!(
+                "{action} on {} for {} refused by {}: {e}",
+                call.resource_id,
+                call.holder_id,
+                call.actor
+            );
+            let entry = crate::store::AuditEntry {
+                outcome: ProtoError::from(e.clone()).code.as_str().to_owned(),
+                ..refusal_audit
+            };
+            if let Err(err) = store.record_audit(entry) {
+                log::error!(
+                    "could not audit refused {action} on {}: {err}",
+                    call.resource_id
+                );
+            }
+            Err(LeaseActionError::Refused(e))
+        }
+    }
+}

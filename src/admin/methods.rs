@@ -32,13 +32,24 @@ pub fn handle(
     let id = envelope.id.clone();
     let method = envelope.method;
     let result = run(ctx, &envelope, peer, claims, writer);
-    // A lease change that succeeded wrote its audit row in its own
-    // transaction (see `run`); everything else is audited here.
-    let audited_in_place = result.is_ok()
-        && matches!(
-            method,
-            Method::LeaseAcquire | Method::LeaseRenew | Method::LeaseRelease
-        );
+    // A lease action that reached the store was audited by
+    // `workerproto::lease_action` (a change in its own transaction, a
+    // refusal with its lease code); everything else is audited here.
+    let audited_in_place = matches!(
+        method,
+        Method::LeaseAcquire | Method::LeaseRenew | Method::LeaseRelease
+    ) && result.as_ref().map_or_else(
+        |e| {
+            matches!(
+                e.code,
+                ErrorCode::LeaseConflict
+                    | ErrorCode::LeaseExpired
+                    | ErrorCode::StaleGeneration
+                    | ErrorCode::NotFound
+            )
+        },
+        |_| true,
+    );
     if method.mutates() {
         let outcome = result.as_ref().map_or_else(|e| e.code.as_str(), |_| "ok");
         log::info!("admin {} by {}: {outcome}", method.name(), peer.actor());
@@ -437,26 +448,24 @@ fn run(
                 Method::LeaseRenew => LeaseOp::Renew,
                 _ => LeaseOp::Release,
             };
-            // A change is audited in its own transaction; a refusal is
-            // audited by `handle`.
-            let audit = AuditEntry::new(
-                now,
-                &peer.actor(),
-                e.id.as_deref().unwrap_or(""),
-                e.method.name(),
-                resource,
-                "admin socket",
-            );
-            let lease = ctx
-                .store
-                .lease_op(op, resource, holder, ttl, now, audit)??;
-            crate::events::publish(|| {
-                crate::events::Event::LeaseChanged(crate::events::LeaseFigures {
-                    resource_id: resource.to_owned(),
-                    holder_id: lease.holder_id.clone(),
-                    generation: lease.generation,
-                })
-            });
+            // One rule set with REST (`workerproto::lease_action`): it
+            // audits a change and a store refusal itself.
+            let call = workerproto::LeaseCall {
+                op,
+                resource_id: resource,
+                holder_id: holder,
+                ttl_ms: ttl,
+                actor: &peer.actor(),
+                request_id: e.id.as_deref().unwrap_or(""),
+            };
+            let lease =
+                workerproto::lease_action(&ctx.store, call, now).map_err(|err| match err {
+                    workerproto::LeaseActionError::Invalid(m) => {
+                        invalid(format!("param `resource_id`: {m}"))
+                    }
+                    workerproto::LeaseActionError::Refused(e) => ProtoError::from(e),
+                    workerproto::LeaseActionError::Store(e) => ProtoError::from(e),
+                })?;
             Ok(to_value(&LeaseJson::new(&lease, now)).into())
         }
         Method::LeaseGet => {

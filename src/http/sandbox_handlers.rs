@@ -13,7 +13,7 @@ use super::router::LeaseVerb;
 use crate::leases::LeaseError;
 use crate::lifecycle::SpawnRequest;
 use crate::sandboxes::{MAX_IDEMPOTENCY_KEY_LEN, OwnerScope};
-use crate::store::{AuditEntry, LeaseOp};
+use crate::store::LeaseOp;
 use crate::time::{format_duration, now_ms};
 
 fn spawn_request(
@@ -189,9 +189,10 @@ fn lease_error(id: &str, e: LeaseError) -> ApiError {
     }
 }
 
-/// Admin lease actions, for operators and for fencing tests. A change is
-/// audited in its own transaction; a refusal is logged, writes nothing, and
-/// so costs no commit.
+/// Admin lease actions, for operators and for fencing tests: the same rule
+/// set as the admin socket's (`workerproto::lease_action`). A change is
+/// audited in its own transaction and published; a refusal by the store is
+/// logged and audited with its lease code.
 pub fn lease_action(
     ctx: &Ctx,
     incoming: &Incoming<'_>,
@@ -200,40 +201,30 @@ pub fn lease_action(
     verb: LeaseVerb,
     body: &[u8],
 ) -> Result<Reply, ApiError> {
-    if id.is_empty() || id.len() > 255 || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(ApiError::bad_request("invalid resource id"));
-    }
+    crate::workerproto::validate_resource_id(id).map_err(ApiError::bad_request)?;
     let leases = &ctx.live.get().leases;
     let b = parse_lease_body(body, leases.max_ttl)?;
     let now = now_ms();
     let ttl = b.ttl_ms.unwrap_or(crate::time::millis(leases.ttl));
-    let (op, action) = match verb {
-        LeaseVerb::Acquire => (
-            LeaseOp::Acquire {
-                resource_type: b.resource_type.clone(),
-            },
-            "lease.acquire",
-        ),
-        LeaseVerb::Renew => (LeaseOp::Renew, "lease.renew"),
-        LeaseVerb::Release => (LeaseOp::Release, "lease.release"),
+    let op = match verb {
+        LeaseVerb::Acquire => LeaseOp::Acquire {
+            resource_type: b.resource_type.clone(),
+        },
+        LeaseVerb::Renew => LeaseOp::Renew,
+        LeaseVerb::Release => LeaseOp::Release,
     };
-    let audit = AuditEntry::new(
-        now,
-        &who.actor(),
-        incoming.request_id,
-        action,
-        id,
-        &b.holder_id,
-    );
-    match ctx.store.lease_op(op, id, &b.holder_id, ttl, now, audit)? {
+    let call = crate::workerproto::LeaseCall {
+        op,
+        resource_id: id,
+        holder_id: &b.holder_id,
+        ttl_ms: ttl,
+        actor: &who.actor(),
+        request_id: incoming.request_id,
+    };
+    match crate::workerproto::lease_action(&ctx.store, call, now) {
         Ok(lease) => Ok(Reply::json(200, to_json(&LeaseJson::new(&lease, now)))),
-        Err(e) => {
-            log::info!(
-                "{action} on {id} for {} refused by {}: {e}",
-                b.holder_id,
-                who.actor()
-            );
-            Err(lease_error(id, e))
-        }
+        Err(crate::workerproto::LeaseActionError::Invalid(m)) => Err(ApiError::bad_request(m)),
+        Err(crate::workerproto::LeaseActionError::Refused(e)) => Err(lease_error(id, e)),
+        Err(crate::workerproto::LeaseActionError::Store(e)) => Err(e.into()),
     }
 }
