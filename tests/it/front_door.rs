@@ -5,7 +5,7 @@
 //! Every test holds `SERIAL`: they open many connections and time answers,
 //! so they must not compete with each other for the two cores.
 
-mod common;
+use crate::common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};

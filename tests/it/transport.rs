@@ -5,7 +5,7 @@
 //! The timing tests hold `SERIAL` so they do not compete with each other
 //! for the two cores of the test machines.
 
-mod common;
+use crate::common;
 
 use std::io::{ErrorKind, Read};
 use std::net::TcpStream;

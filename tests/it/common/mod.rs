@@ -8,9 +8,6 @@
 //! changes are polled with a deadline. When a test panics, the daemon's
 //! stderr, its stdout and the temp dir path are printed.
 
-// Each test file compiles this module on its own and uses only part of it.
-#![allow(dead_code)]
-
 use std::collections::BTreeSet;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -19,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -203,6 +200,76 @@ impl Drop for TempDir {
 }
 
 // ---------------------------------------------------------------------------
+// Turns: the tests that load every CPU run alone
+
+/// All integration tests share one process, so a test that fills the CPUs
+/// for seconds (the fork bomb in `process_sandboxes`) would starve the
+/// deadlines of whatever runs beside it, in any module. Every daemon holds
+/// a shared turn while it lives; such a test takes [`Turn::alone`], which
+/// waits until no other daemon (or other holder) is left, and starts its
+/// own daemon with [`DaemonBuilder::runs_alone`].
+///
+/// A count under a mutex rather than an `RwLock`: one thread may hold
+/// several shared turns at once (a daemon and its reaper, a daemon being
+/// restarted), which a read lock does not allow when a writer waits.
+pub struct Turn {
+    alone: bool,
+}
+
+struct Turns {
+    shared: usize,
+    alone: bool,
+}
+
+static TURNS: Mutex<Turns> = Mutex::new(Turns {
+    shared: 0,
+    alone: false,
+});
+static TURNS_CHANGED: Condvar = Condvar::new();
+
+fn turns() -> std::sync::MutexGuard<'static, Turns> {
+    TURNS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Turn {
+    /// Runs beside any other shared turn; waits while a test runs alone.
+    pub fn shared() -> Turn {
+        let mut turns = turns();
+        while turns.alone {
+            turns = TURNS_CHANGED.wait(turns).unwrap_or_else(|e| e.into_inner());
+        }
+        turns.shared += 1;
+        Turn { alone: false }
+    }
+
+    pub fn is_alone(&self) -> bool {
+        self.alone
+    }
+
+    /// Waits until nothing else holds a turn, then holds everyone off.
+    pub fn alone() -> Turn {
+        let mut turns = turns();
+        while turns.alone || turns.shared > 0 {
+            turns = TURNS_CHANGED.wait(turns).unwrap_or_else(|e| e.into_inner());
+        }
+        turns.alone = true;
+        Turn { alone: true }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut turns = turns();
+        if self.alone {
+            turns.alone = false;
+        } else {
+            turns.shared -= 1;
+        }
+        TURNS_CHANGED.notify_all();
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Daemon
 
 /// How to start a daemon; kept so `restart` can start the same one again.
@@ -217,19 +284,22 @@ pub struct DaemonBuilder {
     uid: Option<u32>,
     /// A program (and its arguments) that execs the daemon, e.g. `prlimit`.
     wrapper: Vec<String>,
+    /// The caller holds [`Turn::alone`]: the daemon takes no turn.
+    runs_alone: bool,
 }
 
 impl DaemonBuilder {
+    /// For a test that holds [`Turn::alone`]: the daemon takes no shared
+    /// turn of its own (it would wait for the caller forever).
+    pub fn runs_alone(mut self) -> Self {
+        self.runs_alone = true;
+        self
+    }
+
     /// Runs the daemon as this uid (and gid of the same number): a rootless
     /// daemon, for tests run as root.
     pub fn uid(mut self, uid: u32) -> Self {
         self.uid = Some(uid);
-        self
-    }
-
-    /// Extra argument, placed before the `serve` subcommand.
-    pub fn arg(mut self, arg: &str) -> Self {
-        self.args.push(arg.to_string());
         self
     }
 
@@ -287,6 +357,7 @@ impl DaemonBuilder {
     /// Like `start`, but a daemon that exits before it is ready is returned
     /// as `Err` so tests can check refusals.
     pub fn try_start(mut self) -> Result<Daemon, Finished> {
+        let turn = (!self.runs_alone).then(Turn::shared);
         let dir = self
             .dir
             .get_or_insert_with(|| Arc::new(TempDir::new("daemon")))
@@ -380,6 +451,7 @@ impl DaemonBuilder {
             exit: None,
             dir,
             builder: self,
+            _turn: turn,
         };
         let end = Instant::now() + START_DEADLINE;
         loop {
@@ -427,6 +499,8 @@ pub struct Daemon {
     exit: Option<ExitStatus>,
     dir: Arc<TempDir>,
     builder: DaemonBuilder,
+    /// Held while the daemon lives; see [`Turn`].
+    _turn: Option<Turn>,
 }
 
 impl Daemon {
@@ -440,6 +514,7 @@ impl Daemon {
             dir: None,
             uid: None,
             wrapper: Vec::new(),
+            runs_alone: false,
         }
     }
 
