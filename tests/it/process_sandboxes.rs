@@ -93,11 +93,8 @@ fn start_daemon_with(extra: &str, turn: Turn) -> (Daemon, Reaper) {
     let config = format!(
         "[admin]\nenabled = false\n\n[providers.process]\nuid_base = {uid_base}\n{extra}\n"
     );
-    let mut builder = Daemon::builder().config(&config).dir(dir.clone());
-    if turn.is_alone() {
-        builder = builder.runs_alone();
-    }
-    (builder.start(), Reaper { dir, _turn: turn })
+    let daemon = Daemon::builder().config(&config).dir(dir.clone()).start();
+    (daemon, Reaper { dir, _turn: turn })
 }
 
 /// Spawns a process sandbox with `extra` fields; returns its id.
