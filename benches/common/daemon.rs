@@ -23,17 +23,11 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longer than the daemon's default `shutdown_timeout` (20 s).
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Environment that would change the daemon's configuration under us.
-const DAEMON_ENVIRONMENT: [&str; 8] = [
-    "STACYVMD_CONFIG",
-    "STACYVMD_LISTEN",
-    "STACYVMD_DATA_DIR",
-    "STACYVMD_LOG_LEVEL",
-    "STACYVMD_WORKER_ID",
-    "STACYVMD_API_KEYS",
-    "STACYVMD_ADMIN_API_KEYS",
-    "RUNTIME_DIRECTORY",
-];
+/// Environment that would change the daemon's configuration under us:
+/// the same list the integration tests clear.
+#[path = "../../tests/it/common/daemon_env.rs"]
+mod daemon_env;
+use daemon_env::DAEMON_ENV;
 
 /// The arguments for a default daemon on 127.0.0.1:0 with `data_dir`.
 pub fn local_args(data_dir: &Path) -> Vec<OsString> {
@@ -84,7 +78,7 @@ impl Daemon {
         if let Some(dir) = cwd {
             command.current_dir(dir);
         }
-        for variable in DAEMON_ENVIRONMENT {
+        for variable in DAEMON_ENV {
             command.env_remove(variable);
         }
         let exec = Instant::now();

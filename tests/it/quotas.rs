@@ -2,8 +2,8 @@
 //! over the fleet-wide limits, reloaded on SIGHUP, summarised without any
 //! owner's data at `GET /api/v1/quotas/summary`.
 
-mod common;
-mod sandbox_support;
+use crate::common;
+use crate::sandbox_support;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Prometheus text (checked by promtool), the JSON metrics and diagnostics.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::Write;

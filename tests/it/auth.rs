@@ -1,7 +1,7 @@
 //! API keys: who may call what, keys never logged, and the refusal to
 //! listen on a non-loopback address with no key.
 
-mod common;
+use crate::common;
 
 use common::{Daemon, Request, assert_error, assert_status};
 use serde_json::json;

@@ -3,8 +3,8 @@
 //! preflight, limits, the reaper and prune, and provider failures and hangs
 //! leaving nothing behind.
 
-mod common;
-mod sandbox_support;
+use crate::common;
+use crate::sandbox_support;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Barrier};

@@ -13,8 +13,8 @@
 //! daemon by design: every test holds a [`Reaper`] that kills what is left
 //! when it ends, pass or fail.
 
-mod common;
-mod sandbox_support;
+use crate::common;
+use crate::sandbox_support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -25,7 +25,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    Client, Daemon, IO_TIMEOUT, Request, Response, TempDir, assert_error, assert_status,
+    Client, Daemon, IO_TIMEOUT, Request, Response, TempDir, Turn, assert_error, assert_status,
     names_field, poll_until,
 };
 use sandbox_support::{SANDBOXES, destroy_ok, get_sandbox, id_of, list, spawn, spawn_ok, state_in};
@@ -52,27 +52,12 @@ struct Reaper {
     _turn: Turn,
 }
 
-/// The fork-bomb test fills a CPU with a few hundred runnable processes
-/// for seconds; a test running beside it (whose first sandbox is pinned
-/// to the same CPU, slot 0 in every daemon) could see its commands
-/// starved past its own deadlines. So that test runs alone: it holds this
-/// lock for writing, every other test for reading.
-static CPU_HOGS: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-enum Turn {
-    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
-    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
-}
-
-impl Turn {
-    fn shared() -> Turn {
-        Turn::Shared(CPU_HOGS.read().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    fn alone() -> Turn {
-        Turn::Alone(CPU_HOGS.write().unwrap_or_else(|e| e.into_inner()))
-    }
-}
+// The fork-bomb test fills a CPU with a few hundred runnable processes
+// for seconds; a test running beside it, in this module or any other of
+// the binary, could see its commands starved past its own deadlines. So
+// that test runs alone: it holds `Turn::alone`, every daemon a shared
+// turn, and every reaper one more until its sandboxes are killed (they
+// outlive a daemon killed with -9).
 
 impl Drop for Reaper {
     fn drop(&mut self) {
@@ -1178,7 +1163,7 @@ fn a_disk_filler_is_contained_by_the_disk_image() {
 // ---------------------------------------------------------------------------
 // Isolation: the attacks of the threat model in docs/sandboxes.md, each run
 // from inside a sandbox (or by a hostile client) against the real daemon.
-// Run them alone with `cargo test --test process_sandboxes isolation_`.
+// Run them alone with `cargo test --test it process_sandboxes::isolation_`.
 
 /// Compiles `source` (C) with the host's `cc` into `out`; `extra` are more
 /// compiler arguments.

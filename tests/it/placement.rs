@@ -3,8 +3,8 @@
 //! worker, filtering with per-reason rejection counts, and the scheduler
 //! status route.
 
-mod common;
-mod sandbox_support;
+use crate::common;
+use crate::sandbox_support;
 
 use std::sync::{Arc, Barrier};
 use std::thread;

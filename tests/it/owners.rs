@@ -8,8 +8,8 @@
 //! The matrix runs on process sandboxes, so exec and every file route act
 //! for real when the caller owns the sandbox.
 
-mod common;
-mod sandbox_support;
+use crate::common;
+use crate::sandbox_support;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -37,7 +37,7 @@ fn keys_config(extra: &str) -> String {
 }
 
 /// A daemon with the owner keys whose process sandboxes run under a uid
-/// range of its own (see tests/process_sandboxes.rs) and whose data dir is
+/// range of its own (see tests/it/process_sandboxes.rs) and whose data dir is
 /// outside /tmp (a sandbox has its own /tmp).
 fn start_daemon() -> Daemon {
     let uid_base = 2_100_000_000 + (std::process::id() % 10_000) * 10_000;

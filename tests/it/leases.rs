@@ -2,8 +2,8 @@
 //! lease routes, and a destroy refused (changing nothing) while another
 //! worker holds the sandbox's lease.
 
-mod common;
-mod sandbox_support;
+use crate::common;
+use crate::sandbox_support;
 
 use common::{Daemon, Request, assert_error, assert_status, rfc3339_millis};
 use sandbox_support::{

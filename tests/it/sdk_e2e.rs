@@ -11,7 +11,7 @@
 //! (CI installs Debian's `python3-venv`). docs/sdk-compatibility.md
 //! explains where the SDK and the API spec disagree.
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -8,8 +8,7 @@
 //! changes are polled with a deadline. When a test panics, the daemon's
 //! stderr, its stdout and the temp dir path are printed.
 
-// Each test file compiles this module on its own and uses only part of it.
-#![allow(dead_code)]
+mod daemon_env;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -19,10 +18,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use daemon_env::DAEMON_ENV;
 use serde_json::Value;
 
 /// How long a daemon may take from exec to its readiness line.
@@ -32,22 +32,6 @@ pub const EXIT_DEADLINE: Duration = Duration::from_secs(20);
 /// Read/write timeout of test HTTP connections: a hung daemon fails the
 /// test instead of hanging it.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Environment variables the daemon reads; removed from every child so the
-/// developer's shell cannot change what a test sees.
-const DAEMON_ENV: &[&str] = &[
-    "STACYVMD_CONFIG",
-    "STACYVMD_LISTEN",
-    "STACYVMD_DATA_DIR",
-    "STACYVMD_LOG_LEVEL",
-    "STACYVMD_WORKER_ID",
-    "STACYVMD_API_KEYS",
-    "STACYVMD_ADMIN_API_KEYS",
-    "STATE_DIRECTORY",
-    "NOTIFY_SOCKET",
-    "RUST_LOG",
-    "RUST_LOG_STYLE",
-];
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_stacyvmd")
@@ -203,6 +187,98 @@ impl Drop for TempDir {
 }
 
 // ---------------------------------------------------------------------------
+// Turns: the tests that load every CPU run alone
+
+/// All integration tests share one process, so a test that fills the CPUs
+/// for seconds (the fork bomb in `process_sandboxes`) or times the daemon's
+/// answers (`front_door`, `transport`) would starve, or be starved by,
+/// whatever runs beside it, in any module. Every daemon holds a shared turn
+/// while it lives; such a test takes [`Turn::alone`] first, which waits
+/// until nothing else holds a turn. Daemons that test's thread starts while
+/// it holds the turn take none of their own.
+///
+/// A count under a mutex rather than an `RwLock`: one thread may hold
+/// several shared turns at once (a daemon and its reaper, a daemon being
+/// restarted), which a read lock does not allow when a writer waits.
+pub struct Turn {
+    kind: TurnKind,
+}
+
+enum TurnKind {
+    Shared,
+    Alone,
+    /// Taken on the thread that holds the alone turn: counts nothing.
+    Inside,
+}
+
+struct Turns {
+    shared: usize,
+    alone: bool,
+}
+
+static TURNS: Mutex<Turns> = Mutex::new(Turns {
+    shared: 0,
+    alone: false,
+});
+static TURNS_CHANGED: Condvar = Condvar::new();
+
+thread_local! {
+    static ALONE_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn turns() -> std::sync::MutexGuard<'static, Turns> {
+    TURNS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Turn {
+    /// Runs beside any other shared turn; waits while a test runs alone.
+    pub fn shared() -> Turn {
+        if ALONE_HERE.get() {
+            return Turn {
+                kind: TurnKind::Inside,
+            };
+        }
+        let mut turns = turns();
+        while turns.alone {
+            turns = TURNS_CHANGED.wait(turns).unwrap_or_else(|e| e.into_inner());
+        }
+        turns.shared += 1;
+        Turn {
+            kind: TurnKind::Shared,
+        }
+    }
+
+    /// Waits until nothing else holds a turn, then holds everyone off.
+    pub fn alone() -> Turn {
+        assert!(!ALONE_HERE.get(), "Turn::alone taken twice on one thread");
+        let mut turns = turns();
+        while turns.alone || turns.shared > 0 {
+            turns = TURNS_CHANGED.wait(turns).unwrap_or_else(|e| e.into_inner());
+        }
+        turns.alone = true;
+        ALONE_HERE.set(true);
+        Turn {
+            kind: TurnKind::Alone,
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut turns = turns();
+        match self.kind {
+            TurnKind::Shared => turns.shared -= 1,
+            TurnKind::Alone => {
+                turns.alone = false;
+                ALONE_HERE.set(false);
+            }
+            TurnKind::Inside => return,
+        }
+        TURNS_CHANGED.notify_all();
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Daemon
 
 /// How to start a daemon; kept so `restart` can start the same one again.
@@ -224,12 +300,6 @@ impl DaemonBuilder {
     /// daemon, for tests run as root.
     pub fn uid(mut self, uid: u32) -> Self {
         self.uid = Some(uid);
-        self
-    }
-
-    /// Extra argument, placed before the `serve` subcommand.
-    pub fn arg(mut self, arg: &str) -> Self {
-        self.args.push(arg.to_string());
         self
     }
 
@@ -287,6 +357,7 @@ impl DaemonBuilder {
     /// Like `start`, but a daemon that exits before it is ready is returned
     /// as `Err` so tests can check refusals.
     pub fn try_start(mut self) -> Result<Daemon, Finished> {
+        let turn = Turn::shared();
         let dir = self
             .dir
             .get_or_insert_with(|| Arc::new(TempDir::new("daemon")))
@@ -380,6 +451,7 @@ impl DaemonBuilder {
             exit: None,
             dir,
             builder: self,
+            _turn: turn,
         };
         let end = Instant::now() + START_DEADLINE;
         loop {
@@ -427,6 +499,8 @@ pub struct Daemon {
     exit: Option<ExitStatus>,
     dir: Arc<TempDir>,
     builder: DaemonBuilder,
+    /// Held while the daemon lives; see [`Turn`].
+    _turn: Turn,
 }
 
 impl Daemon {

@@ -1,7 +1,7 @@
 //! REST API shapes: health, request ids, error bodies, the worker registry
 //! and bad input, against the real binary.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

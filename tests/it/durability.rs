@@ -1,7 +1,7 @@
 //! What survives a restart, SIGTERM under load and kill -9 under load, and
 //! the refusal to open a database from a newer schema.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

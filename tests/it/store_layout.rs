@@ -6,7 +6,7 @@
 //! the main branch's binary (schema 5, `migrations/NNNN_name.sql` layout):
 //! started on an empty data directory and stopped with SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -4,8 +4,8 @@
 //! refused before anything is touched, even when its lease has lapsed and
 //! could be taken, and an extend keeps the lease with the owning worker.
 
-mod common;
-mod sandbox_support;
+use crate::common;
+use crate::sandbox_support;
 
 use std::time::Duration;
 

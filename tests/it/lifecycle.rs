@@ -1,7 +1,7 @@
 //! The command line, check-config, configuration precedence, signals
 //! (SIGTERM, SIGINT, SIGHUP reload) and the readiness line.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

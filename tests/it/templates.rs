@@ -2,8 +2,8 @@
 //! validated like a spawn, seen by their owner (and nobody's by everyone),
 //! spawned by name.
 
-mod common;
-mod sandbox_support;
+use crate::common;
+use crate::sandbox_support;
 
 use common::{Daemon, Request, Response, assert_error, assert_status};
 use sandbox_support::{destroy_ok, id_of};

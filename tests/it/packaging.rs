@@ -2,7 +2,7 @@
 //! (systemd-analyze verify) and the example config (check-config). A
 //! missing tool is a failure, not a skip: CI installs mandoc and systemd.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Command;

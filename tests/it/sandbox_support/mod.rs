@@ -2,9 +2,6 @@
 //! wrappers over `common`'s daemon and client for the sandbox and lease
 //! routes, and a look at the mock provider's runtime markers.
 
-// Each test file compiles this module on its own and uses only part of it.
-#![allow(dead_code)]
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};

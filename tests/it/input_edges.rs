@@ -2,8 +2,8 @@
 //! per-field bounds, duplicate JSON keys, on both the REST API and the admin
 //! socket (docs/api.md, stacyvmd-admin(7)).
 
-mod common;
-mod sandbox_support;
+use crate::common;
+use crate::sandbox_support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

@@ -7,8 +7,8 @@
 //! after the provider ran must say so and be finished later, and a start on
 //! a full disk must say what is wrong and exit 3.
 
-mod common;
-mod sandbox_support;
+use crate::common;
+use crate::sandbox_support;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

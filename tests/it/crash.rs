@@ -20,8 +20,8 @@
 //! as progress, not time: the daemon dies once the clients have had a
 //! random number of operations acknowledged, with more still in flight.
 
-mod common;
-mod sandbox_support;
+use crate::common;
+use crate::sandbox_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

@@ -2,24 +2,23 @@
 //! malformed request lines, private relay paths, one client hoarding
 //! connections, and a small file-descriptor limit.
 //!
-//! Every test holds `SERIAL`: they open many connections and time answers,
-//! so they must not compete with each other for the two cores.
+//! Every test holds `Turn::alone` (see `serial`): they open many
+//! connections and time answers, so no other test of the binary may
+//! compete with them for the two cores.
 
-mod common;
+use crate::common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Client, Daemon, Request, assert_error, assert_status, poll_until};
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+/// Alone in the whole test binary, not only among this module's tests.
+fn serial() -> common::Turn {
+    common::Turn::alone()
 }
 
 /// A raw connection that has written `bytes` and nothing more.

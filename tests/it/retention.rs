@@ -3,8 +3,8 @@
 //! sandboxes and their leases stay; and a lease generation never goes
 //! back, even for a resource id whose lease row was purged.
 
-mod common;
-mod sandbox_support;
+use crate::common;
+use crate::sandbox_support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! same lease operations get the same outcome, the same error family, the
 //! same fields, the same event and the same audit rows on both.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

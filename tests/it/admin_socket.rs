@@ -6,7 +6,7 @@
 //! stand in for synchronisation. Timing bounds are generous (the tests run
 //! in parallel on small CI machines).
 
-mod common;
+use crate::common;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
