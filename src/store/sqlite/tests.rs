@@ -115,12 +115,15 @@ fn the_wal_is_reset_under_steady_writes() {
     let elapsed = started.elapsed();
     done.store(true, Ordering::Relaxed);
     busy.into_iter().for_each(|b| b.join().unwrap());
-    // About one reset per checkpoint pass; without the store thread's
-    // share, a few in hundreds of passes (measured: 3 in 50 s).
+    // About one reset per checkpoint pass when the test runs alone; without
+    // the store thread's share, a few in hundreds of passes (measured: 3 in
+    // 50 s, so about 0.06 in this window). Beside the other unit tests on
+    // two cores, passes are starved (measured: 3 resets in 18 passes), so
+    // the bound is two resets: far above what the old code gets here.
     let passes = (elapsed.as_millis() / 50) as usize;
     assert!(passes >= 4, "only {elapsed:?} of writes");
     assert!(
-        resets * 4 >= passes,
+        resets >= 2,
         "the WAL was reset {resets} times in {elapsed:?} ({passes} checkpoint passes)"
     );
 }
