@@ -729,9 +729,10 @@ pub fn validate_resource_id(id: &str) -> Result<(), String> {
 
 /// Runs a lease action, the one rule set of both edges: both ids are
 /// validated; a change is audited in its own transaction and published as
-/// `lease.changed`; a refusal by the store is logged and audited once, here,
-/// with the lease error code (`lease_conflict`, `lease_expired`,
-/// `stale_generation`, `not_found`) as outcome.
+/// `lease.changed`; a refusal by the store is logged and commits nothing
+/// (a refused acquire must stay cheaper than a granted one, PERFORMANCE.md
+/// L3). The admin socket audits a refused command itself, as it audits
+/// every mutating command (admin protocol).
 pub fn lease_action(
     store: &crate::store::StoreHandle,
     call: LeaseCall<'_>,
@@ -749,7 +750,6 @@ pub fn lease_action(
         call.resource_id,
         call.holder_id,
     );
-    let refusal_audit = audit.clone();
     match store.lease_op(
         call.op,
         call.resource_id,
@@ -776,16 +776,6 @@ pub fn lease_action(
                 call.holder_id,
                 call.actor
             );
-            let entry = crate::store::AuditEntry {
-                outcome: ProtoError::from(e.clone()).code.as_str().to_owned(),
-                ..refusal_audit
-            };
-            if let Err(err) = store.record_audit(entry) {
-                log::error!(
-                    "could not audit refused {action} on {}: {err}",
-                    call.resource_id
-                );
-            }
             Err(LeaseActionError::Refused(e))
         }
     }

@@ -32,24 +32,13 @@ pub fn handle(
     let id = envelope.id.clone();
     let method = envelope.method;
     let result = run(ctx, &envelope, peer, claims, writer);
-    // A lease action that reached the store was audited by
-    // `workerproto::lease_action` (a change in its own transaction, a
-    // refusal with its lease code); everything else is audited here.
+    // A lease change was audited by `workerproto::lease_action`, in the
+    // lease's own transaction; everything else, refusals included, is
+    // audited here (the admin socket audits every mutating command).
     let audited_in_place = matches!(
         method,
         Method::LeaseAcquire | Method::LeaseRenew | Method::LeaseRelease
-    ) && result.as_ref().map_or_else(
-        |e| {
-            matches!(
-                e.code,
-                ErrorCode::LeaseConflict
-                    | ErrorCode::LeaseExpired
-                    | ErrorCode::StaleGeneration
-                    | ErrorCode::NotFound
-            )
-        },
-        |_| true,
-    );
+    ) && result.is_ok();
     if method.mutates() {
         let outcome = result.as_ref().map_or_else(|e| e.code.as_str(), |_| "ok");
         log::info!("admin {} by {}: {outcome}", method.name(), peer.actor());
