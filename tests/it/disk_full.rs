@@ -387,12 +387,13 @@ fn a_destroy_interrupted_on_a_full_disk_is_finished_at_restart_not_lost() {
         "reconciliation must finish the destroy, not call it lost\n{}",
         daemon.stderr_text()
     );
-    assert!(
-        daemon
-            .stderr_text()
-            .contains(&format!("finished the interrupted destroy of {id}")),
-        "reconciliation must log what it did\n{}",
-        daemon.stderr_text()
+    // The log line is written before the readiness line, but stderr is
+    // read by its own thread: wait for it, bounded.
+    let logged = format!("finished the interrupted destroy of {id}");
+    poll_until(
+        std::time::Duration::from_secs(5),
+        "reconciliation to log what it did",
+        || daemon.stderr_text().contains(&logged),
     );
     let body: Value = daemon.get("/api/v1/ready").json();
     assert_eq!(body["status"], "ready", "{body}");
