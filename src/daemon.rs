@@ -23,8 +23,6 @@ use crate::admin::AdminServer;
 use crate::config::{Config, LiveConfig, Overrides};
 use crate::controlplane;
 use crate::controlplane::reaper::Reaper;
-use crate::heartbeat::Draining;
-use crate::heartbeat::{self, HeartbeatThread};
 use crate::http::HttpServer;
 use crate::notify::Notifier;
 use crate::providers::mock::MockProvider;
@@ -35,11 +33,11 @@ use crate::signals::SignalThread;
 use crate::store;
 use crate::supervise::SupervisorEvent;
 use crate::worker::executor::Executor;
+use crate::worker::heartbeat::Draining;
+use crate::worker::heartbeat::{self, HeartbeatThread};
 use crate::worker::{Links, LocalLink};
 
-// Older paths, kept while branches that name them are merged.
-pub use crate::supervise::SupervisorEvent as Lifecycle;
-pub use crate::supervise::{ExitGuard, ExitNotifier};
+use crate::supervise::ExitNotifier;
 
 /// Why the daemon stopped, mapped to the exit code by `main`.
 #[derive(Debug, PartialEq, Eq)]

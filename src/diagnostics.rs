@@ -5,8 +5,8 @@
 use serde_json::json;
 
 use crate::config::LiveConfig;
+use crate::controlplane::{Lifecycle, LifecycleError};
 use crate::http::api::WorkerJson;
-use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::metrics::ProcessFigures;
 use crate::scheduler::SchedulerHandle;
 use crate::store::StoreHandle;

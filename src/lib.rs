@@ -29,11 +29,9 @@ pub mod events;
 pub mod http;
 pub mod json;
 pub mod leases;
-pub mod lifecycle;
 pub mod metrics;
 pub mod notify;
 pub mod providers;
-pub mod sandbox_io;
 pub mod sandboxes;
 pub mod scheduler;
 pub mod signals;
@@ -43,6 +41,4 @@ pub mod templates;
 pub mod time;
 pub mod worker;
 pub mod workerproto;
-// Older path of the heartbeat module, for callers that still name it.
-pub use worker::heartbeat;
 pub mod workers;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value, json};
 
 use super::{AdminCtx, Peer, Subscriber, Writer};
+use crate::controlplane::LifecycleError;
 use crate::http::api::{LeaseJson, SandboxJson, WorkerJson, parse_heartbeat, parse_spawn};
-use crate::lifecycle::LifecycleError;
 use crate::sandboxes::OwnerScope;
 use crate::store::{AuditEntry, LeaseOp};
 use crate::time::{MAX_DURATION, now_ms, parse_duration_within};
@@ -251,7 +251,7 @@ fn run(
             let id = e.worker_id.clone().unwrap_or_else(|| me.clone());
             validate_worker_id(&id).map_err(invalid)?;
             let hb = parse_heartbeat(&id, params.as_bytes()).map_err(|err| invalid(err.message))?;
-            let view = crate::heartbeat::receive(
+            let view = crate::controlplane::fleet::receive(
                 &ctx.store,
                 &ctx.scheduler,
                 hb,
@@ -480,7 +480,7 @@ fn run(
         }
         Method::SchedulerExplain => {
             let p = Params::only(&e.params, &["provider", "owner_id", "ttl"])?;
-            let mut req = crate::lifecycle::SpawnRequest {
+            let mut req = crate::controlplane::SpawnRequest {
                 provider: p.str("provider")?.map(str::to_owned),
                 ..Default::default()
             };
@@ -532,7 +532,7 @@ fn run(
         Method::DaemonReload => {
             Params::only(&e.params, &[])?;
             ctx.supervisor
-                .send(crate::daemon::Lifecycle::Reload)
+                .send(crate::supervise::SupervisorEvent::Reload)
                 .map_err(|_| {
                     ProtoError::new(ErrorCode::Unavailable, "the supervisor is stopping")
                 })?;
@@ -657,7 +657,9 @@ fn shutdown(ctx: &Arc<AdminCtx>, e: &Envelope, me: &str) -> Result<Value, ProtoE
             if stop {
                 let _ = waiter
                     .supervisor
-                    .send(crate::daemon::Lifecycle::Shutdown("worker.shutdown"));
+                    .send(crate::supervise::SupervisorEvent::Shutdown(
+                        "worker.shutdown",
+                    ));
             }
         })
         .map_err(|err| {

@@ -34,12 +34,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::{AdminConfig, LiveConfig};
-use crate::daemon::{ExitNotifier, Lifecycle as LifecycleEvent};
+use crate::controlplane::Lifecycle;
 use crate::events::Stamped;
-use crate::heartbeat::Draining;
-use crate::lifecycle::Lifecycle;
 use crate::scheduler::SchedulerHandle;
 use crate::store::StoreHandle;
+use crate::supervise::{ExitNotifier, SupervisorEvent};
+use crate::worker::heartbeat::Draining;
 use crate::workerproto::{self, Access, Claims, ErrorCode, ProtoError};
 
 /// A client that does not read its replies is cut off after this.
@@ -134,7 +134,7 @@ pub struct AdminCtx {
     pub store: StoreHandle,
     pub scheduler: SchedulerHandle,
     pub lifecycle: Arc<Lifecycle>,
-    pub supervisor: Sender<LifecycleEvent>,
+    pub supervisor: Sender<SupervisorEvent>,
     pub draining: Draining,
     subscribers: Mutex<Vec<Subscriber>>,
     own_uid: u32,
@@ -177,7 +177,7 @@ impl AdminServer {
         store: StoreHandle,
         scheduler: SchedulerHandle,
         lifecycle: Arc<Lifecycle>,
-        supervisor: Sender<LifecycleEvent>,
+        supervisor: Sender<SupervisorEvent>,
         draining: Draining,
         events: Option<Receiver<Stamped>>,
         on_exit: ExitNotifier,

@@ -28,11 +28,12 @@ use super::{LifecycleError, SpawnRequest, limits_for};
 use crate::config::LiveConfig;
 use crate::events::{Event, LeaseFigures};
 use crate::leases::Lease;
-use crate::providers::{Late, Registry, RuntimeSpec};
+use crate::providers::{Registry, RuntimeSpec};
 use crate::sandboxes::{OwnerScope, Sandbox, SandboxIds, SandboxState, SpawnSpec};
 use crate::scheduler::SchedulerHandle;
 use crate::store::{SpawnStart, StoreHandle};
 use crate::time::now_ms;
+use crate::worker::executor::{ExecError, Late};
 use crate::worker::{LinkError, Links, WorkerLink};
 
 /// Leases renewed per store request by the background renewal: a commit of
@@ -339,7 +340,7 @@ impl Lifecycle {
             Err(LinkError::NoProvider(p)) => {
                 log::warn!("sandbox {id}: provider {p} is no longer configured; marking destroyed")
             }
-            Err(LinkError::Exec(crate::providers::ExecError::Timeout)) => {
+            Err(LinkError::Exec(ExecError::Timeout)) => {
                 return Err(LifecycleError::Unavailable(format!(
                     "destroy of {id}: the provider did not answer in time; it completes in the background"
                 )));

@@ -331,9 +331,9 @@ mod tests {
 }
 
 /// The one place lifecycle failures become HTTP answers.
-impl From<crate::lifecycle::LifecycleError> for ApiError {
-    fn from(e: crate::lifecycle::LifecycleError) -> ApiError {
-        use crate::lifecycle::LifecycleError as L;
+impl From<crate::controlplane::LifecycleError> for ApiError {
+    fn from(e: crate::controlplane::LifecycleError) -> ApiError {
+        use crate::controlplane::LifecycleError as L;
         match e {
             L::Invalid(m) => ApiError::bad_request(m),
             L::NotFound(m) => ApiError::not_found(m),
@@ -459,19 +459,19 @@ fn count_field(field: &str, value: &Value) -> Result<u64, ApiError> {
 
 /// Parses a spawn (or admission) body into a request; the caller adds the
 /// headers (`X-User-ID`, `Idempotency-Key`).
-pub fn parse_spawn(body: &[u8]) -> Result<crate::lifecycle::SpawnRequest, ApiError> {
+pub fn parse_spawn(body: &[u8]) -> Result<crate::controlplane::SpawnRequest, ApiError> {
     match object(body)? {
         Some(fields) => spawn_fields(&fields),
-        None => Ok(crate::lifecycle::SpawnRequest::default()),
+        None => Ok(crate::controlplane::SpawnRequest::default()),
     }
 }
 
 /// The fields of a spawn body, checked one by one.
 fn spawn_fields(
     fields: &serde_json::Map<String, Value>,
-) -> Result<crate::lifecycle::SpawnRequest, ApiError> {
+) -> Result<crate::controlplane::SpawnRequest, ApiError> {
     use crate::sandboxes::{MAX_METADATA_ENTRIES, MAX_METADATA_KEY_LEN, MAX_METADATA_VALUE_LEN};
-    let mut req = crate::lifecycle::SpawnRequest::default();
+    let mut req = crate::controlplane::SpawnRequest::default();
     let mut template = None;
     for (key, value) in fields {
         match key.as_str() {

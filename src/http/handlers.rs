@@ -28,7 +28,7 @@ pub struct Reply {
 /// Bodies that are not in memory when the answer starts.
 pub enum Streamed {
     /// A file's content, of known length.
-    File(Box<crate::sandbox_io::FileReader>),
+    File(Box<dyn crate::worker::ops::FileStream>),
     /// NDJSON lines written (and flushed, one chunk each) as they come.
     Ndjson(Producer),
 }
@@ -257,7 +257,7 @@ fn heartbeat(
 ) -> Result<Reply, ApiError> {
     valid_id(id)?;
     let hb = parse_heartbeat(id, body)?;
-    let view = crate::heartbeat::receive(
+    let view = crate::controlplane::fleet::receive(
         &ctx.store,
         &ctx.scheduler,
         hb,

@@ -25,11 +25,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::LiveConfig;
-use crate::daemon::ExitNotifier;
-use crate::lifecycle::Lifecycle;
+use crate::controlplane::Lifecycle;
 use crate::metrics::METRICS;
 use crate::scheduler::SchedulerHandle;
 use crate::store::StoreHandle;
+use crate::supervise::ExitNotifier;
 use conn::{Acceptor, Connections, FdBudget};
 use handlers::{Incoming, Reply, Streamed};
 use router::RouteId;

@@ -1,5 +1,5 @@
 //! Handlers for sandboxes, providers and leases; the lifecycle work itself
-//! is in `crate::lifecycle`, shared with every other caller.
+//! is in `crate::controlplane`, shared with every other caller.
 
 use serde_json::json;
 
@@ -10,8 +10,8 @@ use super::api::{
 use super::auth::{Principal, check_named_owner};
 use super::handlers::{Incoming, Reply};
 use super::router::LeaseVerb;
+use crate::controlplane::SpawnRequest;
 use crate::leases::LeaseError;
-use crate::lifecycle::SpawnRequest;
 use crate::sandboxes::{MAX_IDEMPOTENCY_KEY_LEN, OwnerScope};
 use crate::store::LeaseOp;
 use crate::time::{format_duration, now_ms};
@@ -100,7 +100,7 @@ pub fn admission(
     let a = ctx.lifecycle.admission(&req)?;
     let config = ctx.live.get();
     // The owner's quota, where it has one, over the fleet-wide limits.
-    let limits = crate::lifecycle::limits_for(&config, &req.owner_id);
+    let limits = crate::controlplane::limits_for(&config, &req.owner_id);
     let max_ttl = std::time::Duration::from_millis(limits.max_ttl_ms.max(0) as u64);
     let mut out = json!({
         "allowed": a.denial.is_none(),

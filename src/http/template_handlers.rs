@@ -5,7 +5,7 @@ use serde_json::Value;
 use super::Ctx;
 use super::api::{ApiError, SandboxJson, TemplateJson, duration_field, parse_template, to_json};
 use super::handlers::{Incoming, Reply};
-use crate::lifecycle::SpawnRequest;
+use crate::controlplane::SpawnRequest;
 use crate::sandboxes::OwnerScope;
 use crate::templates::{Saved, Template};
 use crate::time::now_ms;

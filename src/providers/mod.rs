@@ -154,7 +154,3 @@ impl Registry {
         self.providers.values()
     }
 }
-
-// The executor moved to the worker role; these paths stay for callers
-// that still name them.
-pub use crate::worker::executor::{ExecError, Executor, ExecutorHandle, Late};

@@ -384,7 +384,7 @@ pub fn start(
     windows: Windows,
     policy: PlacementPolicy,
     store: StoreHandle,
-    on_exit: crate::daemon::ExitNotifier,
+    on_exit: crate::supervise::ExitNotifier,
 ) -> std::io::Result<(SchedulerHandle, JoinHandle<()>)> {
     METRICS.admission.name_reasons(&Denial::LABELS);
     let now = Instant::now();

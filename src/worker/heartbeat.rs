@@ -51,10 +51,6 @@ pub fn register_local(store: &StoreHandle, config: &Config) -> Result<Worker, St
     store.save_heartbeat(local_heartbeat(config, false), now_ms(), None)
 }
 
-// Heartbeats from any worker are taken by the control plane; this path
-// stays for callers that still name it.
-pub use crate::controlplane::fleet::receive;
-
 pub struct HeartbeatThread {
     stop: Sender<()>,
     thread: JoinHandle<()>,

@@ -2,7 +2,7 @@
 //! the sandbox's user (see [`super::enter`]), so paths resolve exactly as
 //! the sandbox sees them and permissions are its own.
 //!
-//! Protocol with the daemon (see `crate::sandbox_io`):
+//! Protocol with the daemon (see `super::file_io`):
 //! - success: exit 0; stdout carries the answer: for `Read`, a line
 //!   `ok <size>` and then exactly `<size>` bytes; for every other operation
 //!   one JSON document;

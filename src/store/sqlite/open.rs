@@ -90,7 +90,7 @@ pub fn full_at_start(path: &Path, what: &str, e: impl std::fmt::Display) -> Stri
 /// else is written.
 pub fn open(
     config: &StoreConfig,
-    on_exit: crate::daemon::ExitNotifier,
+    on_exit: crate::supervise::ExitNotifier,
 ) -> Result<Store, OpenError> {
     if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
         create_private_dir(dir)

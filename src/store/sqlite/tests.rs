@@ -35,7 +35,7 @@ fn config(path: &Path) -> StoreConfig {
 #[test]
 fn concurrent_writes_are_group_committed_and_durable() {
     let path = temp_db("group");
-    let (notifier, _events) = crate::daemon::ExitNotifier::for_tests();
+    let (notifier, _events) = crate::supervise::ExitNotifier::for_tests();
     let store = open(&config(&path), notifier).unwrap();
     let writers: Vec<_> = (0..8)
         .map(|t| {
@@ -71,7 +71,7 @@ fn wal_salts(db: &Path) -> Option<[u8; 8]> {
 #[test]
 fn the_wal_is_reset_under_steady_writes() {
     let path = temp_db("walreset");
-    let (notifier, _events) = crate::daemon::ExitNotifier::for_tests();
+    let (notifier, _events) = crate::supervise::ExitNotifier::for_tests();
     let store = open(&config(&path), notifier).unwrap();
     let write = |h: &StoreHandle, id: &str, i: i64| {
         let hb = Heartbeat {
@@ -131,7 +131,7 @@ fn the_wal_is_reset_under_steady_writes() {
 #[test]
 fn one_failing_write_does_not_undo_its_batch_mates() {
     let path = temp_db("savepoint");
-    let (notifier, _events) = crate::daemon::ExitNotifier::for_tests();
+    let (notifier, _events) = crate::supervise::ExitNotifier::for_tests();
     let store = open(&config(&path), notifier).unwrap();
     let h = store.handle.clone();
     h.save_heartbeat(
@@ -166,7 +166,7 @@ fn one_failing_write_does_not_undo_its_batch_mates() {
 #[test]
 fn heartbeat_keeps_created_at_and_unsent_fields() {
     let path = temp_db("upsert");
-    let (notifier, _events) = crate::daemon::ExitNotifier::for_tests();
+    let (notifier, _events) = crate::supervise::ExitNotifier::for_tests();
     let store = open(&config(&path), notifier).unwrap();
     let h = store.handle.clone();
     let first = Heartbeat {
